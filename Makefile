@@ -1,0 +1,24 @@
+# The two commands of the README. Each creates the virtual environment on first use.
+#   make demo   generate the synthetic shapes data set, train, evaluate, draw predictions
+#   make test   run the test suite (torchvision is the oracle, installed as the `test` extra)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?= -n 2
+
+.PHONY: demo test
+
+$(VENV)/.installed-base: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-base
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(VENV)/.installed-base
+	$(PY) scripts/main_job.py --workdir workdirs/shapes
