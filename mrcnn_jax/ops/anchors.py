@@ -1,0 +1,123 @@
+"""FPN anchors, laid out exactly as torchvision's ``AnchorGenerator`` lays them out.
+
+Anchors depend only on the (static) padded input size, so they are computed once on the host
+with numpy and enter the jitted model as constants. The order matters beyond taste: an RPN head
+predicts ``A`` objectness logits and ``4 A`` deltas per feature-map position, and weights
+converted from torchvision only line up if anchor ``k`` of a position is the same box there and
+here. Within a level the order is position-major (row ``y``, then column ``x``) and
+anchor-minor (aspect ratio outer, size inner), i.e. index ``(y * W + x) * A + a``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple, Union
+
+import numpy as np
+
+Sizes = Sequence[Sequence[float]]
+Ratios = Union[Sequence[float], Sequence[Sequence[float]]]
+
+
+def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> np.ndarray:
+  """Zero-centred anchors of one level.
+
+  Aspect ratio is ``h / w``; each anchor keeps the area ``size ** 2``. Coordinates are rounded
+  to whole pixels (half to even), as torchvision does.
+
+  Args:
+    sizes: the anchor sizes (sqrt of the area) of the level, in pixels.
+    aspect_ratios: the ratios ``h / w``.
+
+  Returns:
+    [len(aspect_ratios) * len(sizes), 4] float32 xyxy, ratio-major, size-minor.
+  """
+  # float32 throughout, in torchvision's order of operations, so the rounding of the
+  # half-sizes (e.g. 22.627417 for size 32 at ratio 0.5) lands on the same integers.
+  scales = np.asarray(sizes, np.float32)
+  ratios = np.asarray(aspect_ratios, np.float32)
+  h_ratios = np.sqrt(ratios)
+  w_ratios = np.float32(1) / h_ratios
+  ws = (w_ratios[:, None] * scales[None, :]).reshape(-1)
+  hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)
+  base = np.stack([-ws, -hs, ws, hs], axis=1) / np.float32(2)
+  return np.round(base).astype(np.float32)
+
+
+def generate_anchors(
+    image_size: Tuple[int, int],
+    strides: Sequence[int] = (4, 8, 16, 32, 64),
+    sizes: Sizes = ((32,), (64,), (128,), (256,), (512,)),
+    aspect_ratios: Ratios = (0.5, 1.0, 2.0),
+) -> List[np.ndarray]:
+  """Anchors of every FPN level for a (padded) input of ``image_size``.
+
+  Level ``l`` has a feature map of ``Hl = ceil(h / stride_l)`` by ``Wl = ceil(w / stride_l)``
+  (what a stride-2 conv tower with "SAME" padding yields) and anchors centred at
+  ``(x * stride_l, y * stride_l)``, the top-left corner of each cell, as in torchvision.
+
+  Note on torchvision parity: torchvision does not take the strides as given; it derives them
+  as ``image_size // feature_size`` per level. With ``Hl = ceil(h / stride)`` that equals
+  ``stride`` only when ``h`` (and ``w``) is a multiple of the stride; for a 800 x 1201 input
+  the P6 level (stride 64, 19 columns) would get stride ``1201 // 19 = 63``. Pad inputs to a
+  multiple of the largest stride (64 for P2-P6; the input pipeline does) and the two agree
+  exactly, values and order.
+
+  Args:
+    image_size: ``(h, w)`` of the padded network input, static Python ints.
+    strides: the stride of each level, in pixels.
+    sizes: per level, the anchor sizes (sqrt of the area), in pixels.
+    aspect_ratios: ratios ``h / w``: one sequence shared by all levels, or one per level.
+
+  Returns:
+    A list with one entry per level: np.ndarray [Hl * Wl * A, 4] float32, xyxy pixels, where
+    ``A = len(sizes[l]) * len(aspect_ratios[l])``; index ``(y * Wl + x) * A + a``.
+
+  Raises:
+    ValueError: on malformed sizes, strides or ratios.
+  """
+  if len(image_size) != 2:
+    raise ValueError(f"image_size must be (h, w), got {image_size}")
+  height, width = (int(v) for v in image_size)
+  if height <= 0 or width <= 0:
+    raise ValueError(f"image_size must be positive, got {image_size}")
+  if len(sizes) != len(strides):
+    raise ValueError(f"need one sizes entry per stride, got {len(sizes)} for {len(strides)} strides")
+  if not all(isinstance(s, (list, tuple)) for s in sizes):
+    raise ValueError(f"sizes must be a sequence of per-level sequences, got {sizes}")
+  if len(aspect_ratios) and all(isinstance(r, (list, tuple)) for r in aspect_ratios):
+    per_level_ratios = [tuple(r) for r in aspect_ratios]
+    if len(per_level_ratios) != len(strides):
+      raise ValueError(
+          f"need one aspect_ratios entry per stride, got {len(per_level_ratios)} for "
+          f"{len(strides)} strides")
+  else:
+    per_level_ratios = [tuple(aspect_ratios)] * len(strides)
+
+  anchors = []
+  for stride, level_sizes, ratios in zip(strides, sizes, per_level_ratios):
+    stride = int(stride)
+    if stride <= 0:
+      raise ValueError(f"strides must be positive, got {strides}")
+    base = cell_anchors(level_sizes, ratios)  # [A, 4]
+    grid_h = math.ceil(height / stride)
+    grid_w = math.ceil(width / stride)
+    # Integer shifts, as torchvision computes them, then one exact float32 addition.
+    shift_x = np.arange(grid_w, dtype=np.int32) * stride
+    shift_y = np.arange(grid_h, dtype=np.int32) * stride
+    sy, sx = np.meshgrid(shift_y, shift_x, indexing="ij")
+    sx = sx.reshape(-1)
+    sy = sy.reshape(-1)
+    shifts = np.stack([sx, sy, sx, sy], axis=1).astype(np.float32)  # [Hl * Wl, 4]
+    anchors.append((shifts[:, None, :] + base[None, :, :]).reshape(-1, 4))
+  return anchors
+
+
+def num_anchors_per_location(
+    sizes: Sizes = ((32,), (64,), (128,), (256,), (512,)),
+    aspect_ratios: Ratios = (0.5, 1.0, 2.0),
+) -> List[int]:
+  """``A`` of each level for the same ``sizes``/``aspect_ratios`` as ``generate_anchors``."""
+  if len(aspect_ratios) and all(isinstance(r, (list, tuple)) for r in aspect_ratios):
+    return [len(s) * len(r) for s, r in zip(sizes, aspect_ratios)]
+  return [len(s) * len(aspect_ratios) for s in sizes]
