@@ -1,0 +1,138 @@
+"""COCO evaluation: mask pasting vs torchvision, AP judged by pycocotools."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+from mrcnn_jax.evaluation import coco_eval
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_paste_mask_matches_torchvision(seed):
+  rng = np.random.default_rng(seed)
+  im_h, im_w = 57, 83
+  n = 12
+  masks = rng.uniform(size=(n, 28, 28)).astype(np.float32)
+  xy0 = rng.uniform(-20, 70, size=(n, 2))
+  wh = rng.uniform(0.2, 60, size=(n, 2))
+  wh[0] = (0.0, 0.0)  # degenerate box
+  wh[1] = (150.0, 120.0)  # larger than the image
+  boxes = np.concatenate([xy0, xy0 + wh], axis=1).astype(np.float32)
+  # torchvision pastes boxes already clipped to the image (its own slicing breaks otherwise).
+  boxes = np.clip(boxes, 0, np.array([im_w, im_h, im_w, im_h], np.float32))
+  expected = paste_masks_in_image(
+      torch.from_numpy(masks)[:, None], torch.from_numpy(boxes), (im_h, im_w), padding=1
+  )[:, 0].numpy()
+  got = np.stack([coco_eval.paste_mask(m, b, (im_h, im_w)) for m, b in zip(masks, boxes)])
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def _toy_coco():
+  """Two images, two categories (sparse ids 3 and 7), rectangles and a triangle."""
+  images = [{"id": 10, "height": 60, "width": 80}, {"id": 11, "height": 50, "width": 50}]
+  categories = [{"id": 3, "name": "square"}, {"id": 7, "name": "triangle"}]
+  anns = []
+  shapes = [
+      (10, 3, [[5, 5, 30, 5, 30, 25, 5, 25]]),
+      (10, 7, [[40, 10, 70, 10, 55, 50]]),
+      (11, 3, [[10, 20, 40, 20, 40, 45, 10, 45]]),
+  ]
+  for i, (image_id, cat, poly) in enumerate(shapes):
+    h = next(im["height"] for im in images if im["id"] == image_id)
+    w = next(im["width"] for im in images if im["id"] == image_id)
+    rle = mask_util.merge(mask_util.frPyObjects(poly, h, w))
+    x, y, bw, bh = mask_util.toBbox(rle).tolist()
+    anns.append({"id": i + 1, "image_id": image_id, "category_id": cat, "segmentation": poly,
+                 "area": float(mask_util.area(rle)), "bbox": [x, y, bw, bh], "iscrowd": 0})
+  coco = COCO()
+  coco.dataset = {"images": images, "annotations": anns, "categories": categories}
+  coco.createIndex()
+  return coco
+
+
+def _gt_as_results(coco, shuffle_rng=None):
+  results = []
+  anns = list(coco.anns.values())
+  for ann in anns:
+    img = coco.imgs[ann["image_id"]]
+    rle = coco.annToRLE(ann)
+    rle["counts"] = rle["counts"].decode("ascii")
+    results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                    "bbox": list(ann["bbox"]), "score": 0.9, "segmentation": rle})
+  if shuffle_rng is not None:  # move each prediction to another image's spot
+    boxes = [r["bbox"] for r in results]
+    order = shuffle_rng.permutation(len(results))
+    while (order == np.arange(len(results))).any():
+      order = shuffle_rng.permutation(len(results))
+    for r, j in zip(results, order):
+      r["bbox"] = boxes[j]
+      r.pop("segmentation")
+  return results
+
+
+def test_ground_truth_scores_ap_one():
+  coco = _toy_coco()
+  metrics = coco_eval.evaluate_coco(coco, _gt_as_results(coco))
+  for iou_type in ("bbox", "segm"):
+    assert metrics[iou_type]["AP"] == pytest.approx(1.0)
+    assert metrics[iou_type]["AP50"] == pytest.approx(1.0)
+    assert set(metrics[iou_type]["per_category"]) == {"square", "triangle"}
+  assert "Average Precision" in metrics["bbox"]["summary"]
+
+
+def test_shuffled_predictions_score_low():
+  coco = _toy_coco()
+  metrics = coco_eval.evaluate_coco(
+      coco, _gt_as_results(coco, np.random.default_rng(0)), iou_types=("bbox",))
+  assert metrics["bbox"]["AP"] < 0.3
+
+
+def test_no_results_gives_zeros():
+  metrics = coco_eval.evaluate_coco(_toy_coco(), [])
+  assert metrics["segm"]["AP"] == 0.0 and metrics["bbox"]["AR100"] == 0.0
+
+
+def test_detections_to_coco_maps_back_to_original_pixels():
+  """Full-box masks of GT rectangles, predicted at 2x scale, score AP 1.0 at IoU 0.5."""
+  coco = _toy_coco()
+  scale = 2.0
+  boxes = np.zeros((2, 4, 4), np.float32)
+  classes = np.zeros((2, 4), np.int32)
+  valid = np.zeros((2, 4), bool)
+  cat_to_class = {3: 1, 7: 2}
+  for b, image_id in enumerate((10, 11)):
+    for d, ann in enumerate(coco.imgToAnns[image_id]):
+      x, y, w, h = ann["bbox"]
+      boxes[b, d] = np.array([x, y, x + w, y + h]) * scale
+      classes[b, d] = cat_to_class[ann["category_id"]]
+      valid[b, d] = True
+  masks = np.ones((2, 4, 28, 28), np.float32)
+  detections = {"boxes": boxes, "scores": np.full((2, 4), 0.8, np.float32),
+                "classes": classes, "masks": masks, "valid": valid}
+  batch = {"image_id": np.array([10, 11]), "original_size": np.array([[60, 80], [50, 50]]),
+           "image_scale": np.full((2, 2), scale, np.float32),
+           "example_valid": np.array([True, True])}
+  results = coco_eval.detections_to_coco(detections, batch, {1: 3, 2: 7})
+  assert len(results) == 3
+  np.testing.assert_allclose(results[0]["bbox"], coco.imgToAnns[10][0]["bbox"], atol=1e-4)
+  metrics = coco_eval.evaluate_coco(coco, results)
+  assert metrics["bbox"]["AP"] == pytest.approx(1.0)
+  # A full-box mask is (nearly) the square itself, but only half of the triangle.
+  assert metrics["segm"]["per_category"]["square"] > 0.9
+  assert metrics["segm"]["per_category"]["triangle"] < 0.1
+  # A padding example is skipped entirely.
+  batch["example_valid"] = np.array([True, False])
+  assert {r["image_id"] for r in coco_eval.detections_to_coco(detections, batch, {1: 3, 2: 7})} == {10}
+
+
+def test_bad_shapes_raise():
+  with pytest.raises(ValueError):
+    coco_eval.paste_mask(np.zeros((28, 14)), np.zeros(4), (10, 10))
+  with pytest.raises(ValueError):
+    coco_eval.detections_to_coco({"boxes": np.zeros((4, 4)), "scores": 0, "classes": 0,
+                                  "valid": 0}, {}, {})
