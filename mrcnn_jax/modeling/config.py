@@ -1,4 +1,10 @@
-"""Model hyper-parameters (``config.model``); defaults are torchvision's maskrcnn_resnet50_fpn."""
+"""Model hyper-parameters (``config.model``); defaults are torchvision's maskrcnn_resnet50_fpn.
+
+Every number the model uses lives here, so an experiment changes behaviour by overriding a
+field, never by editing code. Sub-sections: ``backbone``, ``fpn``, ``anchors``, ``rpn``, ``roi``
+(box branch and detection post-processing) and ``mask``. ``norm`` and ``detections_per_image``
+sit at the top level because the training and evaluation code read them directly.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,105 @@ import ml_collections
 
 
 def model_config() -> ml_collections.ConfigDict:
+  """Returns torchvision's ``maskrcnn_resnet50_fpn`` (v1) hyper-parameters."""
   c = ml_collections.ConfigDict()
   c.num_classes = 91  # including background (index 0), torchvision's COCO layout
-  c.compute_dtype = "float32"  # activations; params and losses stay float32
+  c.compute_dtype = "float32"  # activations; params, box math and losses stay float32
   # Pixel normalisation, applied on device to uint8 RGB images.
   c.pixel_mean = (0.485 * 255, 0.456 * 255, 0.406 * 255)
   c.pixel_std = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+  # Backbone normalisation: 'frozen_bn' (torchvision FrozenBatchNorm2d: statistics and affine
+  # fixed), 'gn' (GroupNorm, trainable) or 'bn' (BatchNorm with batch statistics in training).
+  c.norm = "frozen_bn"
+  c.detections_per_image = 100
+
+  c.backbone = ml_collections.ConfigDict()
+  c.backbone.depth = 50  # 50 or 101
+  c.backbone.stage_blocks = None  # e.g. (1, 1, 1, 1): overrides the depth's (3, 4, 6, 3)
+  c.backbone.width = 64  # stem channels; stage i has width * 2**i bottleneck channels
+  # torchvision's ``trainable_layers``: how many of (layer4, layer3, layer2, layer1, conv1) train.
+  # 3 freezes the stem and layer1, as maskrcnn_resnet50_fpn does with pretrained weights.
+  c.backbone.trainable_layers = 3
+  c.backbone.norm_eps = 1e-5
+  c.backbone.bn_momentum = 0.9  # flax convention: running = m * running + (1 - m) * batch
+  c.backbone.gn_groups = 32
+
+  c.fpn = ml_collections.ConfigDict()
+  c.fpn.channels = 256
+
+  c.anchors = ml_collections.ConfigDict()
+  c.anchors.strides = (4, 8, 16, 32, 64)  # P2..P6
+  c.anchors.sizes = ((32,), (64,), (128,), (256,), (512,))
+  c.anchors.aspect_ratios = (0.5, 1.0, 2.0)
+
+  c.rpn = ml_collections.ConfigDict()
+  c.rpn.pre_nms_top_k_train = 2000  # per level
+  c.rpn.pre_nms_top_k_test = 1000
+  c.rpn.post_nms_top_k_train = 2000  # per image, over all levels
+  c.rpn.post_nms_top_k_test = 1000
+  c.rpn.nms_threshold = 0.7
+  c.rpn.min_size = 1e-3
+  c.rpn.score_threshold = 0.0
+  c.rpn.fg_iou_threshold = 0.7
+  c.rpn.bg_iou_threshold = 0.3
+  c.rpn.batch_size_per_image = 256
+  c.rpn.positive_fraction = 0.5
+  c.rpn.box_loss_beta = 1.0 / 9
+  c.rpn.box_weights = (1.0, 1.0, 1.0, 1.0)
+
+  c.roi = ml_collections.ConfigDict()
+  c.roi.fg_iou_threshold = 0.5
+  c.roi.bg_iou_threshold = 0.5
+  c.roi.batch_size_per_image = 512
+  c.roi.positive_fraction = 0.25
+  c.roi.box_weights = (10.0, 10.0, 5.0, 5.0)
+  c.roi.box_loss_beta = 1.0 / 9
+  c.roi.pooler_size = 7
+  c.roi.sampling_ratio = 2
+  c.roi.aligned = False  # torchvision v1 MultiScaleRoIAlign
+  c.roi.canonical_scale = 224
+  c.roi.canonical_level = 4
+  c.roi.representation_size = 1024
+  c.roi.score_threshold = 0.05
+  c.roi.nms_threshold = 0.5
+  c.roi.min_size = 1e-2
+  # Static-shape stand-in for torchvision's variable-length candidate list: the highest
+  # (box, class) scores that enter the class-aware NMS. Above the score threshold a trained
+  # COCO model rarely has more than this many per image.
+  c.roi.pre_nms_top_k = 2000
+
+  c.mask = ml_collections.ConfigDict()
+  c.mask.pooler_size = 14
+  c.mask.sampling_ratio = 2
+  c.mask.conv_channels = (256, 256, 256, 256)
+  # Foreground RoIs per image that get a mask loss: a fixed count so shapes stay static.
+  # roi.batch_size_per_image * roi.positive_fraction (128) holds every sampled positive.
+  c.mask.rois_per_image = 128
+  return c
+
+
+def tiny_model_config(num_classes: int = 3) -> ml_collections.ConfigDict:
+  """A narrow R50-FPN for fast CPU tests on 64-128 px images.
+
+  Same code paths as the full model (all five FPN levels, RPN, box and mask branches) with
+  narrow layers, few blocks and few RoIs so one forward/backward compiles and runs in seconds.
+  """
+  c = model_config()
+  c.num_classes = num_classes
+  c.backbone.stage_blocks = (1, 1, 1, 1)
+  c.backbone.width = 8
+  c.backbone.gn_groups = 4
+  c.fpn.channels = 32
+  c.anchors.sizes = ((8,), (16,), (32,), (64,), (128,))
+  c.rpn.pre_nms_top_k_train = 200
+  c.rpn.pre_nms_top_k_test = 100
+  c.rpn.post_nms_top_k_train = 100
+  c.rpn.post_nms_top_k_test = 50
+  c.rpn.batch_size_per_image = 64
+  c.roi.batch_size_per_image = 64
+  c.roi.representation_size = 64
+  c.roi.pre_nms_top_k = 200
+  c.mask.conv_channels = (32, 32)
+  c.mask.rois_per_image = 16
+  c.detections_per_image = 10
   return c

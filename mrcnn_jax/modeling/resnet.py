@@ -1,0 +1,250 @@
+"""ResNet-50/101 backbone (He et al., "Deep Residual Learning", 2016) in torchvision's layout.
+
+torchvision's variant ("ResNet v1.5") puts the stride on the 3x3 convolution of each
+bottleneck. Parameter names follow torchvision's so that a converter maps them one to one:
+``conv1``, ``bn1``, ``layer1/0/conv1``, ``layer1/0/downsample/0`` (conv), ``.../downsample/1``
+(norm), ... Kernels are HWIO; a norm layer holds ``scale``/``bias`` in ``params`` and
+``mean``/``var`` in ``batch_stats`` (torchvision's ``weight``/``bias``/``running_mean``/
+``running_var``), whichever norm is chosen, except GroupNorm which has no statistics.
+
+Frozen parts get zero gradient *inside* the model (``stop_gradient``), so XLA prunes their
+backward pass; :func:`trainable_mask` tells the optimizer which parameters to leave alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+EXPANSION = 4
+# torchvision's order for ``trainable_layers``: the first ``n`` of these train.
+_LAYERS_BY_TRAINABILITY = ("layer4", "layer3", "layer2", "layer1", "conv1")
+_NORM_NAMES = ("bn1", "bn2", "bn3")
+
+# torchvision's ResNet init: kaiming_normal_(mode="fan_out", nonlinearity="relu").
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class FrozenBatchNorm(nn.Module):
+  """BatchNorm with fixed statistics and affine (torchvision ``FrozenBatchNorm2d``).
+
+  ``y = (x - mean) * scale / sqrt(var + eps) + bias``, folded into one multiply-add; all four
+  arrays are wrapped in ``stop_gradient`` so they never receive gradient.
+  """
+
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32)).value
+    var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32)).value
+    scale, bias, mean, var = (jax.lax.stop_gradient(a) for a in (scale, bias, mean, var))
+    mult = scale * jax.lax.rsqrt(var + self.epsilon)  # float32, then cast once
+    shift = bias - mean * mult
+    return x * mult.astype(x.dtype) + shift.astype(x.dtype)
+
+
+def make_norm(norm: str, *, train: bool, frozen: bool, epsilon: float, momentum: float,
+              gn_groups: int, dtype: Any, name: str) -> nn.Module:
+  """One normalisation layer of the kind ``norm`` names.
+
+  Args:
+    norm: 'frozen_bn', 'bn' or 'gn'.
+    train: whether BatchNorm uses (and updates) batch statistics.
+    frozen: the layer sits in a frozen stage: BatchNorm then uses its running statistics.
+    epsilon, momentum, gn_groups: layer settings (momentum in flax's convention).
+    dtype: activation dtype.
+    name: the layer's parameter name.
+  """
+  if norm == "frozen_bn":
+    return FrozenBatchNorm(epsilon=epsilon, name=name)
+  if norm == "bn":
+    return nn.BatchNorm(use_running_average=(not train) or frozen, momentum=momentum,
+                        epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, name=name)
+  if norm == "gn":
+    return _GroupNorm(groups=gn_groups, epsilon=epsilon, dtype=dtype, name=name)
+  raise ValueError(f"norm must be 'frozen_bn', 'bn' or 'gn', got {norm!r}")
+
+
+class _GroupNorm(nn.Module):
+  """GroupNorm whose group count shrinks to divide narrow (test-size) layers."""
+
+  groups: int
+  epsilon: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    groups = max(g for g in range(1, min(self.groups, c) + 1) if c % g == 0)
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    # Statistics in float32 even under bfloat16 compute.
+    xf = x.astype(jnp.float32).reshape(x.shape[:-1] + (groups, c // groups))
+    axes = tuple(range(1, xf.ndim - 2)) + (xf.ndim - 1,)
+    mean = xf.mean(axes, keepdims=True)
+    var = jnp.square(xf - mean).mean(axes, keepdims=True)
+    y = ((xf - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    return (y * scale + bias).astype(self.dtype)
+
+
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+  pad = (kernel - 1) // 2  # torch's symmetric padding, not "SAME" (differs for stride 2)
+  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
+                 use_bias=False, kernel_init=conv_init, dtype=dtype, param_dtype=jnp.float32,
+                 name=name)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (stride) -> 1x1 (x4 channels) with a projection shortcut when shapes change."""
+
+  planes: int
+  stride: int
+  norm: str
+  train: bool
+  frozen: bool
+  norm_kwargs: Tuple[Tuple[str, Any], ...]
+  dtype: Any
+
+  def _norm(self, name):
+    return make_norm(self.norm, train=self.train, frozen=self.frozen, dtype=self.dtype,
+                     name=name, **dict(self.norm_kwargs))
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    out_ch = self.planes * EXPANSION
+    y = nn.relu(self._norm("bn1")(_conv(self.planes, 1, 1, self.dtype, "conv1")(x)))
+    y = nn.relu(self._norm("bn2")(_conv(self.planes, 3, self.stride, self.dtype, "conv2")(y)))
+    y = self._norm("bn3")(_conv(out_ch, 1, 1, self.dtype, "conv3")(y))
+    if self.stride != 1 or x.shape[-1] != out_ch:
+      x = _Downsample(out_ch, self.stride, self.norm, self.train, self.frozen, self.norm_kwargs,
+                      self.dtype, name="downsample")(x)
+    return nn.relu(y + x)
+
+
+class _Downsample(nn.Module):
+  """torchvision's ``downsample`` Sequential: ``0`` is the 1x1 conv, ``1`` the norm."""
+
+  features: int
+  stride: int
+  norm: str
+  train: bool
+  frozen: bool
+  norm_kwargs: Tuple[Tuple[str, Any], ...]
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    x = _conv(self.features, 1, self.stride, self.dtype, "0")(x)
+    return make_norm(self.norm, train=self.train, frozen=self.frozen, dtype=self.dtype,
+                     name="1", **dict(self.norm_kwargs))(x)
+
+
+class ResLayer(nn.Module):
+  """One stage (torchvision ``layerN``): blocks named ``0``, ``1``, ..."""
+
+  planes: int
+  blocks: int
+  stride: int
+  norm: str
+  train: bool
+  frozen: bool
+  norm_kwargs: Tuple[Tuple[str, Any], ...]
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.blocks):
+      x = Bottleneck(self.planes, self.stride if i == 0 else 1, self.norm, self.train,
+                     self.frozen, self.norm_kwargs, self.dtype, name=str(i))(x)
+    return x
+
+
+def stage_blocks(config) -> Tuple[int, ...]:
+  """Blocks per stage from ``config.backbone`` (``stage_blocks`` overrides ``depth``)."""
+  if config.backbone.stage_blocks is not None:
+    return tuple(config.backbone.stage_blocks)
+  if config.backbone.depth not in STAGE_BLOCKS:
+    raise ValueError(f"backbone.depth must be one of {sorted(STAGE_BLOCKS)}, "
+                     f"got {config.backbone.depth}")
+  return STAGE_BLOCKS[config.backbone.depth]
+
+
+def frozen_modules(config) -> Tuple[str, ...]:
+  """Top-level backbone module names frozen by ``config.backbone.trainable_layers``."""
+  n = config.backbone.trainable_layers
+  if not 0 <= n <= 5:
+    raise ValueError(f"backbone.trainable_layers must be in [0, 5], got {n}")
+  trainable = set(_LAYERS_BY_TRAINABILITY[:n])
+  if n == 5:
+    trainable.add("bn1")  # torchvision trains the stem's norm only when everything trains
+  return tuple(m for m in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
+               if m not in trainable)
+
+
+class ResNet(nn.Module):
+  """ResNet body returning C2..C5.
+
+  Attributes:
+    config: ``config.model``.
+    train: training mode (BatchNorm batch statistics); other norms ignore it.
+  """
+
+  config: Any
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> Sequence[jax.Array]:
+    """x: [B, H, W, 3] normalised image in the compute dtype -> [C2, C3, C4, C5], NHWC.
+
+    Cl has stride ``2**l`` (spatial size ``ceil(H / 2**l)``) and ``width * 2**(l-2) * 4``
+    channels (256, 512, 1024, 2048 for ResNet-50).
+    """
+    cfg = self.config
+    dtype = jnp.dtype(cfg.compute_dtype)
+    frozen = set(frozen_modules(cfg))
+    norm_kwargs = (("epsilon", cfg.backbone.norm_eps), ("momentum", cfg.backbone.bn_momentum),
+                   ("gn_groups", cfg.backbone.gn_groups))
+    width = cfg.backbone.width
+
+    x = _conv(width, 7, 2, dtype, "conv1")(x)
+    x = make_norm(cfg.norm, train=self.train, frozen="bn1" in frozen, dtype=dtype, name="bn1",
+                  **dict(norm_kwargs))(x)
+    x = nn.relu(x)
+    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    if "conv1" in frozen:
+      x = jax.lax.stop_gradient(x)
+    feats = []
+    for i, blocks in enumerate(stage_blocks(cfg)):
+      name = f"layer{i + 1}"
+      x = ResLayer(width * 2**i, blocks, 1 if i == 0 else 2, cfg.norm, self.train,
+                   name in frozen, norm_kwargs, dtype, name=name)(x)
+      if name in frozen:
+        # Nothing upstream trains: cutting the graph here makes their gradients exactly zero
+        # and lets XLA drop their backward pass.
+        x = jax.lax.stop_gradient(x)
+      feats.append(x)
+    return feats
+
+
+def _is_norm_path(keys: Sequence[str]) -> bool:
+  for i, k in enumerate(keys):
+    if k in _NORM_NAMES or (k == "1" and i > 0 and keys[i - 1] == "downsample"):
+      return True
+  return False
+
+
+def backbone_trainable(keys: Sequence[str], config) -> bool:
+  """Whether the backbone parameter at path ``keys`` (below the backbone module) trains."""
+  if keys and keys[0] in frozen_modules(config):
+    return False
+  if config.norm == "frozen_bn" and _is_norm_path(keys):
+    return False
+  return True
