@@ -8,6 +8,9 @@ A notebook trains one step with::
   state = training.create_train_state(config, model, jax.random.PRNGKey(0), mesh)
   step_fn = training.make_train_step(config, model, mesh, state)
   state, metrics = step_fn(state, training.shard_batch(numpy_batch, mesh))
+
+The pure, un-jitted step is ``mrcnn_jax.training.train_step.train_step`` (the submodule keeps
+the name, so the function is not re-exported here).
 """
 
 from mrcnn_jax.training.config import train_config
@@ -24,7 +27,6 @@ from mrcnn_jax.training.train_state import create_train_state
 from mrcnn_jax.training.train_state import default_optimizer
 from mrcnn_jax.training.train_state import TrainState
 from mrcnn_jax.training.train_step import make_train_step
-from mrcnn_jax.training.train_step import train_step
 
 __all__ = [
     "DATA_AXIS",
@@ -40,6 +42,5 @@ __all__ = [
     "replicated",
     "shard_batch",
     "train_config",
-    "train_step",
     "weight_decay_mask",
 ]

@@ -78,7 +78,7 @@ def train_step(state: train_state_lib.TrainState, batch: Batch, *, model,
   metrics = dict(losses)
   metrics["total_loss"] = total
   metrics["learning_rate"] = schedule(state.step)
-  metrics["grad_norm"] = optax.global_norm(grads).astype(jnp.float32)
+  metrics["grad_norm"] = optax.tree.norm(grads).astype(jnp.float32)
   metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in stats.items()})
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             batch_stats=new_batch_stats)

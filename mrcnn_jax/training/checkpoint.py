@@ -1,0 +1,239 @@
+"""Checkpoints with orbax: async saves, keep-N, an interval, and the resume order.
+
+A checkpoint is one orbax step directory ``<workdir>/checkpoints/<step>/`` with two items:
+``state`` (the whole ``TrainState``: params, optimizer state, batch stats, step, rng) and
+``meta`` (JSON: the step, the data position, and the model config the parameters belong to).
+Orbax writes a step directory under a temporary name and renames it when complete, so a run
+killed mid-write leaves no half checkpoint that :meth:`Checkpointer.latest_step` would return.
+
+Where the starting state comes from (:func:`restore_or_initialize`), first match wins:
+
+1. the workdir's own latest complete checkpoint: the run was interrupted, continue it exactly;
+2. ``config.resume``: a checkpoint of another run (its workdir, its ``checkpoints/`` folder or
+   one step folder): the whole state, as if this run had been that one;
+3. ``config.init_weights``: parameters only (an orbax checkpoint, a flax ``.msgpack`` or a
+   ``.npz`` of ``/``-joined parameter paths); leaves whose path or shape differ keep their
+   fresh initialisation (fine-tuning with another number of classes);
+4. the fresh state from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Optional
+
+import flax
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class Checkpointer:
+  """A thin wrapper over ``orbax.checkpoint.CheckpointManager`` for ``TrainState``.
+
+  Args:
+    directory: where step folders go (created if missing); absolute or relative.
+    every_steps: save only at multiples of this step (``save(force=True)`` ignores it).
+    max_to_keep: the newest this many checkpoints are kept, older ones deleted.
+    async_save: write in a background thread while training continues.
+  """
+
+  def __init__(self, directory: str, *, every_steps: int = 1000, max_to_keep: int = 3,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.every_steps = max(int(every_steps), 1)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> Optional[int]:
+    """The newest complete checkpoint's step, or ``None``."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return step > 0 and step % self.every_steps == 0
+
+  def save(self, step: int, state: PyTree, meta: dict, *, force: bool = False) -> bool:
+    """Starts saving ``state`` at ``step`` (async); returns whether a save was started."""
+    if not force and not self.should_save(step):
+      return False
+    if step in self._manager.all_steps():
+      return False
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              meta=ocp.args.JsonSave(dict(meta, step=int(step))))
+    return bool(self._manager.save(step, args=args, force=True))
+
+  def restore(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict]:
+    """Restores ``(state, meta)`` at ``step`` into ``abstract_state``'s structure and shardings."""
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              meta=ocp.args.JsonRestore())
+    restored = self._manager.restore(step, args=args)
+    return restored.state, dict(restored.meta or {})
+
+  def wait(self) -> None:
+    """Blocks until the pending async save (if any) is on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def make_checkpointer(config: ml_collections.ConfigDict, workdir: str) -> Checkpointer:
+  """The workdir's checkpointer, from ``config.checkpoint``."""
+  c = config.checkpoint
+  return Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), every_steps=c.every_steps,
+                      max_to_keep=c.max_to_keep, async_save=c.async_save)
+
+
+def checkpoint_meta(config: ml_collections.ConfigDict, step: int, data_position: int) -> dict:
+  """The JSON saved next to the state: enough to refuse a restart with another model."""
+  return {"step": int(step), "data_position": int(data_position),
+          "model_config": json.loads(config.model.to_json_best_effort())}
+
+
+def check_model_config(config: ml_collections.ConfigDict, meta: dict, source: str) -> None:
+  """Raises ``ValueError`` when a checkpoint's model config differs from ``config.model``."""
+  saved = meta.get("model_config")
+  if saved is None:
+    return
+  current = json.loads(config.model.to_json_best_effort())
+  diffs = sorted(_diff(saved, current))
+  if diffs:
+    raise ValueError(
+        f"checkpoint {source} was trained with a different model config "
+        f"({', '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}); "
+        "use a fresh workdir or config.init_weights to start from its parameters")
+
+
+def _diff(a: Any, b: Any, prefix: str = "model") -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = []
+    for k in set(a) | set(b):
+      out += _diff(a.get(k), b.get(k), f"{prefix}.{k}")
+    return out
+  norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  JSON has no tuples
+  return [] if norm(a) == norm(b) else [prefix]
+
+
+def _resolve_checkpoint(path: str) -> tuple[Checkpointer, int]:
+  """A workdir, its ``checkpoints/`` folder, or one step folder -> (checkpointer, step)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+    path = os.path.join(path, CHECKPOINT_DIR)
+  name = os.path.basename(path.rstrip("/"))
+  if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
+    ckpt = Checkpointer(os.path.dirname(path), async_save=False)
+    return ckpt, int(name)
+  ckpt = Checkpointer(path, async_save=False)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no complete checkpoint under {path}")
+  return ckpt, step
+
+
+def restore_checkpoint(path: str, abstract_state: PyTree,
+                       config: Optional[ml_collections.ConfigDict] = None
+                       ) -> tuple[PyTree, dict]:
+  """Restores a whole state from a workdir / checkpoints folder / step folder."""
+  ckpt, step = _resolve_checkpoint(path)
+  try:
+    state, meta = ckpt.restore(step, abstract_state)
+  finally:
+    ckpt.close()
+  if config is not None:
+    check_model_config(config, meta, f"{path} (step {step})")
+  return state, meta
+
+
+def load_params(path: str) -> dict[str, np.ndarray]:
+  """Parameters from a checkpoint or a weights file, flattened to ``{'a/b/kernel': array}``."""
+  path = os.path.expanduser(path)
+  if os.path.isfile(path) and path.endswith(".npz"):
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+  if os.path.isfile(path) and path.endswith(".msgpack"):
+    with open(path, "rb") as f:
+      tree = flax.serialization.msgpack_restore(f.read())
+    tree = tree.get("params", tree)
+    return _flatten(tree)
+  ckpt, step = _resolve_checkpoint(path)
+  try:
+    # No target: orbax returns the saved tree as nested dicts of numpy arrays.
+    restored = ckpt._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))  # pylint: disable=protected-access
+  finally:
+    ckpt.close()
+  return _flatten(restored.state["params"])
+
+
+def _flatten(tree: PyTree) -> dict[str, np.ndarray]:
+  flat = flax.traverse_util.flatten_dict(flax.serialization.to_state_dict(tree), sep="/")
+  return {k: np.asarray(v) for k, v in flat.items()}
+
+
+def merge_params(params: PyTree, loaded: dict[str, np.ndarray]) -> tuple[PyTree, int, list[str]]:
+  """Takes each leaf of ``params`` from ``loaded`` where the path and shape match.
+
+  Returns:
+    ``(new_params, num_loaded, skipped_paths)``.
+  """
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+  skipped, count = [], 0
+  for key, value in flat.items():
+    new = loaded.get(key)
+    if new is not None and tuple(new.shape) == tuple(value.shape):
+      flat[key] = jax.device_put(np.asarray(new, value.dtype), value.sharding)
+      count += 1
+    else:
+      skipped.append(key)
+  return flax.traverse_util.unflatten_dict(flat, sep="/"), count, skipped
+
+
+def restore_or_initialize(config: ml_collections.ConfigDict, checkpointer: Checkpointer,
+                          state: PyTree) -> tuple[PyTree, dict, str]:
+  """Applies the resume order to a freshly created (sharded) ``state``.
+
+  Args:
+    config: the full config (reads ``resume``, ``init_weights`` and ``model``).
+    checkpointer: the workdir's checkpointer.
+    state: the scratch ``TrainState``; its shardings are kept on restore.
+
+  Returns:
+    ``(state, meta, source)``: ``meta`` holds at least ``step`` and ``data_position``;
+    ``source`` says where the state came from, for the log.
+  """
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  step = checkpointer.latest_step()
+  if step is not None:
+    restored, meta = checkpointer.restore(step, abstract)
+    check_model_config(config, meta, f"{checkpointer.directory}/{step}")
+    return restored, meta, f"workdir checkpoint at step {step}"
+  if config.get("resume"):
+    restored, meta = restore_checkpoint(config.resume, abstract, config)
+    return restored, meta, f"config.resume={config.resume} (step {meta.get('step')})"
+  if config.get("init_weights"):
+    params, count, skipped = merge_params(state.params, load_params(config.init_weights))
+    if count == 0:
+      raise ValueError(f"config.init_weights={config.init_weights}: no parameter matches the "
+                       "model (paths or shapes all differ)")
+    if skipped:
+      logging.info("init_weights: %d leaves keep their initialisation, e.g. %s",
+                   len(skipped), skipped[:3])
+    meta = {"step": 0, "data_position": 0}
+    return state.replace(params=params), meta, (
+        f"config.init_weights={config.init_weights} ({count} leaves loaded, "
+        f"{len(skipped)} fresh)")
+  return state, {"step": 0, "data_position": 0}, "scratch"
