@@ -1,4 +1,17 @@
-"""Input-pipeline settings (``config.data``)."""
+"""Input-pipeline settings (``config.data``).
+
+Sources (``source``):
+  * ``'coco'``: a COCO instances JSON plus an image folder, for training (``train_annotations``,
+    ``train_images``) and evaluation (``eval_annotations``, ``eval_images``). The synthetic
+    shapes set (``python -m mrcnn_jax.data.shapes --out DIR``) writes this layout:
+    ``DIR/annotations/instances_{train,val}.json`` and ``DIR/{train,val}/``.
+  * ``'tfds'``: a TFDS builder with ``coco/2017``'s features (``tfds_name``, ``tfds_data_dir``,
+    ``train_split``, ``eval_split``); see :mod:`mrcnn_jax.data.tfds_source` for where masks
+    come from.
+
+Batch sizes are global (over all hosts): training uses ``config.train.batch_size``, evaluation
+``eval_batch_size``; each host reads ``global / jax.process_count()`` examples per step.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +19,44 @@ import ml_collections
 
 
 def data_config() -> ml_collections.ConfigDict:
+  """Returns the default ``config.data`` section (1024x1024 padded input, COCO JSON source)."""
   c = ml_collections.ConfigDict()
   c.image_size = (1024, 1024)  # (height, width) of the padded network input
   c.max_instances = 100
   c.mask_size = 112  # GT masks carried cropped to their box at this resolution
+
+  # --- source ---
+  c.source = "coco"  # 'coco' (instances JSON + image folder) | 'tfds'
+  c.train_annotations = ""  # path of instances_train*.json
+  c.train_images = ""  # folder holding the JSON's file_name entries
+  c.eval_annotations = ""
+  c.eval_images = ""
+  c.tfds_name = "coco/2017"
+  c.tfds_data_dir = ""  # '' = TFDS' default data_dir
+  c.train_split = "train"
+  c.eval_split = "validation"
+  # TFDS coco/2017 carries boxes only. 'panoptic' reads instance masks from a panoptic PNG
+  # (coco/2017_panoptic-style builders), 'boxes' fills each box (box-supervised masks, an
+  # explicit opt-in), 'auto' picks 'panoptic' when the builder has it and raises otherwise.
+  c.tfds_masks = "auto"
+
+  # --- training augmentation ---
+  # The image is scaled to fit image_size, times a factor drawn uniformly from scale_range;
+  # factors above 1 give an image larger than image_size, which is randomly cropped to it.
+  # Large-scale jitter (Ghiasi et al. 2021): scale_range = (0.1, 2.0).
+  c.scale_range = (0.8, 1.0)
+  c.random_flip = True  # horizontal, p = 0.5
+  c.skip_empty_train = True  # training skips images with no usable (non-crowd) instance
+
+  # --- robustness ---
+  # 'skip': a bad example (unreadable/missing image, image size not matching the JSON, bad
+  # polygon/RLE/bbox, unknown image or category id) is counted and logged, then dropped from
+  # training (evaluation keeps the image slot, marked example_valid=False or without the bad
+  # annotation). 'raise': the first one raises BadExampleError naming the file and the reason.
+  c.on_bad_example = "skip"
+
+  # --- performance ---
+  c.num_parallel_calls = -1  # tf.data.AUTOTUNE
+  c.prefetch = 2  # batches
+  c.eval_batch_size = 8  # global
   return c
