@@ -82,7 +82,8 @@ def generate_anchors(
   if height <= 0 or width <= 0:
     raise ValueError(f"image_size must be positive, got {image_size}")
   if len(sizes) != len(strides):
-    raise ValueError(f"need one sizes entry per stride, got {len(sizes)} for {len(strides)} strides")
+    raise ValueError(
+        f"need one sizes entry per stride, got {len(sizes)} for {len(strides)} strides")
   if not all(isinstance(s, (list, tuple)) for s in sizes):
     raise ValueError(f"sizes must be a sequence of per-level sequences, got {sizes}")
   if len(aspect_ratios) and all(isinstance(r, (list, tuple)) for r in aspect_ratios):

@@ -73,8 +73,10 @@ def test_order_is_position_major_anchor_minor():
   per_pos = level.reshape(grid_h, grid_w, num_a, 4)
   centres = (per_pos[..., :2] + per_pos[..., 2:]) / 2
   ys, xs = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
-  np.testing.assert_allclose(centres[..., 0], np.repeat(xs[..., None] * stride, num_a, -1), atol=0.5)
-  np.testing.assert_allclose(centres[..., 1], np.repeat(ys[..., None] * stride, num_a, -1), atol=0.5)
+  want_x = np.repeat(xs[..., None] * stride, num_a, -1)
+  want_y = np.repeat(ys[..., None] * stride, num_a, -1)
+  np.testing.assert_allclose(centres[..., 0], want_x, atol=0.5)
+  np.testing.assert_allclose(centres[..., 1], want_y, atol=0.5)
   # Ratio 0.5 (h / w) first: wider than tall; ratio 2 last: taller than wide.
   wh = per_pos[0, 0, :, 2:] - per_pos[0, 0, :, :2]
   assert wh[0, 0] > wh[0, 1] and wh[1, 0] == wh[1, 1] and wh[2, 0] < wh[2, 1]

@@ -161,7 +161,8 @@ def test_decode_matches_torchvision_with_clamp(weights, seed, n, k):
   deltas[n - 1, 0, 2] = 4.2 * weights[2]
   coder = det_utils.BoxCoder(weights)
   ref = coder.decode_single(
-      torch.from_numpy(deltas.reshape(n, 4 * k)), torch.from_numpy(anchors)).numpy().reshape(n, k, 4)
+      torch.from_numpy(deltas.reshape(n, 4 * k)), torch.from_numpy(anchors)).numpy()
+  ref = ref.reshape(n, k, 4)
   got = np.asarray(
       jax.jit(lambda d, a: B.decode_boxes(d, a, weights))(deltas, anchors[:, None, :]))
   assert got.shape == (n, k, 4)
