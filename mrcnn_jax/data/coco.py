@@ -1,0 +1,298 @@
+"""COCO instances JSON + image folder: parsing, validation, category mapping, host-side loading.
+
+:class:`CocoSource` reads a COCO instances JSON once, validates every annotation up front (so a
+bad polygon or an unknown id is reported with its ids, not as an error deep inside TensorFlow)
+and then loads one example at a time by index with :meth:`CocoSource.load`: the image decoded
+by PIL (JPEG/PNG/...; grayscale, palette, RGBA, CMYK and 16-bit converted to RGB) and each
+instance's full-size binary mask decoded by pycocotools exactly as ``COCO.annToMask`` does.
+The tf.data pipeline (:mod:`mrcnn_jax.data.pipeline`) calls ``load`` through
+``tf.numpy_function``; the geometric transforms then run in TensorFlow.
+
+Target rules:
+
+* ``iscrowd`` annotations never enter the targets (COCO evaluation reads them from the JSON).
+* COCO's sparse category ids map to contiguous ids 1..K in increasing id order
+  (:class:`CategoryMap`); 0 is background/padding.
+* Boxes come from each annotation's ``bbox`` (``[x, y, w, h]``), converted to xyxy pixels.
+* Training skips images without a usable instance (``skip_empty``); evaluation keeps all.
+
+Bad input, with ``on_bad_example='skip'`` (counted in :class:`DataStats`, logged) or ``'raise'``
+(:class:`BadExampleError`): an annotation whose image id or category id is unknown, whose
+polygon/RLE/bbox is malformed (checked at construction); an image file that is missing, cannot
+be decoded or whose size differs from the JSON (checked at load). In training a bad annotation
+removes its whole image (a partly labelled image would teach "object = background"); in
+evaluation the image is kept and only the bad annotation leaves the batch targets.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import threading
+from typing import Any, Dict, List, Optional, Sequence
+
+from absl import logging
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+
+class BadExampleError(ValueError):
+  """A data set entry that cannot be turned into a correct example."""
+
+
+class DataStats:
+  """Thread-safe counters of skipped examples/annotations and truncated instances, by reason."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self.counts: collections.Counter = collections.Counter()
+    self.last_error: Optional[str] = None
+
+  def count(self, reason: str, message: str, n: int = 1) -> None:
+    with self._lock:
+      self.counts[reason] += n
+      total = self.counts[reason]
+      self.last_error = message
+    if total <= 5 or total % 100 == 0:  # rate-limited: the first few, then every 100th
+      logging.warning("data: %s (%s #%d)", message, reason, total)
+
+  def as_dict(self) -> Dict[str, int]:
+    with self._lock:
+      return dict(self.counts)
+
+
+class CategoryMap:
+  """COCO category ids <-> contiguous class ids 1..K (0 = background), in increasing id order."""
+
+  def __init__(self, categories: Sequence[Dict[str, Any]]):
+    cats = sorted(categories, key=lambda c: int(c["id"]))
+    self.category_ids: List[int] = [int(c["id"]) for c in cats]
+    if len(set(self.category_ids)) != len(cats):
+      raise BadExampleError(f"duplicate category ids in {self.category_ids}")
+    self.names: List[str] = [str(c.get("name", c["id"])) for c in cats]
+    self._to_contiguous = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
+
+  @property
+  def num_classes(self) -> int:
+    """K + 1: the foreground classes plus background, the model's ``num_classes``."""
+    return len(self.category_ids) + 1
+
+  def __contains__(self, category_id) -> bool:
+    return int(category_id) in self._to_contiguous
+
+  def to_contiguous(self, category_ids) -> np.ndarray:
+    """COCO ids [...] -> int32 contiguous ids in 1..K (KeyError on an unknown id)."""
+    ids = np.asarray(category_ids)
+    return np.vectorize(lambda c: self._to_contiguous[int(c)], otypes=[np.int32])(ids) if ids.size \
+        else ids.astype(np.int32)
+
+  def to_category_id(self, contiguous) -> np.ndarray:
+    """Contiguous ids 1..K [...] -> int64 COCO category ids (ValueError outside 1..K)."""
+    c = np.asarray(contiguous, np.int64)
+    if c.size and (c.min() < 1 or c.max() > len(self.category_ids)):
+      raise ValueError(f"contiguous class ids must lie in 1..{len(self.category_ids)}, got {c}")
+    return np.asarray(self.category_ids, np.int64)[c - 1]
+
+
+def _finite_numbers(values) -> bool:
+  return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+             for v in values)
+
+
+def check_annotation(ann: Dict[str, Any], height: int, width: int) -> Optional[str]:
+  """Returns why ``ann`` cannot be used (bbox / segmentation checks), or None when it is fine."""
+  bbox = ann.get("bbox")
+  if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not _finite_numbers(bbox):
+    return f"bbox must be 4 finite numbers, got {bbox!r}"
+  if bbox[2] < 0 or bbox[3] < 0:
+    return f"bbox has negative width/height: {bbox}"
+  seg = ann.get("segmentation")
+  if isinstance(seg, list):
+    if not seg:
+      return "empty polygon list"
+    for part in seg:
+      # pycocotools reads a length-4 list as a *box*, so 2-point polygons must be rejected here.
+      if not isinstance(part, list) or len(part) < 6 or len(part) % 2 or not _finite_numbers(part):
+        shown = part if not isinstance(part, list) or len(part) <= 8 else part[:8] + ["..."]
+        return f"bad polygon part {shown!r} (need >= 3 finite (x, y) pairs)"
+    return None
+  if isinstance(seg, dict):
+    size, counts = seg.get("size"), seg.get("counts")
+    if not isinstance(size, (list, tuple)) or [int(s) for s in size] != [height, width]:
+      return f"RLE size {size!r} differs from the image size {[height, width]}"
+    if isinstance(counts, list):
+      if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != height * width:
+        return "uncompressed RLE counts must be non-negative ints summing to height*width"
+      return None
+    if isinstance(counts, (str, bytes)) and counts:
+      return None
+    return f"RLE counts must be a list or a string, got {type(counts).__name__}"
+  return f"segmentation must be a polygon list or an RLE dict, got {type(seg).__name__}"
+
+
+def segmentation_to_rle(seg, height: int, width: int) -> Dict[str, Any]:
+  """One compressed RLE for a COCO segmentation (polygon parts, uncompressed or compressed RLE)."""
+  if isinstance(seg, list):
+    return mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+  if isinstance(seg["counts"], list):
+    return mask_utils.frPyObjects(seg, height, width)
+  counts = seg["counts"]
+  return {"size": list(seg["size"]), "counts": counts.encode("ascii") if isinstance(counts, str)
+          else counts}
+
+
+@dataclasses.dataclass
+class ImageRecord:
+  """One image and its usable (non-crowd, valid) annotations."""
+  image_id: int
+  path: str
+  height: int
+  width: int
+  boxes_xywh: List[List[float]]
+  classes: List[int]  # contiguous 1..K
+  segmentations: List[Any]
+  num_crowd: int = 0
+
+
+def decode_image_rgb(path: str) -> np.ndarray:
+  """[h, w, 3] uint8 RGB of any image PIL reads; raises OSError/ValueError on a bad file."""
+  with open(path, "rb") as f:
+    img = Image.open(f)
+    img.load()
+  if img.mode == "RGB":
+    return np.asarray(img)
+  if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: keep the high bits
+    a = np.asarray(img).astype(np.int64)
+    a = (a >> 8) if a.max(initial=0) > 255 else a
+    return np.repeat(np.clip(a, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+  return np.asarray(img.convert("RGB"))  # L, LA, P, RGBA, CMYK (incl. Adobe inverted), YCbCr
+
+
+def placeholder_example() -> Dict[str, np.ndarray]:
+  """The example a bad or padding slot carries: a 1x1 black image, no instances, ok=False."""
+  return {"image": np.zeros((1, 1, 3), np.uint8), "boxes": np.zeros((0, 4), np.float32),
+          "classes": np.zeros((0,), np.int32), "masks": np.zeros((0, 1, 1), np.uint8),
+          "image_id": np.int32(-1), "ok": np.bool_(False)}
+
+
+class CocoSource:
+  """Random-access examples from a COCO instances JSON and its image folder.
+
+  Attributes:
+    records: the :class:`ImageRecord` s this source serves, in JSON order.
+    categories: the :class:`CategoryMap`.
+    stats: the :class:`DataStats` counting skips (shared with the pipeline).
+    dataset: the parsed JSON (for pycocotools evaluation: ``COCO()``; ``.dataset = ...``).
+  """
+
+  def __init__(self, annotation_file: str, image_dir: str, *, training: bool,
+               skip_empty: bool = True, on_bad_example: str = "skip",
+               stats: Optional[DataStats] = None):
+    if on_bad_example not in ("skip", "raise"):
+      raise ValueError(f"on_bad_example must be 'skip' or 'raise', got {on_bad_example!r}")
+    if not os.path.exists(annotation_file):
+      raise FileNotFoundError(f"COCO annotation file not found: {annotation_file!r}")
+    with open(annotation_file) as f:
+      self.dataset = json.load(f)
+    self.image_dir = image_dir
+    self.training = training
+    self.on_bad_example = on_bad_example
+    self.stats = stats if stats is not None else DataStats()
+    self.categories = CategoryMap(self.dataset.get("categories", []))
+    self.records = self._build_records(skip_empty)
+
+  def _bad(self, reason: str, message: str) -> None:
+    if self.on_bad_example == "raise":
+      raise BadExampleError(message)
+    self.stats.count(reason, message)
+
+  def _build_records(self, skip_empty: bool) -> List[ImageRecord]:
+    images = {}
+    for img in self.dataset.get("images", []):
+      try:
+        images[int(img["id"])] = (str(img["file_name"]), int(img["height"]), int(img["width"]))
+      except (KeyError, TypeError, ValueError):
+        self._bad("bad_image_entry", f"image entry without id/file_name/height/width: {img!r}")
+    anns_by_image = collections.defaultdict(list)
+    bad_images = set()
+    for ann in self.dataset.get("annotations", []):
+      image_id, ann_id = ann.get("image_id"), ann.get("id")
+      if image_id not in images:
+        self._bad("unknown_image_id", f"annotation {ann_id} refers to image id {image_id!r}, "
+                  "which is not in the 'images' list")
+        continue
+      if ann.get("category_id") not in self.categories:
+        self._bad("unknown_category", f"annotation {ann_id} of image {image_id} has category id "
+                  f"{ann.get('category_id')!r}, not in the categories {self.categories.category_ids}")
+        bad_images.add(image_id)
+        continue
+      _, h, w = images[image_id]
+      problem = check_annotation(ann, h, w)
+      if problem is not None:
+        self._bad("bad_annotation", f"annotation {ann_id} of image {image_id}: {problem}")
+        bad_images.add(image_id)
+        continue
+      anns_by_image[image_id].append(ann)
+    records = []
+    for image_id, (file_name, h, w) in images.items():
+      if self.training and image_id in bad_images:
+        self.stats.count("image_with_bad_annotation", f"training skips image {image_id} "
+                         "because one of its annotations is bad")
+        continue
+      anns = anns_by_image.get(image_id, [])
+      usable = [a for a in anns if not a.get("iscrowd", 0)]
+      if self.training and skip_empty and not usable:
+        continue  # not an error: COCO has ~1% such images
+      records.append(ImageRecord(
+          image_id=image_id, path=os.path.join(self.image_dir, file_name), height=h, width=w,
+          boxes_xywh=[[float(v) for v in a["bbox"]] for a in usable],
+          classes=[int(c) for c in self.categories.to_contiguous([a["category_id"] for a in usable])],
+          segmentations=[a["segmentation"] for a in usable], num_crowd=len(anns) - len(usable)))
+    return records
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def load(self, index: int) -> Dict[str, np.ndarray]:
+    """Example ``index`` (``-1``: a padding slot) as numpy arrays in original pixels.
+
+    Returns:
+      ``image``: [h, w, 3] uint8 RGB; ``boxes``: [N, 4] float32 xyxy pixels; ``classes``: [N]
+      int32 in 1..K; ``masks``: [N, h, w] uint8 {0, 1}; ``image_id``: int32; ``ok``: bool,
+      False for a padding slot or a skipped bad example (then it is :func:`placeholder_example`).
+    """
+    index = int(index)
+    if index < 0:
+      return placeholder_example()
+    rec = self.records[index]
+    try:
+      image = decode_image_rgb(rec.path)
+    except FileNotFoundError:
+      return self._bad_load("missing_image", f"image {rec.image_id}: file not found: {rec.path}")
+    except Exception as e:  # PIL raises several types for corrupt data  # pylint: disable=broad-except
+      return self._bad_load("corrupt_image",
+                            f"image {rec.image_id}: cannot decode {rec.path}: {type(e).__name__}: {e}")
+    if image.shape[:2] != (rec.height, rec.width):
+      return self._bad_load("image_size_mismatch", f"image {rec.image_id}: {rec.path} is "
+                            f"{image.shape[0]}x{image.shape[1]} but the JSON says "
+                            f"{rec.height}x{rec.width}; its masks would not line up")
+    n = len(rec.classes)
+    if n:
+      rles = [segmentation_to_rle(s, rec.height, rec.width) for s in rec.segmentations]
+      # decode gives [h, w, N] in Fortran order; one transposing copy makes [N, h, w] C-order.
+      masks = np.ascontiguousarray(np.transpose(mask_utils.decode(rles), (2, 0, 1)))
+      xywh = np.asarray(rec.boxes_xywh, np.float32)
+      boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    else:
+      masks = np.zeros((0, rec.height, rec.width), np.uint8)
+      boxes = np.zeros((0, 4), np.float32)
+    return {"image": image, "boxes": boxes, "classes": np.asarray(rec.classes, np.int32),
+            "masks": masks, "image_id": np.int32(rec.image_id), "ok": np.bool_(True)}
+
+  def _bad_load(self, reason: str, message: str) -> Dict[str, np.ndarray]:
+    self._bad(reason, message)
+    return placeholder_example()

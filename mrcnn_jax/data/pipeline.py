@@ -1,0 +1,248 @@
+"""tf.data training and evaluation pipelines with per-host sharding and exact resume.
+
+Usage::
+
+  train = build_train_dataset(config, start_step=step)   # infinite, host-local batches
+  for host_batch in train:                               # dicts of numpy arrays
+    batch = make_global_batch(host_batch, mesh)          # global jax.Arrays, 'data'-sharded
+  for host_batch in build_eval_dataset(config):          # finite; same batch count per host
+    ...  # use host_batch['example_valid'] to ignore padding slots
+
+Order. The training stream is a pure function of ``(seed, epoch, position)``: global position
+``g`` (example g of the run, over all hosts) reads record
+``index_shuffle(g mod n, seed=(seed, g // n))``, so every epoch is a fresh permutation, and
+host ``p`` of ``P`` takes the positions ``g = k * P + p``. Resuming at step ``s`` starts at
+``k = s * host_batch``: nothing is replayed. Augmentation draws are stateless in
+``(seed, g)``, so the resumed examples are bit-identical. (A bad image dropped at run time shifts
+the following examples of that host by one; resume stays exact when none is dropped.)
+
+Evaluation: the n images are padded to a multiple of the global batch; host ``p`` takes
+positions ``k * P + p``; positions >= n are padding slots (``example_valid`` False,
+``image_id`` -1), so every image is seen exactly once and every host runs the same number of
+batches. A bad image also keeps its slot, marked ``example_valid`` False.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterator, Optional
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from mrcnn_jax.data import coco as coco_lib
+from mrcnn_jax.data import transforms
+
+_RAW_DTYPES = (tf.uint8, tf.float32, tf.int32, tf.uint8, tf.int32, tf.bool)
+_RAW_KEYS = ("image", "boxes", "classes", "masks", "image_id", "ok")
+_RAW_SHAPES = ((None, None, 3), (None, 4), (None,), (None, None, None), (), ())
+
+
+def host_info(process_index: Optional[int] = None, process_count: Optional[int] = None):
+  """(process_index, process_count), defaulting to JAX's."""
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  return int(process_index), int(process_count)
+
+
+def host_batch_size(global_batch_size: int, process_count: int) -> int:
+  """Per-host batch; the global batch must split evenly over hosts."""
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f"global batch size {global_batch_size} must be a positive multiple of the "
+                     f"process count {process_count}")
+  return global_batch_size // process_count
+
+
+class InputPipeline:
+  """An iterable of host batches (dicts of numpy arrays, the batch contract).
+
+  Attributes:
+    dataset: the ``tf.data.Dataset`` of host batches (with the extra ``_num_truncated`` [B]
+      field, which iteration pops and counts).
+    source: the random-access source (:class:`~mrcnn_jax.data.coco.CocoSource`) or None (TFDS).
+    categories: the :class:`~mrcnn_jax.data.coco.CategoryMap` (contiguous <-> dataset ids).
+    stats: :class:`~mrcnn_jax.data.coco.DataStats` (skips and truncations, by reason).
+    global_batch_size, host_batch_size: batch sizes.
+    num_batches: batches per host (evaluation), None for the infinite training stream.
+    num_examples: images in the source (evaluation: the number of valid slots over all hosts).
+  """
+
+  def __init__(self, dataset, *, source, categories, stats, global_batch_size, host_batch_size,
+               num_batches, num_examples):
+    self.dataset = dataset
+    self.source = source
+    self.categories = categories
+    self.stats = stats
+    self.global_batch_size = global_batch_size
+    self.host_batch_size = host_batch_size
+    self.num_batches = num_batches
+    self.num_examples = num_examples
+
+  def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
+    it = iter(self.dataset)
+    while True:
+      try:
+        batch = next(it)
+      except StopIteration:
+        return
+      except tf.errors.OpError as e:
+        # In 'raise' mode the loader's BadExampleError surfaces as a TF error; re-raise the
+        # clear message it recorded rather than TF's wrapped traceback.
+        if self.stats.last_error and self.stats.last_error in str(e):
+          raise coco_lib.BadExampleError(self.stats.last_error) from None
+        raise
+      batch = {k: v.numpy() for k, v in batch.items()}
+      truncated = int(batch.pop(transforms.NUM_TRUNCATED_KEY).sum())
+      if truncated:
+        self.stats.count("truncated_instances", f"{truncated} instances beyond max_instances "
+                         "dropped in a batch", n=truncated)
+      yield batch
+
+
+def _load_fn(source: coco_lib.CocoSource):
+  """A tf function: record index (int64, -1 = padding) -> raw example dict."""
+
+  def py_load(index):
+    ex = source.load(int(index))
+    return tuple(ex[k] for k in _RAW_KEYS)
+
+  def load(index):
+    values = tf.numpy_function(py_load, [index], _RAW_DTYPES, stateful=False)
+    raw = {}
+    for key, v, shape in zip(_RAW_KEYS, values, _RAW_SHAPES):
+      v.set_shape(shape)
+      raw[key] = v
+    return raw
+
+  return load
+
+
+def _transform_kwargs(config, training: bool) -> Dict[str, Any]:
+  d = config.data
+  return dict(image_size=tuple(int(v) for v in d.image_size), max_instances=int(d.max_instances),
+              mask_size=int(d.mask_size), training=training,
+              scale_range=tuple(float(v) for v in d.scale_range), random_flip=bool(d.random_flip))
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_optimization.map_parallelization = True
+  return options
+
+
+def _make_source(config, training: bool, stats) -> coco_lib.CocoSource:
+  d = config.data
+  ann, images = ((d.train_annotations, d.train_images) if training
+                 else (d.eval_annotations, d.eval_images))
+  if not ann:
+    which = "train" if training else "eval"
+    raise ValueError(f"config.data.{which}_annotations is empty: point it at a COCO instances "
+                     "JSON (e.g. from `python -m mrcnn_jax.data.shapes --out DIR`)")
+  return coco_lib.CocoSource(ann, images, training=training, skip_empty=bool(d.skip_empty_train),
+                             on_bad_example=str(d.on_bad_example), stats=stats)
+
+
+def build_train_dataset(config, *, global_batch_size: Optional[int] = None,
+                        seed: Optional[int] = None, start_step: int = 0,
+                        process_index: Optional[int] = None, process_count: Optional[int] = None,
+                        source: Optional[coco_lib.CocoSource] = None) -> InputPipeline:
+  """The infinite training stream of host batches.
+
+  Args:
+    config: the full config (reads ``config.data``, ``config.train.batch_size``, ``config.seed``).
+    global_batch_size: overrides ``config.train.batch_size``.
+    seed: overrides ``config.seed`` (shuffling and augmentation).
+    start_step: the first global step to produce (resume), without replaying earlier steps.
+    process_index, process_count: this host and the host count (default: JAX's).
+    source: a prebuilt :class:`CocoSource` (default: from ``config.data``).
+  """
+  d = config.data
+  if d.source == "tfds":
+    from mrcnn_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    return tfds_source.build_tfds_train_dataset(
+        config, global_batch_size=global_batch_size, seed=seed, start_step=start_step,
+        process_index=process_index, process_count=process_count)
+  if d.source != "coco":
+    raise ValueError(f"config.data.source must be 'coco' or 'tfds', got {d.source!r}")
+  p, num_p = host_info(process_index, process_count)
+  gb = int(global_batch_size or config.train.batch_size)
+  hb = host_batch_size(gb, num_p)
+  seed = int(config.seed if seed is None else seed)
+  if source is None:
+    source = _make_source(config, True, coco_lib.DataStats())
+  stats = source.stats
+  n = len(source)
+  if n == 0:
+    raise ValueError("the training source has no usable image (all skipped or empty)")
+  load = _load_fn(source)
+  kwargs = _transform_kwargs(config, training=True)
+
+  def element(k):
+    g = k * num_p + p  # global position in the run
+    epoch, i = g // n, g % n
+    record = tf.random.experimental.index_shuffle(i, tf.stack([tf.cast(seed, tf.int64), epoch]),
+                                                  n - 1)
+    raw = load(record)
+    aug_seed = tf.stack([tf.cast(seed, tf.int64) + 0x5EED, g])
+    return transforms.transform_example(raw, aug_seed, **kwargs)
+
+  ds = tf.data.Dataset.range(int(start_step) * hb, np.iinfo(np.int64).max)
+  ds = ds.map(element, num_parallel_calls=int(d.num_parallel_calls), deterministic=True)
+  ds = ds.filter(lambda ex: ex["example_valid"])  # bad examples (counted in stats) leave training
+  ds = ds.batch(hb, drop_remainder=True).prefetch(int(d.prefetch)).with_options(_options())
+  return InputPipeline(ds, source=source, categories=source.categories, stats=stats,
+                       global_batch_size=gb, host_batch_size=hb, num_batches=None, num_examples=n)
+
+
+def eval_positions(num_examples: int, global_batch_size: int, process_index: int,
+                   process_count: int) -> np.ndarray:
+  """Record index of each host-local eval slot, in order (-1 = padding slot)."""
+  padded = math.ceil(num_examples / global_batch_size) * global_batch_size
+  g = np.arange(process_index, padded, process_count)
+  return np.where(g < num_examples, g, -1).astype(np.int64)
+
+
+def build_eval_dataset(config, *, global_batch_size: Optional[int] = None,
+                       process_index: Optional[int] = None, process_count: Optional[int] = None,
+                       source: Optional[coco_lib.CocoSource] = None) -> InputPipeline:
+  """The finite evaluation stream: every image once over all hosts, last batch padded.
+
+  Args:
+    config: the full config (reads ``config.data``; batch ``config.data.eval_batch_size``).
+    global_batch_size: overrides ``config.data.eval_batch_size``.
+    process_index, process_count: this host and the host count (default: JAX's).
+    source: a prebuilt :class:`CocoSource` (default: from ``config.data``).
+  """
+  d = config.data
+  if d.source == "tfds":
+    from mrcnn_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+    return tfds_source.build_tfds_eval_dataset(
+        config, global_batch_size=global_batch_size, process_index=process_index,
+        process_count=process_count)
+  if d.source != "coco":
+    raise ValueError(f"config.data.source must be 'coco' or 'tfds', got {d.source!r}")
+  p, num_p = host_info(process_index, process_count)
+  gb = int(global_batch_size or d.eval_batch_size)
+  hb = host_batch_size(gb, num_p)
+  if source is None:
+    source = _make_source(config, False, coco_lib.DataStats())
+  stats = source.stats
+  positions = eval_positions(len(source), gb, p, num_p)
+  load = _load_fn(source)
+  kwargs = _transform_kwargs(config, training=False)
+  zero_seed = tf.zeros([2], tf.int64)
+  ds = tf.data.Dataset.from_tensor_slices(positions)
+  ds = ds.map(lambda r: transforms.transform_example(load(r), zero_seed, **kwargs),
+              num_parallel_calls=int(d.num_parallel_calls), deterministic=True)
+  ds = ds.batch(hb, drop_remainder=True).prefetch(int(d.prefetch)).with_options(_options())
+  logging.info("eval input: %d images, %d batches of %d per host", len(source),
+               len(positions) // hb, hb)
+  return InputPipeline(ds, source=source, categories=source.categories, stats=stats,
+                       global_batch_size=gb, host_batch_size=hb,
+                       num_batches=len(positions) // hb, num_examples=len(source))

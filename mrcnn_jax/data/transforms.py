@@ -1,0 +1,162 @@
+"""Per-example TensorFlow transforms: flip, scale jitter, crop, pad, box and mask targets.
+
+:func:`transform_example` turns a *raw* example (original pixels, full-size instance masks) into
+one element of the batch contract (``/work/notes/batch_api.md``; all shapes static):
+
+  image [H, W, 3] uint8 · gt_boxes [G, 4] float32 xyxy pixels of the padded input ·
+  gt_classes [G] int32 · gt_masks [G, S, S] uint8 · gt_valid [G] bool · image_id int32 ·
+  original_size [2] int32 (h, w) · image_scale [2] float32 (sy, sx) · valid_size [2] int32 ·
+  example_valid bool   (plus ``_num_truncated`` int32, popped by the pipeline)
+
+Geometry. The image is scaled by ``min(H/h, W/w) * jitter`` (``jitter`` ~ U(scale_range) in
+training, 1 in evaluation), optionally flipped horizontally, randomly cropped to at most (H, W)
+(only when jitter > 1, i.e. large-scale jitter), then zero-padded at the bottom/right. Pixel
+(i, j) covers the continuous square [j, j+1) x [i, i+1); a box [x1, x2) maps to
+[x1 * sx - ox, x2 * sx - ox), clipped to the valid region; boxes narrower or shorter than 1 px
+afterwards are dropped, the rest keep their order, and more than G are truncated (counted).
+
+Masks. Each kept instance's mask target is sampled directly from its *original* full-size
+mask (no intermediate resize), at the centres of an S x S grid laid over its final box: cell
+(r, c) covers [x1 + c * bw / S, x1 + (c+1) * bw / S) and takes the bilinear value at its centre,
+thresholded at 0.5. The flip is folded into the sampling grid (``crop_and_resize`` reads
+x1 > x2 as a mirrored crop), so the full-size mask is never flipped or resized.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence, Tuple
+
+import tensorflow as tf
+
+NUM_TRUNCATED_KEY = "_num_truncated"
+
+
+def output_signature(image_size: Sequence[int], max_instances: int, mask_size: int):
+  """``{key: (shape, tf.DType)}`` of one transformed example (the batch contract, unbatched)."""
+  h, w = image_size
+  g, s = max_instances, mask_size
+  return {"image": ((h, w, 3), tf.uint8), "gt_boxes": ((g, 4), tf.float32),
+          "gt_classes": ((g,), tf.int32), "gt_masks": ((g, s, s), tf.uint8),
+          "gt_valid": ((g,), tf.bool), "image_id": ((), tf.int32),
+          "original_size": ((2,), tf.int32), "image_scale": ((2,), tf.float32),
+          "valid_size": ((2,), tf.int32), "example_valid": ((), tf.bool),
+          NUM_TRUNCATED_KEY: ((), tf.int32)}
+
+
+def _draw_geometry(h, w, seed, image_size, training, scale_range, random_flip):
+  """Scale, flip and crop parameters; stateless in ``seed`` so an example is reproducible."""
+  out_h, out_w = float(image_size[0]), float(image_size[1])
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  if training and tuple(scale_range) != (1.0, 1.0):
+    jitter = tf.random.stateless_uniform([], seeds[0], scale_range[0], scale_range[1])
+  else:
+    jitter = tf.constant(1.0)
+  if training and random_flip:
+    flip = tf.random.stateless_uniform([], seeds[1]) < 0.5
+  else:
+    flip = tf.constant(False)
+  scale = tf.minimum(out_h / h, out_w / w) * jitter
+  rh = tf.maximum(tf.cast(tf.round(h * scale), tf.int32), 1)
+  rw = tf.maximum(tf.cast(tf.round(w * scale), tf.int32), 1)
+  vh = tf.minimum(rh, int(image_size[0]))
+  vw = tf.minimum(rw, int(image_size[1]))
+  # Crop offsets are uniform over the valid positions (all zero unless the image overflows).
+  u = tf.random.stateless_uniform([2], seeds[2])
+  oy = tf.minimum(tf.cast(u[0] * tf.cast(rh - vh + 1, tf.float32), tf.int32), rh - vh)
+  ox = tf.minimum(tf.cast(u[1] * tf.cast(rw - vw + 1, tf.float32), tf.int32), rw - vw)
+  return flip, rh, rw, vh, vw, oy, ox
+
+
+def _mask_targets(masks, idx, boxes_net, flip, h, w, sy, sx, oy, ox, mask_size):
+  """[k, S, S] uint8 targets for instances ``idx`` of ``masks`` [N, h, w] with net boxes [k, 4]."""
+  s = float(mask_size)
+  # One edge-replicated pixel around the mask keeps samples near the border inside [0, size-1]
+  # (crop_and_resize would otherwise return 0 there instead of the edge value).
+  padded = tf.pad(masks, [[0, 0], [1, 1], [1, 1]], mode="SYMMETRIC")[..., None]
+  bx1, by1, bx2, by2 = tf.unstack(boxes_net, axis=1)
+  bw, bh = bx2 - bx1, by2 - by1
+  # Centres of the first and last grid cells, in network pixels.
+  cx0, cx1 = bx1 + 0.5 * bw / s, bx1 + (s - 0.5) * bw / s
+  cy0, cy1 = by1 + 0.5 * bh / s, by1 + (s - 0.5) * bh / s
+
+  def to_src_x(x):  # network x -> continuous x of the original, unflipped image
+    xf = (x + tf.cast(ox, tf.float32)) / sx
+    return tf.where(flip, w - xf, xf)
+
+  def to_src_y(y):
+    return (y + tf.cast(oy, tf.float32)) / sy
+
+  # Continuous -> pixel-index coordinates (-0.5), +1 for the padding, normalised by the padded
+  # size - 1 = size + 1 (crop_and_resize's corner-aligned convention).
+  nx0 = (to_src_x(cx0) + 0.5) / (w + 1.0)
+  nx1 = (to_src_x(cx1) + 0.5) / (w + 1.0)
+  ny0 = (to_src_y(cy0) + 0.5) / (h + 1.0)
+  ny1 = (to_src_y(cy1) + 0.5) / (h + 1.0)
+  crops = tf.image.crop_and_resize(padded, tf.stack([ny0, nx0, ny1, nx1], axis=1),
+                                   tf.cast(idx, tf.int32), [mask_size, mask_size])
+  return tf.cast(crops[..., 0] >= 0.5, tf.uint8)
+
+
+def transform_example(raw: Dict[str, tf.Tensor], seed: tf.Tensor, *, image_size: Tuple[int, int],
+                      max_instances: int, mask_size: int, training: bool,
+                      scale_range: Sequence[float] = (1.0, 1.0),
+                      random_flip: bool = False) -> Dict[str, tf.Tensor]:
+  """One raw example -> one batch-contract example (see the module docstring).
+
+  Args:
+    raw: ``image`` [h, w, 3] uint8; ``boxes`` [N, 4] float32 xyxy original pixels; ``classes``
+      [N] int32 in 1..K; ``masks`` [N, h, w] uint8 {0, 1}; ``image_id`` int32; ``ok`` bool.
+    seed: [2] int64 stateless seed of this example's augmentation.
+    image_size: (H, W) of the padded output.
+    max_instances: G.
+    mask_size: S.
+    training: draw jitter/flip/crop; evaluation only scales to fit.
+    scale_range: (min, max) jitter factors.
+    random_flip: flip horizontally with probability 0.5 (training only).
+  """
+  image = raw["image"]
+  shape = tf.shape(image)
+  h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+  flip, rh, rw, vh, vw, oy, ox = _draw_geometry(h, w, seed, image_size, training, scale_range,
+                                                random_flip)
+  sy, sx = tf.cast(rh, tf.float32) / h, tf.cast(rw, tf.float32) / w
+
+  image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+  resized = tf.image.resize(image, tf.stack([rh, rw]), method="bilinear")
+  resized = resized[oy:oy + vh, ox:ox + vw]
+  image_out = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+  image_out = tf.image.pad_to_bounding_box(image_out, 0, 0, image_size[0], image_size[1])
+
+  x1, y1, x2, y2 = tf.unstack(tf.reshape(raw["boxes"], [-1, 4]), axis=1)
+  x1, x2 = tf.where(flip, w - x2, x1), tf.where(flip, w - x1, x2)
+  fvw, fvh = tf.cast(vw, tf.float32), tf.cast(vh, tf.float32)
+  fox, foy = tf.cast(ox, tf.float32), tf.cast(oy, tf.float32)
+  boxes = tf.stack([tf.clip_by_value(x1 * sx - fox, 0.0, fvw), tf.clip_by_value(y1 * sy - foy, 0.0, fvh),
+                    tf.clip_by_value(x2 * sx - fox, 0.0, fvw), tf.clip_by_value(y2 * sy - foy, 0.0, fvh)],
+                   axis=1)
+  keep = tf.logical_and(boxes[:, 2] - boxes[:, 0] >= 1.0, boxes[:, 3] - boxes[:, 1] >= 1.0)
+  idx = tf.where(keep)[:, 0]
+  num_truncated = tf.maximum(tf.shape(idx)[0] - max_instances, 0)
+  idx = idx[:max_instances]
+  k = tf.shape(idx)[0]
+  sel_boxes = tf.gather(boxes, idx)
+  sel_classes = tf.gather(raw["classes"], idx)
+  sel_masks = _mask_targets(raw["masks"], idx, sel_boxes, flip, h, w, sy, sx, oy, ox, mask_size)
+
+  pad = max_instances - k
+  out = {
+      "image": image_out,
+      "gt_boxes": tf.pad(sel_boxes, [[0, pad], [0, 0]]),
+      "gt_classes": tf.pad(tf.cast(sel_classes, tf.int32), [[0, pad]]),
+      "gt_masks": tf.pad(sel_masks, [[0, pad], [0, 0], [0, 0]]),
+      "gt_valid": tf.range(max_instances) < k,
+      "image_id": tf.cast(raw["image_id"], tf.int32),
+      "original_size": tf.stack([shape[0], shape[1]]),
+      "image_scale": tf.stack([sy, sx]),
+      "valid_size": tf.stack([vh, vw]),
+      "example_valid": tf.cast(raw["ok"], tf.bool),
+      NUM_TRUNCATED_KEY: num_truncated,
+  }
+  for key, (static_shape, _) in output_signature(image_size, max_instances, mask_size).items():
+    out[key] = tf.ensure_shape(out[key], static_shape)
+  return out
