@@ -74,10 +74,10 @@ def model_config() -> ml_collections.ConfigDict:
   c.roi.score_threshold = 0.05
   c.roi.nms_threshold = 0.5
   c.roi.min_size = 1e-2
-  # Static-shape stand-in for torchvision's variable-length candidate list: the highest
-  # (box, class) scores that enter the class-aware NMS. Above the score threshold a trained
-  # COCO model rarely has more than this many per image.
-  c.roi.pre_nms_top_k = 2000
+  # Optional cap on the (box, class) candidates entering the class-aware NMS, best first.
+  # None (torchvision) keeps every candidate above the score threshold; the static-shape NMS
+  # skips the rest cheaply, so a cap only saves the sort.
+  c.roi.pre_nms_top_k = None
 
   c.mask = ml_collections.ConfigDict()
   c.mask.pooler_size = 14
@@ -109,7 +109,6 @@ def tiny_model_config(num_classes: int = 3) -> ml_collections.ConfigDict:
   c.rpn.batch_size_per_image = 64
   c.roi.batch_size_per_image = 64
   c.roi.representation_size = 64
-  c.roi.pre_nms_top_k = 200
   c.mask.conv_channels = (32, 32)
   c.mask.rois_per_image = 16
   c.detections_per_image = 10

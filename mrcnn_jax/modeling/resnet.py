@@ -5,7 +5,9 @@ bottleneck. Parameter names follow torchvision's so that a converter maps them o
 ``conv1``, ``bn1``, ``layer1/0/conv1``, ``layer1/0/downsample/0`` (conv), ``.../downsample/1``
 (norm), ... Kernels are HWIO; a norm layer holds ``scale``/``bias`` in ``params`` and
 ``mean``/``var`` in ``batch_stats`` (torchvision's ``weight``/``bias``/``running_mean``/
-``running_var``), whichever norm is chosen, except GroupNorm which has no statistics.
+``running_var``) for trainable BatchNorm; FrozenBatchNorm keeps all four (``scale``, ``bias``,
+``mean``, ``var``) in ``params`` so the frozen model has no mutable collection; GroupNorm has
+``scale``/``bias`` only.
 
 Frozen parts get zero gradient *inside* the model (``stop_gradient``), so XLA prunes their
 backward pass; :func:`trainable_mask` tells the optimizer which parameters to leave alone.
@@ -43,8 +45,10 @@ class FrozenBatchNorm(nn.Module):
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32)).value
-    var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32)).value
+    # The statistics sit in ``params`` too (masked out of the optimizer by trainable_mask), so
+    # a frozen-BN model is a single ``params`` collection with nothing mutable.
+    mean = self.param("mean", nn.initializers.zeros, (c,), jnp.float32)
+    var = self.param("var", nn.initializers.ones, (c,), jnp.float32)
     scale, bias, mean, var = (jax.lax.stop_gradient(a) for a in (scale, bias, mean, var))
     mult = scale * jax.lax.rsqrt(var + self.epsilon)  # float32, then cast once
     shift = bias - mean * mult
@@ -194,15 +198,15 @@ class ResNet(nn.Module):
 
   Attributes:
     config: ``config.model``.
-    train: training mode (BatchNorm batch statistics); other norms ignore it.
   """
 
   config: Any
-  train: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> Sequence[jax.Array]:
+  def __call__(self, x: jax.Array, train: bool = False) -> Sequence[jax.Array]:
     """x: [B, H, W, 3] normalised image in the compute dtype -> [C2, C3, C4, C5], NHWC.
+
+    ``train`` selects batch statistics for trainable BatchNorm; other norms ignore it.
 
     Cl has stride ``2**l`` (spatial size ``ceil(H / 2**l)``) and ``width * 2**(l-2) * 4``
     channels (256, 512, 1024, 2048 for ResNet-50).
@@ -215,7 +219,7 @@ class ResNet(nn.Module):
     width = cfg.backbone.width
 
     x = _conv(width, 7, 2, dtype, "conv1")(x)
-    x = make_norm(cfg.norm, train=self.train, frozen="bn1" in frozen, dtype=dtype, name="bn1",
+    x = make_norm(cfg.norm, train=train, frozen="bn1" in frozen, dtype=dtype, name="bn1",
                   **dict(norm_kwargs))(x)
     x = nn.relu(x)
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
@@ -224,7 +228,7 @@ class ResNet(nn.Module):
     feats = []
     for i, blocks in enumerate(stage_blocks(cfg)):
       name = f"layer{i + 1}"
-      x = ResLayer(width * 2**i, blocks, 1 if i == 0 else 2, cfg.norm, self.train,
+      x = ResLayer(width * 2**i, blocks, 1 if i == 0 else 2, cfg.norm, train,
                    name in frozen, norm_kwargs, dtype, name=name)(x)
       if name in frozen:
         # Nothing upstream trains: cutting the graph here makes their gradients exactly zero

@@ -1,0 +1,272 @@
+"""Mask R-CNN (He et al., "Mask R-CNN", 2017): ResNet-FPN, RPN, box and mask heads.
+
+One Flax module with two entry points, both static-shape and jit-able:
+
+* :meth:`MaskRCNN.losses` (training): ``batch`` (see the batch contract) -> (losses, stats).
+  Needs the ``'sampling'`` rng stream; with ``config.norm == 'bn'`` call it with
+  ``mutable=['batch_stats']``.
+* :meth:`MaskRCNN.predict` (inference): uint8 images -> fixed-size detections with ``valid``.
+
+Sub-module names follow torchvision's ``MaskRCNN`` (``backbone`` is torchvision's
+``backbone.body``, ``fpn`` its ``backbone.fpn``, ``rpn_head`` its ``rpn.head``, the rest its
+``roi_heads.*``) so a weight converter is a table of renames and transposes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mrcnn_jax.modeling import losses as loss_lib
+from mrcnn_jax.modeling import resnet as resnet_lib
+from mrcnn_jax.modeling import roi_heads as roi_lib
+from mrcnn_jax.modeling import rpn as rpn_lib
+from mrcnn_jax.modeling.fpn import FPN
+from mrcnn_jax.ops import anchors as anchor_ops
+from mrcnn_jax.ops.roi_align import multilevel_roi_align
+
+Batch = Dict[str, jax.Array]
+NUM_POOLED_LEVELS = 4  # the RoI heads pool from P2..P5; P6 feeds only the RPN
+
+
+class MaskRCNN(nn.Module):
+  """Mask R-CNN with a ResNet-FPN backbone.
+
+  Attributes:
+    config: ``config.model`` (see ``modeling/config.py``).
+  """
+
+  config: Any
+
+  def setup(self):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.compute_dtype)
+    self.backbone = resnet_lib.ResNet(cfg)
+    self.fpn = FPN(cfg.fpn.channels, dtype)
+    num_anchors = anchor_ops.num_anchors_per_location(cfg.anchors.sizes, cfg.anchors.aspect_ratios)
+    if len(set(num_anchors)) != 1:
+      raise ValueError(f"the shared RPN head needs the same anchors per level, got {num_anchors}")
+    self.rpn_head = rpn_lib.RPNHead(num_anchors[0], dtype)
+    self.box_head = roi_lib.TwoMLPHead(cfg.roi.representation_size, dtype)
+    self.box_predictor = roi_lib.FastRCNNPredictor(cfg.num_classes, dtype)
+    self.mask_head = roi_lib.MaskRCNNHead(tuple(cfg.mask.conv_channels), dtype)
+    self.mask_predictor = roi_lib.MaskRCNNPredictor(cfg.num_classes, dtype)
+
+  # ------------------------------------------------------------------ shared pieces
+
+  def _features(self, images: jax.Array, train: bool):
+    """uint8 [B, H, W, 3] -> [P2..P6] in the compute dtype."""
+    cfg = self.config
+    x = images.astype(jnp.float32)
+    x = (x - jnp.asarray(cfg.pixel_mean, jnp.float32)) / jnp.asarray(cfg.pixel_std, jnp.float32)
+    x = x.astype(jnp.dtype(cfg.compute_dtype))
+    return self.fpn(self.backbone(x, train=train))
+
+  def _anchors(self, image_size: Tuple[int, int]):
+    """Static anchors: ([N, 4] float32 array, anchors per level)."""
+    a = self.config.anchors
+    per_level = anchor_ops.generate_anchors(image_size, a.strides, a.sizes, a.aspect_ratios)
+    return jnp.asarray(rpn_lib.concat_anchors(per_level)), rpn_lib.level_sizes(per_level)
+
+  def _proposals(self, objectness, deltas, anchors, level_sizes, valid_size, train: bool):
+    r = self.config.rpn
+    fn = functools.partial(
+        rpn_lib.generate_proposals, level_sizes=level_sizes,
+        pre_nms_top_k=r.pre_nms_top_k_train if train else r.pre_nms_top_k_test,
+        post_nms_top_k=r.post_nms_top_k_train if train else r.post_nms_top_k_test,
+        nms_threshold=r.nms_threshold, min_size=r.min_size, score_threshold=r.score_threshold,
+        weights=tuple(r.box_weights))
+    return jax.vmap(fn, in_axes=(0, 0, None, 0))(objectness, deltas, anchors, valid_size)
+
+  def _pool(self, feats, boxes, output_size: int, sampling_ratio: int):
+    """[B, N, 4] boxes -> [B, N, s, s, C] pooled from P2..P5."""
+    cfg = self.config
+    return multilevel_roi_align(
+        feats[:NUM_POOLED_LEVELS], boxes, output_size,
+        strides=tuple(cfg.anchors.strides[:NUM_POOLED_LEVELS]), sampling_ratio=sampling_ratio,
+        aligned=cfg.roi.aligned, canonical_scale=cfg.roi.canonical_scale,
+        canonical_level=cfg.roi.canonical_level)
+
+  def _box_branch(self, feats, rois):
+    """rois [B, R, 4] -> class logits [B, R, K+1], deltas [B, R, K+1, 4] (float32)."""
+    r = self.config.roi
+    pooled = self._pool(feats, rois, r.pooler_size, r.sampling_ratio)
+    return self.box_predictor(self.box_head(pooled))
+
+  def _mask_branch(self, feats, rois, classes):
+    """rois [B, M, 4], classes [B, M] -> [B, M, 28, 28] float32 logits of those classes."""
+    m = self.config.mask
+    pooled = self._pool(feats, rois, m.pooler_size, m.sampling_ratio)
+    b, n = pooled.shape[:2]
+    logits = self.mask_predictor(self.mask_head(pooled.reshape((b * n,) + pooled.shape[2:])))
+    logits = logits.reshape((b, n) + logits.shape[1:])  # [B, M, 28, 28, K+1]
+    return jnp.take_along_axis(logits, classes[:, :, None, None, None], axis=-1)[..., 0]
+
+  @staticmethod
+  def _valid_size(images, valid_size):
+    if valid_size is None:
+      b, h, w = images.shape[:3]
+      return jnp.broadcast_to(jnp.asarray([h, w], jnp.int32), (b, 2))
+    return jnp.asarray(valid_size)
+
+  # ------------------------------------------------------------------ training
+
+  def losses(self, batch: Batch) -> Tuple[Dict[str, jax.Array], Dict[str, jax.Array]]:
+    """Training forward pass.
+
+    Args:
+      batch: the batch contract's dict: ``image`` uint8 [B, H, W, 3], ``gt_boxes`` [B, G, 4],
+        ``gt_classes`` [B, G], ``gt_masks`` uint8 [B, G, S, S], ``gt_valid`` [B, G] and
+        optionally ``valid_size`` [B, 2] (default: the full padded size).
+
+    Returns:
+      losses: float32 scalars ``rpn_objectness``, ``rpn_box``, ``roi_class``, ``roi_box``,
+        ``roi_mask`` (the training objective is their sum).
+      stats: float32 scalars, per-image means: ``rpn_num_fg``, ``rpn_num_bg``,
+        ``roi_num_fg``, ``roi_num_bg``, ``num_proposals``.
+    """
+    from mrcnn_jax.ops.masks import mask_targets  # pylint: disable=g-import-not-at-top
+
+    cfg = self.config
+    images = batch["image"]
+    b, h, w = images.shape[:3]
+    gt_boxes = jnp.asarray(batch["gt_boxes"], jnp.float32)
+    gt_classes = jnp.asarray(batch["gt_classes"], jnp.int32)
+    gt_valid = jnp.asarray(batch["gt_valid"], bool)
+    valid_size = self._valid_size(images, batch.get("valid_size"))
+    rpn_keys, roi_keys = jnp.split(jax.random.split(self.make_rng("sampling"), 2 * b), 2)
+
+    feats = self._features(images, train=True)
+    objectness, deltas = self.rpn_head(feats)
+    anchors, level_sizes = self._anchors((h, w))
+
+    # ---- RPN losses over sampled anchors.
+    r = cfg.rpn
+    t = jax.vmap(functools.partial(
+        rpn_lib.rpn_targets, fg_iou_threshold=r.fg_iou_threshold,
+        bg_iou_threshold=r.bg_iou_threshold, batch_size_per_image=r.batch_size_per_image,
+        positive_fraction=r.positive_fraction, weights=tuple(r.box_weights)),
+        in_axes=(None, 0, 0, 0))(anchors, gt_boxes, gt_valid, rpn_keys)
+    rpn_obj, rpn_box = loss_lib.rpn_losses(
+        jnp.take_along_axis(objectness, t["index"], axis=1),
+        jnp.take_along_axis(deltas, t["index"][..., None], axis=1),
+        t["label"], t["target"], t["positive"], t["valid"], beta=r.box_loss_beta)
+
+    # ---- Proposals, then RoI sampling with the GT boxes appended.
+    proposals, _, proposal_valid = self._proposals(objectness, deltas, anchors, level_sizes,
+                                                   valid_size, train=True)
+    ro = cfg.roi
+    s = jax.vmap(functools.partial(
+        roi_lib.sample_rois, fg_iou_threshold=ro.fg_iou_threshold,
+        bg_iou_threshold=ro.bg_iou_threshold, batch_size_per_image=ro.batch_size_per_image,
+        positive_fraction=ro.positive_fraction, weights=tuple(ro.box_weights)))(
+            proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, roi_keys)
+    class_logits, box_deltas = self._box_branch(feats, s["rois"])
+    roi_cls, roi_box = loss_lib.fast_rcnn_losses(class_logits, box_deltas, s["labels"],
+                                                 s["target"], s["valid"], beta=ro.box_loss_beta)
+
+    # ---- Mask loss on a fixed number of foreground RoIs. The sampler puts positives first and
+    # takes at most batch_size_per_image * positive_fraction of them, so with the default
+    # rois_per_image the leading slots hold every sampled positive.
+    m = cfg.mask.rois_per_image
+    m_rois, m_labels, m_matched = s["rois"][:, :m], s["labels"][:, :m], s["matched"][:, :m]
+    m_valid = s["valid"][:, :m] & (m_labels > 0)
+    m_logits = self._mask_branch(feats, m_rois, m_labels)
+    resolution = m_logits.shape[-1]
+    m_targets = jax.vmap(functools.partial(mask_targets, size=resolution))(
+        jnp.asarray(batch["gt_masks"], jnp.float32), gt_boxes, m_rois, m_matched)
+    roi_mask = loss_lib.mask_loss(m_logits, jax.lax.stop_gradient(m_targets), m_valid)
+
+    losses = dict(rpn_objectness=rpn_obj, rpn_box=rpn_box, roi_class=roi_cls, roi_box=roi_box,
+                  roi_mask=roi_mask)
+    per_image = lambda x: jnp.sum(x.astype(jnp.float32)) / b
+    stats = dict(
+        rpn_num_fg=per_image(t["positive"]),
+        rpn_num_bg=per_image(t["valid"] & ~t["positive"]),
+        roi_num_fg=per_image(s["valid"] & (s["labels"] > 0)),
+        roi_num_bg=per_image(s["valid"] & (s["labels"] == 0)),
+        num_proposals=per_image(proposal_valid))
+    return losses, stats
+
+  # ------------------------------------------------------------------ inference
+
+  def predict(self, images: jax.Array, valid_size: Optional[jax.Array] = None) -> Batch:
+    """Detections for a batch of images.
+
+    Args:
+      images: uint8 [B, H, W, 3] RGB, zero-padded at bottom/right.
+      valid_size: [B, 2] int (h, w) of each image before padding; default (H, W).
+
+    Returns:
+      dict, D = config.detections_per_image: ``boxes`` [B, D, 4] float32 xyxy network-input
+      pixels, ``scores`` [B, D] float32, ``classes`` [B, D] int32 (1..K), ``masks``
+      [B, D, 28, 28] float32 probabilities of the predicted class, ``valid`` [B, D] bool
+      (best first; padding rows are zero).
+    """
+    cfg = self.config
+    h, w = images.shape[1:3]
+    valid_size = self._valid_size(images, valid_size)
+    feats = self._features(images, train=False)
+    objectness, deltas = self.rpn_head(feats)
+    anchors, level_sizes = self._anchors((h, w))
+    proposals, _, proposal_valid = self._proposals(objectness, deltas, anchors, level_sizes,
+                                                   valid_size, train=False)
+    class_logits, box_deltas = self._box_branch(feats, proposals)
+    ro = cfg.roi
+    det = jax.vmap(functools.partial(
+        roi_lib.detect, weights=tuple(ro.box_weights), score_threshold=ro.score_threshold,
+        nms_threshold=ro.nms_threshold, min_size=ro.min_size,
+        detections=cfg.detections_per_image, pre_nms_top_k=ro.pre_nms_top_k))(
+            class_logits, box_deltas, proposals, proposal_valid, valid_size)
+    mask_logits = self._mask_branch(feats, det["boxes"], det["classes"])
+    masks = jnp.where(det["valid"][:, :, None, None], jax.nn.sigmoid(mask_logits), 0.0)
+    return dict(boxes=det["boxes"], scores=det["scores"], classes=det["classes"], masks=masks,
+                valid=det["valid"])
+
+  # ------------------------------------------------------------------ initialisation
+
+  def _init_all(self, images: jax.Array):
+    """Touches every sub-module once on small inputs (parameter shapes do not depend on the
+    image size), so ``init`` is cheap even outside ``jit``."""
+    feats = self._features(images, train=False)
+    self.rpn_head(feats)
+    b = images.shape[0]
+    c = feats[0].shape[-1]
+    r, m = self.config.roi.pooler_size, self.config.mask.pooler_size
+    self.box_predictor(self.box_head(jnp.zeros((b, r, r, c), feats[0].dtype)))
+    return self.mask_predictor(self.mask_head(jnp.zeros((b, m, m, c), feats[0].dtype)))
+
+
+def init_variables(model: MaskRCNN, key: jax.Array, image_size: Tuple[int, int]) -> Dict[str, Any]:
+  """The model's variables, a pure function of ``key``.
+
+  ``image_size`` is accepted for the contract; parameter shapes do not depend on it, so a small
+  dummy image is used and the call stays cheap eagerly or under ``jax.jit``.
+
+  Returns:
+    ``{'params': ...}`` plus ``'batch_stats'`` with trainable BatchNorm.
+  """
+  del image_size
+  images = jnp.zeros((1, 64, 64, 3), jnp.uint8)
+  return dict(model.init({"params": key}, images, method=MaskRCNN._init_all))
+
+
+def trainable_mask(params: Any, config: Any) -> Any:
+  """Pytree of bools over ``params``: False for frozen parameters.
+
+  Frozen: every FrozenBatchNorm array (``config.norm == 'frozen_bn'``) and the backbone
+  modules outside ``config.backbone.trainable_layers`` (stem and layer1 by default).
+  """
+
+  def trainable(path, _):
+    keys = [str(getattr(p, "key", p)) for p in path]
+    if keys and keys[0] == "backbone":
+      return resnet_lib.backbone_trainable(keys[1:], config)
+    return True
+
+  return jax.tree_util.tree_map_with_path(trainable, params)
