@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -35,12 +37,17 @@ class StandIn(nn.Module):
     self.stem = nn.Conv(4, (3, 3), dtype=dtype)
     self.body = nn.Conv(8, (3, 3), strides=2, dtype=dtype)
     self.head = nn.Dense(4 + 4, dtype=dtype)
+    # Trainable BatchNorm ('bn'): batch statistics in a mutable 'batch_stats' collection.
+    self.norm = nn.BatchNorm(use_running_average=False, momentum=0.5) if self.config.norm == "bn" else None
 
   def losses(self, batch):
     x = batch["image"].astype(jnp.dtype(self.config.compute_dtype)) / 255.0
     # Frozen like frozen-BN / stage 1: no gradient reaches the stem's parameters.
     x = jax.lax.stop_gradient(nn.relu(self.stem(x)))
-    x = nn.relu(self.body(x)).mean(axis=(1, 2))
+    x = self.body(x)
+    if self.norm is not None:
+      x = self.norm(x)
+    x = nn.relu(x).mean(axis=(1, 2))
     out = self.head(x).astype(jnp.float32)  # [B, 8]
     box_target = batch["gt_boxes"][:, 0] / IMAGE_SIZE[0]
     # A sampled subset (the 'sampling' stream) of the 4 outputs enters one loss, as anchors do.
@@ -69,9 +76,9 @@ def stand_in_trainable(params):
   return {k: jax.tree.map(lambda _: k != "stem", v) for k, v in params.items()}
 
 
-def _config(compute_dtype="float32", batch_size=8):
+def _config(compute_dtype="float32", batch_size=8, norm="frozen_bn"):
   config = ml_collections.ConfigDict()
-  config.model = ml_collections.ConfigDict({"compute_dtype": compute_dtype, "norm": "frozen_bn"})
+  config.model = ml_collections.ConfigDict({"compute_dtype": compute_dtype, "norm": norm})
   config.data = ml_collections.ConfigDict(
       {"image_size": IMAGE_SIZE, "max_instances": MAX_INSTANCES, "mask_size": MASK_SIZE})
   config.train = train_config_lib.train_config()
@@ -80,13 +87,26 @@ def _config(compute_dtype="float32", batch_size=8):
   return config
 
 
-def _setup(config, devices):
+@functools.lru_cache(maxsize=None)
+def _compiled_setup(compute_dtype, batch_size, norm, num_devices):
+  """Model, mesh, optimizer and jitted step, shared by tests so each compiles only once."""
+  config = _config(compute_dtype, batch_size, norm)
   model = StandIn(config.model)
-  mesh = sharding_lib.make_mesh(devices)
+  mesh = sharding_lib.make_mesh(jax.devices()[:num_devices])
   tx = optimizer_lib.make_optimizer(config.train, trainable_mask=stand_in_trainable)
+  abstract = jax.eval_shape(
+      lambda: train_state_lib.create_train_state(config, model, jax.random.PRNGKey(0), mesh,
+                                                 optimizer=tx, init_fn=stand_in_init))
+  step_fn = train_step_lib.make_train_step(config, model, mesh, abstract, optimizer=tx)
+  return model, mesh, tx, step_fn
+
+
+def _setup(config, devices):
+  """(mesh, fresh state at step 0, jitted step) for ``config`` on ``devices``."""
+  model, mesh, tx, step_fn = _compiled_setup(config.model.compute_dtype, config.train.batch_size,
+                                             config.model.norm, len(devices))
   state = train_state_lib.create_train_state(config, model, jax.random.PRNGKey(0), mesh,
                                              optimizer=tx, init_fn=stand_in_init)
-  step_fn = train_step_lib.make_train_step(config, model, mesh, state, optimizer=tx)
   return mesh, state, step_fn
 
 
@@ -121,7 +141,8 @@ def test_one_compile_for_many_steps_and_metrics():
   for i in range(4):
     batch = sharding_lib.shard_batch(_batch(config, seed=i), mesh)
     state, metrics = step_fn(state, batch)
-  assert step_fn._cache_size() == 1  # one compilation for every step
+  # One compilation for every step (and for the other tests sharing this jitted step).
+  assert step_fn._cache_size() == 1
   assert int(state.step) == 4
   expected = set(train_step_lib.LOSS_KEYS) | {"total_loss", "learning_rate", "grad_norm",
                                               "rpn_num_fg", "roi_num_fg"}
@@ -143,19 +164,32 @@ def test_state_is_donated():
   assert old_kernel.is_deleted()
 
 
-def test_same_loss_and_update_on_1_and_8_devices():
-  config = _config(batch_size=8)
+@pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
+def test_same_loss_and_update_on_1_and_8_devices(norm):
+  """Same math on any mesh; with trainable BN the statistics are over the *global* batch."""
+  config = _config(batch_size=8, norm=norm)
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh, state, step_fn = _setup(config, devices)
     for i in range(3):
       state, metrics = step_fn(state, sharding_lib.shard_batch(_batch(config, seed=i), mesh))
-    results.append((_host(state.params), _host(metrics)))
-  (params_1, metrics_1), (params_8, metrics_8) = results
+    results.append((_host(state.params), _host(state.batch_stats), _host(metrics)))
+  (params_1, stats_1, metrics_1), (params_8, stats_8, metrics_8) = results
   for k in metrics_1:
     np.testing.assert_allclose(metrics_1[k], metrics_8[k], rtol=1e-5, atol=1e-6, err_msg=k)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               params_1, params_8)
+               (params_1, stats_1), (params_8, stats_8))
+  assert bool(stats_1) == (norm == "bn")
+
+
+def test_trainable_bn_updates_batch_stats():
+  config = _config(norm="bn")
+  mesh, state, step_fn = _setup(config, jax.devices())
+  before = _host(state.batch_stats)
+  state, _ = step_fn(state, sharding_lib.shard_batch(_batch(config), mesh))
+  after = _host(state.batch_stats)
+  # Running mean moves from its init (0) toward the batch mean, over the whole global batch.
+  assert np.abs(after["norm"]["mean"] - before["norm"]["mean"]).max() > 0
 
 
 def test_frozen_params_unchanged_trainable_params_move():
