@@ -7,7 +7,7 @@ COCO-format data takes. Features exercised on purpose:
 * three categories with *sparse* COCO ids (``square`` = 1, ``circle`` = 3, ``triangle`` = 7);
 * several instances per image, overlapping; masks are *modal* (what is visible), as in COCO;
 * segmentations as polygons (some with two parts), uncompressed RLE and compressed RLE;
-* ``iscrowd`` regions (uncompressed RLE, as COCO stores them);
+* ``iscrowd`` regions (uncompressed RLE, as COCO stores them; at least every image 3 mod 7);
 * a few images with no annotation at all (every image whose index is 5 mod 12);
 * three aspect ratios (``size x size``, ``size x 3/4 size``, ``3/4 size x size``).
 
@@ -99,7 +99,7 @@ def _make_image(rng: np.random.Generator, index: int, size: int):
   objects = []  # painted in order: later objects occlude earlier ones
   kinds = {c["name"]: c["id"] for c in CATEGORIES}
   if index % 12 != 5:
-    if rng.random() < 0.15:  # a crowd region: a cluster of small same-category shapes
+    if index % 7 == 3 or rng.random() < 0.1:  # a crowd region: a cluster of small same-category shapes
       kind = str(rng.choice(list(kinds)))
       cx, cy = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h
       polys = []

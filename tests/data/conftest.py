@@ -1,0 +1,27 @@
+"""Fixtures for the input-pipeline tests: one small synthetic shapes data set per session."""
+
+import pytest
+
+from mrcnn_jax.config import get_base_config
+from mrcnn_jax.data import shapes
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("shapes")
+  paths = shapes.generate(str(out), num_train=24, num_val=11, size=64, seed=3)
+  return str(out), paths
+
+
+def small_config(paths, **data_overrides):
+  """A tiny config (64x64 input, 14x14 masks, 8 instances) pointed at ``paths``."""
+  c = get_base_config()
+  c.data.update(paths)
+  c.data.image_size = (64, 64)
+  c.data.mask_size = 14
+  c.data.max_instances = 8
+  c.data.num_parallel_calls = 2
+  c.train.batch_size = 4
+  c.data.eval_batch_size = 4
+  c.data.update(data_overrides)
+  return c
