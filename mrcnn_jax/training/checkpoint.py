@@ -158,8 +158,25 @@ def restore_checkpoint(path: str, abstract_state: PyTree,
   return state, meta
 
 
+def _restore_raw(path: str) -> dict:
+  """A checkpoint's saved state as nested dicts of numpy arrays (no target structure)."""
+  ckpt, step = _resolve_checkpoint(path)
+  try:
+    args = ocp.args.Composite(state=ocp.args.StandardRestore())
+    restored = ckpt._manager.restore(step, args=args)  # pylint: disable=protected-access
+  finally:
+    ckpt.close()
+  return restored.state
+
+
 def load_params(path: str) -> dict[str, np.ndarray]:
-  """Parameters from a checkpoint or a weights file, flattened to ``{'a/b/kernel': array}``."""
+  """Parameters from a checkpoint or a weights file, flattened to ``{'a/b/kernel': array}``.
+
+  Args:
+    path: a ``.npz`` (keys are ``/``-joined parameter paths), a flax ``.msgpack`` (the params
+      tree, or a variables dict with ``'params'``), or a checkpoint (workdir, its
+      ``checkpoints/`` folder or a step folder).
+  """
   path = os.path.expanduser(path)
   if os.path.isfile(path) and path.endswith(".npz"):
     with np.load(path) as f:
@@ -169,13 +186,15 @@ def load_params(path: str) -> dict[str, np.ndarray]:
       tree = flax.serialization.msgpack_restore(f.read())
     tree = tree.get("params", tree)
     return _flatten(tree)
-  ckpt, step = _resolve_checkpoint(path)
-  try:
-    # No target: orbax returns the saved tree as nested dicts of numpy arrays.
-    restored = ckpt._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))  # pylint: disable=protected-access
-  finally:
-    ckpt.close()
-  return _flatten(restored.state["params"])
+  return _flatten(_restore_raw(path)["params"])
+
+
+def load_collection(path: str, name: str) -> PyTree:
+  """A checkpoint's other variable collection (e.g. ``'batch_stats'``), ``{}`` if none."""
+  path = os.path.expanduser(path)
+  if os.path.isfile(path):
+    return {}
+  return _restore_raw(path).get(name) or {}
 
 
 def _flatten(tree: PyTree) -> dict[str, np.ndarray]:

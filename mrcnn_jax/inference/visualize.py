@@ -1,0 +1,80 @@
+"""Prediction overlays: each instance's mask tinted in its own colour, its box, class and score.
+
+Pure numpy + Pillow, host side. Colours come from matplotlib's ``tab20`` cycle so neighbouring
+instances stay distinguishable; the label is drawn on a filled strip in the instance's colour so
+it stays readable on any background.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# matplotlib's tab20 (RGB 0-255), inlined so drawing needs no matplotlib import at run time.
+_PALETTE = np.array([
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
+    (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229),
+], np.uint8)
+
+
+def instance_colors(n: int) -> np.ndarray:
+  """[n, 3] uint8 RGB, a distinct colour per instance (cycling after 20)."""
+  return _PALETTE[np.arange(n) % len(_PALETTE)]
+
+
+def draw_instances(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                   labels: Sequence[str], masks: Optional[np.ndarray] = None, *,
+                   alpha: float = 0.45) -> np.ndarray:
+  """Draws instances onto a copy of ``image``.
+
+  Args:
+    image: [H, W, 3] uint8 RGB.
+    boxes: [N, 4] float xyxy pixels of ``image``.
+    scores: [N] float.
+    labels: N class names.
+    masks: [N, H, W] bool (or probabilities, thresholded at 0.5), optional.
+    alpha: mask tint opacity.
+
+  Returns:
+    [H, W, 3] uint8 RGB with the overlay.
+  """
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f"image must be [H, W, 3], got shape {image.shape}")
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+  n = boxes.shape[0]
+  if len(scores) != n or len(labels) != n:
+    raise ValueError(f"got {n} boxes, {len(scores)} scores and {len(labels)} labels")
+  colors = instance_colors(n)
+  canvas = image.astype(np.float32)
+  if masks is not None:
+    masks = np.asarray(masks)
+    if masks.shape != (n,) + image.shape[:2]:
+      raise ValueError(f"masks must be [N, H, W] = {(n,) + image.shape[:2]}, got {masks.shape}")
+    # Lowest score first, so the most confident instance's tint ends on top.
+    for i in np.argsort(scores):
+      m = masks[i] > 0.5 if masks.dtype != bool else masks[i]
+      canvas[m] = (1.0 - alpha) * canvas[m] + alpha * colors[i]
+  out = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+  draw = ImageDraw.Draw(out)
+  font = ImageFont.load_default()
+  for i in range(n):
+    color = tuple(int(c) for c in colors[i])
+    x0, y0, x1, y1 = (float(v) for v in boxes[i])
+    draw.rectangle([x0, y0, x1, y1], outline=color, width=max(1, round(min(image.shape[:2]) / 200)))
+    text = f"{labels[i]} {float(scores[i]):.2f}"
+    tx0, ty0, tx1, ty1 = draw.textbbox((0, 0), text, font=font)
+    tw, th = tx1 - tx0, ty1 - ty0
+    ty = y0 - th - 2 if y0 - th - 2 >= 0 else y0  # above the box, or inside it at the top
+    draw.rectangle([x0, ty, x0 + tw + 2, ty + th + 2], fill=color)
+    draw.text((x0 + 1, ty + 1 - ty0), text, fill=(255, 255, 255), font=font)
+  return np.asarray(out)
+
+
+def save_png(image: np.ndarray, path: str) -> None:
+  """Writes [H, W, 3] uint8 RGB as a PNG."""
+  Image.fromarray(np.asarray(image, np.uint8)).save(path, format="PNG")

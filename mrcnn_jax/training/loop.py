@@ -1,0 +1,302 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+One call trains an experiment from its config, in a notebook or from ``scripts/train.py``:
+builds the mesh, model, state and input; resumes (see :mod:`mrcnn_jax.training.checkpoint` for
+the order); runs the jitted sharded step; fetches metrics every ``config.log.every_steps``
+steps (the device is never blocked on a per-step transfer); writes TensorBoard scalars and
+prediction images and a console progress line (process 0 only); checkpoints on the interval, at
+the end and on SIGTERM; evaluates periodically and at the end.
+
+A non-finite loss stops the run with ``FloatingPointError`` naming the step and the offending
+losses. Metrics are flushed (and checked) before every checkpoint, so the last checkpoint on disk
+always holds a state whose losses were finite.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from mrcnn_jax.training import checkpoint as ckpt_lib
+from mrcnn_jax.training import sharding as sharding_lib
+from mrcnn_jax.training import train_state as train_state_lib
+from mrcnn_jax.training import train_step as train_step_lib
+
+PyTree = Any
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+def make_run_mesh(config: ml_collections.ConfigDict):
+  """The data-parallel mesh over ``config.num_devices`` devices (0 = all of every host)."""
+  n = int(config.get("num_devices", 0) or 0)
+  devices = jax.devices()
+  if n:
+    if n > len(devices):
+      raise ValueError(f"config.num_devices={n} but only {len(devices)} devices exist")
+    devices = devices[:n]
+  return sharding_lib.make_mesh(devices)
+
+
+def check_data_paths(config: ml_collections.ConfigDict, *, train: bool = True,
+                     evaluate: bool = True) -> None:
+  """Raises ``FileNotFoundError`` with one clear line when a configured data path is missing."""
+  d = config.data
+  if d.source != "coco":
+    return
+  keys = (["train_annotations", "train_images"] if train else []) + (
+      ["eval_annotations", "eval_images"] if evaluate else [])
+  for key in keys:
+    path = d.get(key)
+    if not path:
+      raise FileNotFoundError(f"config.data.{key} is not set")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"config.data.{key} not found: {path}")
+
+
+def check_num_classes(config: ml_collections.ConfigDict, categories) -> None:
+  """The model must predict the data set's K classes plus background."""
+  if int(config.model.num_classes) != categories.num_classes:
+    raise ValueError(
+        f"config.model.num_classes={config.model.num_classes} but the data set has "
+        f"{categories.num_classes - 1} categories (+1 background = {categories.num_classes})")
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag the loop checks between steps (checkpoint, then a clean exit)."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. some notebook runners): no handler
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+# ------------------------------------------------------------------------------------ logging
+
+class _Writer:
+  """TensorBoard scalars and images via ``tf.summary``, on process 0 only (else no-ops)."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self._writer = None
+    if enabled and jax.process_index() == 0:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._tf = tf
+      self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def scalars(self, step: int, values: dict) -> None:
+    if self._writer is None:
+      return
+    with self._writer.as_default(step=step):
+      for k, v in values.items():
+        self._tf.summary.scalar(k, float(v))
+
+  def images(self, step: int, name: str, images: list) -> None:
+    if self._writer is None or not images:
+      return
+    with self._writer.as_default(step=step):
+      for i, image in enumerate(images):
+        self._tf.summary.image(f"{name}/{i}", np.asarray(image)[None], step=step)
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h:d}:{m:02d}:{s:02d}"
+
+
+class _MetricBuffer:
+  """Per-step metric dicts kept on device until :meth:`flush` fetches them in one transfer."""
+
+  def __init__(self):
+    self.pending: list[tuple[int, dict]] = []
+
+  def add(self, step: int, metrics: dict) -> None:
+    self.pending.append((step, metrics))
+
+  def flush(self) -> Optional[dict]:
+    """Fetches, checks finiteness, and returns the means (or ``None`` if nothing is pending)."""
+    if not self.pending:
+      return None
+    steps, device_metrics = zip(*self.pending)
+    self.pending = []
+    host = jax.device_get(list(device_metrics))
+    for step, m in zip(steps, host):
+      bad = {k: float(v) for k, v in m.items()
+             if (k in train_step_lib.LOSS_KEYS or k == "total_loss") and not np.isfinite(v)}
+      if bad:
+        raise FloatingPointError(
+            f"non-finite loss at step {step}: {bad}; stopping (the last checkpoint holds the "
+            "last state with finite losses)")
+    return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+# --------------------------------------------------------------------------------------- loop
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint), then evaluates.
+
+  Args:
+    config: the full experiment config (``mrcnn_jax.config.get_base_config()`` + overrides).
+    workdir: output folder: ``checkpoints/``, ``tensorboard/``, ``eval/``, ``config.json``.
+
+  Returns:
+    ``{'step': final step, 'train': last fetched train metrics, 'eval': last eval metrics
+    (without images) or None, 'source': where the starting state came from,
+    'stopped_by_sigterm': bool}``.
+  """
+  from mrcnn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax import modeling  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
+
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  is_main = jax.process_index() == 0
+  want_eval = bool(config.eval.every_steps) or bool(config.eval.at_end)
+  check_data_paths(config, train=True, evaluate=want_eval)
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  mesh = make_run_mesh(config)
+  sharding_lib.check_batch_size(int(config.train.batch_size), mesh)
+  model = modeling.MaskRCNN(config.model)
+  optimizer = train_state_lib.default_optimizer(config)
+  state = train_state_lib.create_train_state(config, model, jax.random.PRNGKey(config.seed), mesh,
+                                             optimizer=optimizer)
+  checkpointer = ckpt_lib.make_checkpointer(config, workdir)
+  state, meta, source = ckpt_lib.restore_or_initialize(config, checkpointer, state)
+  start_step = int(jax.device_get(state.step))
+  data_position = int(meta.get("data_position", start_step))
+  num_steps = int(config.train.num_steps)
+  logging.info("process %d/%d, %d devices; starting at step %d of %d from %s",
+               jax.process_index(), jax.process_count(), mesh.size, start_step, num_steps,
+               source)
+
+  train_data = data_lib.build_train_dataset(config, start_step=data_position)
+  check_num_classes(config, train_data.categories)
+  eval_data = None
+  evaluator = None
+  if want_eval:
+    eval_data = data_lib.build_eval_dataset(config)
+    evaluator = evaluator_lib.Evaluator(config, model, mesh)
+  step_fn = train_step_lib.make_train_step(config, model, mesh, state, optimizer=optimizer)
+  writer = _Writer(workdir, bool(config.log.tensorboard))
+  buffer = _MetricBuffer()
+  log_every = max(int(config.log.every_steps), 1)
+  batch_size = int(config.train.batch_size)
+
+  def run_eval(step: int) -> dict:
+    t0 = time.perf_counter()
+    metrics = evaluator.evaluate(
+        state.variables(), eval_data, workdir=workdir, step=step, progress=is_main,
+        num_images_to_draw=int(config.eval.num_images_to_draw))
+    if is_main:
+      from mrcnn_jax.evaluation import coco_eval  # pylint: disable=g-import-not-at-top
+      logging.info("step %d eval (%.0fs):\n%s", step, time.perf_counter() - t0,
+                   coco_eval.format_metrics({k: metrics[k] for k in config.eval.iou_types}))
+    scalars = {}
+    for iou_type in config.eval.iou_types:
+      for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+        scalars[f"eval/{iou_type}/{name}"] = metrics[iou_type][name]
+    scalars["eval/images_per_second"] = metrics["timing"]["images_per_second"]
+    scalars["eval/postprocess_share"] = metrics["timing"]["postprocess_share"]
+    writer.scalars(step, scalars)
+    writer.images(step, "predictions", metrics.pop("images", []))
+    writer.flush()
+    return metrics
+
+  # Throughput over the window since the last fetch; the first window includes compilation, so
+  # the ETA uses the most recent window only.
+  window = {"t": time.perf_counter(), "step": start_step}
+  last_train: dict = {}
+
+  def flush_and_log(step: int) -> None:
+    means = buffer.flush()
+    if means is None:
+      return
+    now = time.perf_counter()
+    steps_done = step - window["step"]
+    dt = now - window["t"]
+    window.update(t=now, step=step)
+    if steps_done <= 0:
+      return
+    step_time = dt / steps_done
+    means["images_per_second"] = batch_size * steps_done / max(dt, 1e-9)
+    means["step_time"] = step_time
+    last_train.clear()
+    last_train.update(means)
+    writer.scalars(step, {f"train/{k}": v for k, v in means.items()})
+    if is_main:
+      eta = _format_eta((num_steps - step) * step_time)
+      logging.info("step %d/%d  loss %.4f  (mask %.3f)  lr %.4g  %.1f img/s  %.2fs/step  ETA %s",
+                   step, num_steps, means["total_loss"], means.get("roi_mask", math.nan),
+                   means["learning_rate"], means["images_per_second"], step_time, eta)
+
+  def save(step: int, force: bool = False) -> None:
+    if not force and not checkpointer.should_save(step):
+      return
+    flush_and_log(step)  # a checkpoint is written only after its losses were seen finite
+    # One batch per step, so the data position is the step (the pipeline resumes without
+    # replaying: build_train_dataset(start_step=...)).
+    checkpointer.save(step, state, ckpt_lib.checkpoint_meta(config, step, step), force=force)
+
+  eval_metrics = None
+  stopped = False
+  iterator = iter(train_data)
+  with _SigtermFlag() as sigterm:
+    for step in range(start_step, num_steps):
+      host_batch = next(iterator)
+      batch = data_lib.make_global_batch(host_batch, mesh)
+      state, metrics = step_fn(state, batch)
+      buffer.add(step, metrics)
+      if (step + 1) % log_every == 0 or step + 1 == num_steps:
+        flush_and_log(step + 1)
+      save(step + 1)
+      if sigterm.received:
+        logging.warning("SIGTERM at step %d: saving a checkpoint and stopping", step + 1)
+        save(step + 1, force=True)
+        stopped = True
+        break
+      if evaluator is not None and config.eval.every_steps and (
+          (step + 1) % int(config.eval.every_steps) == 0) and step + 1 < num_steps:
+        eval_metrics = run_eval(step + 1)
+    final_step = int(jax.device_get(state.step))
+    flush_and_log(final_step)
+    if not stopped:
+      save(final_step, force=True)
+  checkpointer.close()
+  if not stopped and evaluator is not None and config.eval.at_end:
+    eval_metrics = run_eval(final_step)
+  writer.flush()
+  stats = train_data.stats.as_dict()
+  if stats:
+    logging.info("data: %s", stats)
+  return {"step": final_step, "train": dict(last_train), "eval": eval_metrics,
+          "source": source, "stopped_by_sigterm": stopped}
