@@ -207,6 +207,7 @@ class CocoSource:
 
   def _bad(self, reason: str, message: str) -> None:
     if self.on_bad_example == "raise":
+      self.stats.last_error = message  # lets the pipeline re-raise it from under TF's wrapper
       raise BadExampleError(message)
     self.stats.count(reason, message)
 
