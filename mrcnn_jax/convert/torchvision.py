@@ -1,0 +1,294 @@
+"""torchvision weights -> our Flax variables and model config.
+
+* :func:`convert_torchvision_maskrcnn`: a ``maskrcnn_resnet50_fpn`` (v1) state dict (torchvision's
+  published COCO checkpoint, or any model built the same way) -> full variables + the config that
+  reproduces it (torchvision's preprocessing, ``aligned=False`` RoIAlign, its thresholds).
+* :func:`convert_torchvision_resnet`: an ImageNet ``resnet50`` / ``resnet101`` state dict ->
+  backbone variables only, for ``config.init_weights`` (the trainer keeps its fresh heads).
+* :func:`convert_torchvision_maskrcnn_v2`: not supported yet, says which model features it needs.
+
+Our module names follow torchvision's, so the table is mostly renames: HWIO kernels from OIHW,
+Dense kernels transposed, ``fc6`` re-ordered from torch's CHW flattening to our HWC one, and the
+mask deconv's kernel spatially reversed (see ``common.deconv_kernel``). Both the current key
+names (``rpn.head.conv.0.0.weight``) and the ones of the published 2019 checkpoints
+(``rpn.head.conv.weight``, ``mask_head.mask_fcn1``) are accepted.
+
+Torch is imported only by :func:`load_torch_state_dict`, never at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import jax
+import ml_collections
+import numpy as np
+
+from mrcnn_jax.convert import common
+from mrcnn_jax.modeling.config import model_config
+
+_BODY = "backbone.body."
+_DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101}
+
+# Pre-0.13 torchvision names (the published COCO checkpoint) -> today's names.
+_LEGACY_RENAMES = (
+    (re.compile(r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.(weight|bias)"),
+     r"backbone.fpn.\1_blocks.\2.0.\3"),
+    (re.compile(r"rpn\.head\.conv\.(weight|bias)"), r"rpn.head.conv.0.0.\1"),
+    (re.compile(r"roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)"),
+     lambda m: f"roi_heads.mask_head.{int(m.group(1)) - 1}.0.{m.group(2)}"),
+)
+
+
+def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
+  """Reads a ``.pth`` file (a state dict, or a training checkpoint with a ``model`` entry)."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  obj = torch.load(path, map_location="cpu", weights_only=True)
+  if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+    obj = obj["model"]
+  if not isinstance(obj, Mapping):
+    raise common.ConversionError(f"{path}: expected a state dict, got {type(obj).__name__}")
+  return common.to_numpy_dict(obj)
+
+
+def canonical_keys(state: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """Renames legacy torchvision keys to today's (a no-op on current state dicts)."""
+  out = {}
+  for k, v in state.items():
+    for pattern, repl in _LEGACY_RENAMES:
+      k = pattern.sub(repl, k) if pattern.fullmatch(k) else k
+    out[k] = v
+  return out
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+def _stage_blocks(state: Mapping[str, Any], prefix: str) -> Tuple[int, ...]:
+  blocks = []
+  for layer in range(1, 5):
+    pat = re.compile(re.escape(f"{prefix}layer{layer}.") + r"(\d+)\.conv1\.weight")
+    idx = [int(m.group(1)) for k in state if (m := pat.fullmatch(k))]
+    if not idx:
+      raise common.ConversionError(f"no {prefix}layer{layer}.* keys: not a torchvision ResNet")
+    blocks.append(max(idx) + 1)
+  return tuple(blocks)
+
+
+def _set_backbone(config: ml_collections.ConfigDict, state: Mapping[str, Any],
+                  prefix: str) -> None:
+  blocks = _stage_blocks(state, prefix)
+  if blocks in _DEPTHS:
+    config.backbone.depth = _DEPTHS[blocks]
+    config.backbone.stage_blocks = None
+  else:
+    config.backbone.stage_blocks = blocks
+  if f"{prefix}conv1.weight" in state:
+    config.backbone.width = int(state[f"{prefix}conv1.weight"].shape[0])
+
+
+def torchvision_maskrcnn_config(state: Optional[Mapping[str, Any]] = None,
+                                num_classes: Optional[int] = None) -> ml_collections.ConfigDict:
+  """The model config reproducing torchvision's ``maskrcnn_resnet50_fpn`` (v1).
+
+  Preprocessing (ImageNet mean/std on RGB), FrozenBatchNorm, anchors, RPN and detection
+  thresholds and ``aligned=False`` RoIAlign are torchvision's defaults (``model_config()``).
+  With ``state``, the layer sizes are read from it (depth, widths, FPN channels, box-head width,
+  mask-head convs, class count), so a checkpoint of a customised torchvision model converts too.
+  ``num_classes`` (background included) overrides the state's class count.
+
+  Resizing is the caller's: torchvision resizes the shorter side to 800 (longer <= 1333) and
+  pads to a multiple of 32 before the network; feed our model the same resized, padded image.
+  """
+  c = model_config()
+  c.norm = "frozen_bn"
+  if state is not None:
+    state = canonical_keys(state)
+    _set_backbone(c, state, _BODY)
+    if "backbone.fpn.inner_blocks.0.0.weight" in state:
+      c.fpn.channels = int(state["backbone.fpn.inner_blocks.0.0.weight"].shape[0])
+    if "roi_heads.box_head.fc6.weight" in state:
+      c.roi.representation_size = int(state["roi_heads.box_head.fc6.weight"].shape[0])
+    if "roi_heads.box_predictor.cls_score.weight" in state:
+      c.num_classes = int(state["roi_heads.box_predictor.cls_score.weight"].shape[0])
+    convs = []
+    while f"roi_heads.mask_head.{len(convs)}.0.weight" in state:
+      convs.append(int(state[f"roi_heads.mask_head.{len(convs)}.0.weight"].shape[0]))
+    if convs:
+      c.mask.conv_channels = tuple(convs)
+  if num_classes is not None:
+    c.num_classes = int(num_classes)
+  return c
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def _identity(w):
+  return w
+
+
+def backbone_table(expected: common.Flat, prefix: str):
+  """Rows ``(our path, torch key, transform)`` for every ResNet leaf in ``expected``.
+
+  Our names are torchvision's (``layer1/0/downsample/1/mean`` <- ``layer1.0.downsample.1.
+  running_mean``), in ``params`` or ``batch_stats`` depending on ``config.norm``.
+  """
+  rows = []
+  for path in expected:
+    if path[1] != "backbone":
+      continue
+    mods, leaf = path[2:-1], path[-1]
+    base = prefix + ".".join(mods)
+    if leaf == "kernel":
+      rows.append((path, base + ".weight", common.conv_kernel))
+    elif leaf in common.NORM_LEAVES:
+      rows.append((path, f"{base}.{common.NORM_LEAVES[leaf]}", _identity))
+    else:
+      raise common.ConversionError(f"no torchvision counterpart for {'/'.join(path)}")
+  return rows
+
+
+def heads_table(expected: common.Flat, pooled: int):
+  """Rows for the FPN, RPN head and RoI heads leaves in ``expected``."""
+  rows = []
+  for path in expected:
+    module, leaf = path[1], path[-1]
+    if module == "backbone":
+      continue
+    layer = path[2]
+    suffix = "weight" if leaf == "kernel" else leaf
+    if module == "fpn":
+      kind, idx = layer.rsplit("_", 1)  # inner_blocks_0 -> inner_blocks.0.0
+      name = f"backbone.fpn.{kind}.{idx}.0.{suffix}"
+      fn = common.conv_kernel
+    elif module == "rpn_head":
+      name = f"rpn.head.{'conv.0.0' if layer == 'conv' else layer}.{suffix}"
+      fn = common.conv_kernel
+    elif module == "box_head":
+      name = f"roi_heads.box_head.{layer}.{suffix}"
+      fn = ((lambda w: common.flatten_chw_dense_kernel(w, pooled)) if layer == "fc6"
+            else common.dense_kernel)
+    elif module == "box_predictor":
+      name = f"roi_heads.box_predictor.{layer}.{suffix}"
+      fn = common.dense_kernel
+    elif module == "mask_head":
+      i = int(layer[len("mask_fcn"):]) - 1
+      name = f"roi_heads.mask_head.{i}.0.{suffix}"
+      fn = common.conv_kernel
+    elif module == "mask_predictor":
+      name = f"roi_heads.mask_predictor.{layer}.{suffix}"
+      fn = common.deconv_kernel if layer == "conv5_mask" else common.conv_kernel
+    else:
+      raise common.ConversionError(f"no torchvision counterpart for {'/'.join(path)}")
+    rows.append((path, name, fn if leaf == "kernel" else _identity))
+  return rows
+
+
+# ---------------------------------------------------------------------------- converters
+
+
+def convert_torchvision_maskrcnn(
+    state: Mapping[str, Any],
+    *,
+    num_classes: Optional[int] = None,
+    config: Optional[ml_collections.ConfigDict] = None,
+    key: Optional[jax.Array] = None,
+) -> Tuple[Dict[str, Any], ml_collections.ConfigDict]:
+  """torchvision ``maskrcnn_resnet50_fpn`` (v1) state dict -> ``(variables, config)``.
+
+  Args:
+    state: ``{name: tensor or array}`` (``model.state_dict()`` or a loaded ``.pth``).
+    num_classes: classes including background for fine-tuning; if it differs from the
+      checkpoint's, the class-dependent layers are re-initialised (logged by name).
+    config: the model config to convert into (default: :func:`torchvision_maskrcnn_config` of
+      ``state``); its layer sizes must match the checkpoint's.
+    key: PRNG key for re-initialised layers (default ``jax.random.key(0)``).
+
+  Returns:
+    ``variables`` (``{'params': ...}``, plus ``batch_stats`` if ``config.norm == 'bn'``) and
+    the config.
+
+  Raises:
+    ConversionError: unknown or missing keys, or shape mismatches, all named.
+  """
+  state = canonical_keys(common.to_numpy_dict(state))
+  if "rpn.head.conv.1.0.weight" in state or "roi_heads.box_head.0.0.weight" in state:
+    raise common.ConversionError("this is a maskrcnn_resnet50_fpn_v2 state dict; use "
+                                 "convert_torchvision_maskrcnn_v2 (--source torchvision-v2)")
+  src = common.SourceWeights(state, "torchvision Mask R-CNN state dict")
+  src.ignore([r".*\.num_batches_tracked"], "BatchNorm step-counter")
+  if config is None:
+    config = torchvision_maskrcnn_config(state, num_classes)
+  elif num_classes is not None:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.num_classes = int(num_classes)
+  source_classes = int(state.get("roi_heads.box_predictor.cls_score.weight",
+                                 np.zeros((config.num_classes,))).shape[0])
+  expected = common.expected_variables(config)
+  reinit = source_classes != config.num_classes
+  if reinit:
+    src.ignore([r"roi_heads\.box_predictor\..*", r"roi_heads\.mask_predictor\.mask_fcn_logits\..*"],
+               f"class-dependent ({source_classes} classes)")
+  rows = backbone_table(expected, _BODY) + heads_table(expected, config.roi.pooler_size)
+  if reinit:
+    rows = [r for r in rows if r[0][:3] not in common.CLASS_DEPENDENT]
+  flat = common.apply_table(rows, src)
+  if reinit:
+    flat = common.reinit_class_layers(flat, config, jax.random.key(0) if key is None else key,
+                                      source_classes)
+  common.check_against_expected(flat, expected, src)
+  return common.unflatten(flat), config
+
+
+def convert_torchvision_resnet(
+    state: Mapping[str, Any],
+    *,
+    config: Optional[ml_collections.ConfigDict] = None,
+) -> Tuple[Dict[str, Any], ml_collections.ConfigDict]:
+  """ImageNet ``torchvision.models.resnet50/101`` state dict -> backbone variables.
+
+  Returns ``({'params': {'backbone': ...}}, config)`` (plus ``batch_stats`` for
+  ``config.norm == 'bn'``): only the ResNet; with ``config.init_weights`` the trainer keeps
+  its own initialisation for FPN, RPN and heads. The classifier (``fc.*``) is dropped with a
+  log line. ``config`` defaults to :func:`torchvision_maskrcnn_config` with the state's depth.
+  """
+  state = common.to_numpy_dict(state)
+  src = common.SourceWeights(state, "torchvision ResNet state dict")
+  src.ignore([r".*\.num_batches_tracked"], "BatchNorm step-counter")
+  src.ignore([r"fc\.(weight|bias)"], "ImageNet classifier")
+  if config is None:
+    config = torchvision_maskrcnn_config()
+    _set_backbone(config, state, "")
+  expected = {p: v for p, v in common.expected_variables(config).items() if p[1] == "backbone"}
+  flat = common.apply_table(backbone_table(expected, ""), src)
+  common.check_against_expected(flat, expected, src)
+  return common.unflatten(flat), config
+
+
+# What maskrcnn_resnet50_fpn_v2 (Li et al., "Benchmarking Detection Transfer Learning with
+# Vision Transformers", 2021 recipe) has that our model does not express yet.
+V2_MISSING_FEATURES = (
+    "FPN with BatchNorm after each lateral and output conv (no conv bias)",
+    "2-conv RPN head (rpn.head.conv.0 and conv.1)",
+    "box head of 4 conv+BatchNorm+ReLU layers and 1 fc (FastRCNNConvFCHead)",
+    "mask head convs with BatchNorm (no conv bias)",
+)
+
+
+def convert_torchvision_maskrcnn_v2(state: Mapping[str, Any], **kwargs):
+  """``maskrcnn_resnet50_fpn_v2``: not supported until the model has the v2 layers."""
+  del state, kwargs
+  raise NotImplementedError(
+      "maskrcnn_resnet50_fpn_v2 needs model features mrcnn_jax.modeling does not have yet: "
+      + "; ".join(V2_MISSING_FEATURES)
+      + ". Config switches for them (e.g. model.fpn.norm, model.rpn.num_convs, "
+      "model.roi.box_head='4conv1fc', model.mask.norm) are needed first.")
+
+
+def log_summary(variables: Mapping[str, Any], what: str) -> None:
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables))
+  logging.info("%s: %d arrays, %.1fM values", what, len(jax.tree.leaves(variables)), n / 1e6)

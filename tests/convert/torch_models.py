@@ -1,0 +1,83 @@
+"""torchvision oracle models for the conversion tests (random weights, non-trivial BN)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchvision
+from torchvision.models.detection import mask_rcnn
+from torchvision.models.detection import backbone_utils
+from torchvision.models.detection import faster_rcnn
+from torchvision.ops import misc as misc_ops
+
+
+def randomize_norms(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+  """Gives every (Frozen)BatchNorm random statistics and affine, so a wrong mapping shows."""
+  g = torch.Generator().manual_seed(seed)
+  for m in model.modules():
+    if isinstance(m, (torch.nn.BatchNorm2d, misc_ops.FrozenBatchNorm2d)):
+      c = m.weight.shape[0]
+      with torch.no_grad():
+        m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+        m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+        m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+        m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+  return model
+
+
+def randomize_biases(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
+  """Non-zero conv/linear biases (torchvision initialises most to zero)."""
+  g = torch.Generator().manual_seed(seed)
+  for m in model.modules():
+    if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+      if m.bias is not None:
+        with torch.no_grad():
+          m.bias.copy_(torch.randn(m.bias.shape, generator=g) * scale)
+  return model
+
+
+def maskrcnn_v1(seed: int = 0, num_classes: int = 91) -> torch.nn.Module:
+  """``maskrcnn_resnet50_fpn`` (v1), random weights and BN statistics, eval mode."""
+  torch.manual_seed(seed)
+  m = mask_rcnn.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                      num_classes=num_classes)
+  return randomize_biases(randomize_norms(m, seed), seed).eval()
+
+
+def small_maskrcnn(seed: int = 0, num_classes: int = 4, size: int = 128,
+                   fpn: int = 64, rep: int = 128, mask_ch: int = 64) -> torch.nn.Module:
+  """A narrow torchvision Mask R-CNN: ResNet (1,1,1,1) Bottleneck body with FrozenBN, FPN
+  ``fpn`` channels, box MLP ``rep`` wide, two mask convs; torchvision's own classes
+  throughout. Its transform is set so a ``size`` x ``size`` image is neither resized nor padded.
+  """
+  torch.manual_seed(seed)
+  body = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [1, 1, 1, 1],
+                                          norm_layer=misc_ops.FrozenBatchNorm2d)
+  randomize_norms(body, seed)
+  backbone = backbone_utils.BackboneWithFPN(
+      body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+      [256, 512, 1024, 2048], fpn)
+  model = mask_rcnn.MaskRCNN(
+      backbone, num_classes=None, min_size=size, max_size=size,
+      box_head=faster_rcnn.TwoMLPHead(fpn * 49, rep),
+      box_predictor=faster_rcnn.FastRCNNPredictor(rep, num_classes),
+      mask_head=mask_rcnn.MaskRCNNHeads(fpn, [mask_ch, mask_ch], 1),
+      mask_predictor=mask_rcnn.MaskRCNNPredictor(mask_ch, mask_ch, num_classes))
+  model.transform.size_divisible = 64
+  return model
+
+
+def rel_err(ours, ref) -> float:
+  """max |ours - ref| / max |ref| (float64)."""
+  ours = np.asarray(ours, np.float64)
+  ref = np.asarray(ref, np.float64)
+  assert ours.shape == ref.shape, (ours.shape, ref.shape)
+  return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def nchw(x: np.ndarray) -> torch.Tensor:
+  return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+  return np.transpose(t.detach().numpy(), (0, 2, 3, 1))
