@@ -223,6 +223,29 @@ class Evaluator:
     return out
 
 
+def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
+                        workdir: Optional[str] = None, *, progress: bool = True) -> dict:
+  """Loads a checkpoint (workdir, ``checkpoints/`` folder, step folder or weights file) and
+  evaluates it on ``config.data``'s eval split; results JSON go to ``<workdir>/eval``."""
+  from mrcnn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax import modeling  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.training import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.training import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+
+  loop.check_data_paths(config, train=False, evaluate=True)
+  variables, step = ckpt_lib.load_variables(checkpoint)
+  mesh = loop.make_run_mesh(config)
+  variables = jax.device_put(variables, sharding_lib.replicated(mesh))
+  dataset = data_lib.build_eval_dataset(config)
+  loop.check_num_classes(config, dataset.categories)
+  model = modeling.MaskRCNN(config.model)
+  evaluator = Evaluator(config, model, mesh)
+  metrics = evaluator.evaluate(variables, dataset, workdir=workdir, step=step, progress=progress)
+  metrics.pop("images", None)
+  return metrics
+
+
 def _allgather_counts(n: int) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray([n])

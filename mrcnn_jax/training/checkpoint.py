@@ -189,6 +189,23 @@ def load_params(path: str) -> dict[str, np.ndarray]:
   return _flatten(_restore_raw(path)["params"])
 
 
+def load_variables(path: str) -> tuple[dict, Optional[int]]:
+  """``({'params': ...[, 'batch_stats': ...]}, step)`` of a checkpoint, as numpy trees.
+
+  ``path`` is anything :func:`load_params` takes; weights files have no step (``None``).
+  """
+  path = os.path.expanduser(path)
+  if os.path.isfile(path):
+    params = flax.traverse_util.unflatten_dict(load_params(path), sep="/")
+    return {"params": params}, None
+  raw = _restore_raw(path)
+  variables = {"params": raw["params"]}
+  if raw.get("batch_stats"):
+    variables["batch_stats"] = raw["batch_stats"]
+  step = raw.get("step")
+  return variables, (None if step is None else int(np.asarray(step)))
+
+
 def load_collection(path: str, name: str) -> PyTree:
   """A checkpoint's other variable collection (e.g. ``'batch_stats'``), ``{}`` if none."""
   path = os.path.expanduser(path)

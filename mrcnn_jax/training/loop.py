@@ -96,28 +96,45 @@ class _SigtermFlag:
 # ------------------------------------------------------------------------------------ logging
 
 class _Writer:
-  """TensorBoard scalars and images via ``tf.summary``, on process 0 only (else no-ops)."""
+  """TensorBoard scalars and images, on process 0 only (else no-ops).
+
+  Written with ``tf.summary.write`` and the TensorBoard plugins' metadata (``scalars``,
+  ``images``), the format ``tf.summary.scalar`` / ``image`` produce, so the files open in
+  TensorBoard while the ``tensorboard`` package itself is not needed to write them.
+  """
 
   def __init__(self, workdir: str, enabled: bool):
     self._writer = None
     if enabled and jax.process_index() == 0:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
       self._tf = tf
+      self._meta = {
+          name: summary_pb2.SummaryMetadata(
+              plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=name))
+          for name in ("scalars", "images")}
       self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
   def scalars(self, step: int, values: dict) -> None:
     if self._writer is None:
       return
-    with self._writer.as_default(step=step):
+    tf = self._tf
+    with self._writer.as_default():
       for k, v in values.items():
-        self._tf.summary.scalar(k, float(v))
+        tf.summary.write(k, tf.constant(float(v), tf.float32), step=step,
+                         metadata=self._meta["scalars"])
 
   def images(self, step: int, name: str, images: list) -> None:
     if self._writer is None or not images:
       return
-    with self._writer.as_default(step=step):
+    tf = self._tf
+    with self._writer.as_default():
       for i, image in enumerate(images):
-        self._tf.summary.image(f"{name}/{i}", np.asarray(image)[None], step=step)
+        image = np.asarray(image, np.uint8)
+        # The images plugin's tensor: [width, height, encoded image...] as strings.
+        png = tf.io.encode_png(image).numpy()
+        tensor = tf.constant([str(image.shape[1]), str(image.shape[0]), png])
+        tf.summary.write(f"{name}/{i}", tensor, step=step, metadata=self._meta["images"])
 
   def flush(self) -> None:
     if self._writer is not None:

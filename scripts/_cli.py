@@ -1,0 +1,46 @@
+"""Shared bits of the entry points: console logging and one-line errors. Not a library module."""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+
+from absl import logging  # noqa: E402
+
+# Errors a user can fix from the command line: printed as one line, exit status 1.
+USER_ERRORS = (FileNotFoundError, ValueError, KeyError, FloatingPointError)
+
+
+def setup_logging() -> None:
+  """INFO to the console, without orbax's per-save and TensorFlow's bookkeeping lines."""
+  logging.set_verbosity(logging.INFO)
+  handler = logging.get_absl_handler()
+  handler.addFilter(lambda r: "/orbax/" not in r.pathname and "/tensorflow/" not in r.pathname
+                    and "/etils/" not in r.pathname)
+  std_logging.getLogger("jax").setLevel(std_logging.WARNING)
+
+
+def run_main(fn, argv) -> None:
+  """Calls ``fn(argv)``; a user error becomes ``error: <message>`` on stderr and exit 1."""
+  try:
+    fn(argv)
+  except USER_ERRORS as e:
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def load_config_or_exit(config_flag):
+  """The ``--config`` value, or a one-line error if the flag is missing or bad."""
+  try:
+    config = config_flag.value
+  except Exception as e:  # pylint: disable=broad-except  # config file errors come in many types
+    print(f"error: could not load --config: {str(e).splitlines()[0]}", file=sys.stderr)
+    sys.exit(1)
+  if config is None:
+    print("error: --config is required (e.g. --config experiments/shapes.py)", file=sys.stderr)
+    sys.exit(1)
+  return config

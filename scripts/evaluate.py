@@ -1,0 +1,44 @@
+"""Evaluates a trained run on its config's eval split (COCO bbox + segm AP).
+
+  python scripts/evaluate.py --config experiments/shapes.py --workdir workdirs/shapes \
+      [--checkpoint workdirs/shapes/checkpoints/1500]
+
+Prints the 12 COCO numbers per IoU type and per-category AP; writes
+``<workdir>/eval/metrics_*.json`` and ``detections_*.json``.
+"""
+
+from __future__ import annotations
+
+import _cli  # noqa: F401
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "the run's folder; results go to <workdir>/eval")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "a checkpoint step folder (default: the workdir's latest)")
+flags.mark_flags_as_required(["workdir"])
+
+
+def _evaluate(config):
+  from mrcnn_jax.evaluation import coco_eval  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.evaluation.evaluator import evaluate_checkpoint  # pylint: disable=g-import-not-at-top
+  metrics = evaluate_checkpoint(config, _CHECKPOINT.value or _WORKDIR.value, _WORKDIR.value)
+  print(coco_eval.format_metrics({k: metrics[k] for k in config.eval.iou_types}))
+  t = metrics["timing"]
+  print(f"{t['num_images']} images, {t['images_per_second']:.1f} images/s, post-processing "
+        f"{100 * t['postprocess_share']:.0f}% of the inference loop")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = _cli.load_config_or_exit(_CONFIG)
+  _cli.run_main(lambda _: _evaluate(config), argv)
+
+
+if __name__ == "__main__":
+  _cli.setup_logging()
+  app.run(main)

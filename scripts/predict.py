@@ -1,0 +1,49 @@
+"""Draws a trained model's predictions on images of any size; writes COCO-results JSON + PNGs.
+
+  python scripts/predict.py --config experiments/shapes.py --workdir workdirs/shapes \
+      --images 'data_cache/shapes/val/*.png' --out predictions/
+
+``--checkpoint`` picks one step folder instead of the workdir's latest. Unreadable images are
+skipped and listed (in the log and in ``<out>/results.json``); they do not stop the batch.
+"""
+
+from __future__ import annotations
+
+import _cli  # noqa: F401
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "the run whose latest checkpoint to use")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a checkpoint (overrides --workdir)")
+_IMAGES = flags.DEFINE_string("images", None, "an image file, a folder or a glob pattern")
+_OUT = flags.DEFINE_string("out", None, "output folder for results.json and overlays")
+_SCORE = flags.DEFINE_float("score_threshold", 0.5, "drop detections below this score")
+flags.mark_flags_as_required(["images", "out"])
+
+
+def _predict(config):
+  from mrcnn_jax import inference  # pylint: disable=g-import-not-at-top
+  source = _CHECKPOINT.value or _WORKDIR.value
+  if not source:
+    raise ValueError("give --workdir or --checkpoint")
+  paths = inference.expand_image_paths(_IMAGES.value)
+  predictor = inference.Predictor.from_workdir(config, source, score_threshold=_SCORE.value)
+  out = inference.predict_files(predictor, paths, _OUT.value)
+  print(f"{len(out['overlays'])} images, {out['num_instances']} instances -> {out['results']}")
+  for path, reason in out["failed"]:
+    print(f"skipped (unreadable): {path}: {reason}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = _cli.load_config_or_exit(_CONFIG)
+  _cli.run_main(lambda _: _predict(config), argv)
+
+
+if __name__ == "__main__":
+  _cli.setup_logging()
+  app.run(main)
