@@ -17,14 +17,26 @@ valid_size, example_valid). See :mod:`mrcnn_jax.data.pipeline` for ordering, sha
 resume, :mod:`mrcnn_jax.data.transforms` for the geometry.
 """
 
-from mrcnn_jax.data.coco import BadExampleError
-from mrcnn_jax.data.coco import CategoryMap
-from mrcnn_jax.data.coco import CocoSource
-from mrcnn_jax.data.coco import DataStats
-from mrcnn_jax.data.config import data_config
-from mrcnn_jax.data.pipeline import build_eval_dataset
-from mrcnn_jax.data.pipeline import build_train_dataset
-from mrcnn_jax.data.pipeline import InputPipeline
-from mrcnn_jax.data.sharding import batch_sharding
-from mrcnn_jax.data.sharding import make_global_batch
-from mrcnn_jax.data.shapes import generate as generate_shapes
+# Attributes load lazily (PEP 562) so that `python -m mrcnn_jax.data.shapes` and the shapes
+# generator do not pay for importing TensorFlow and JAX.
+_EXPORTS = {
+    "BadExampleError": "coco", "CategoryMap": "coco", "CocoSource": "coco", "DataStats": "coco",
+    "data_config": "config", "build_eval_dataset": "pipeline", "build_train_dataset": "pipeline",
+    "InputPipeline": "pipeline", "batch_sharding": "sharding", "make_global_batch": "sharding",
+    "generate_shapes": "shapes",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'mrcnn_jax.data' has no attribute {name!r}")
+  import importlib  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(f"mrcnn_jax.data.{_EXPORTS[name]}")
+  value = getattr(module, "generate" if name == "generate_shapes" else name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(list(globals()) + __all__)

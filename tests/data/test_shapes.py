@@ -92,6 +92,6 @@ def test_cli_is_fast(tmp_path):
   subprocess.run([sys.executable, "-m", "mrcnn_jax.data.shapes", "--out", str(tmp_path), "--num_train",
                   "200", "--num_val", "10", "--size", "128", "--seed", "0"], check=True,
                  capture_output=True)
-  assert time.time() - t0 < 30
+  assert time.time() - t0 < 20  # ~1 s on an idle core; margin for a loaded CI machine
   assert len(_load(tmp_path / "annotations" / "instances_train.json")["images"]) == 200
   assert len(os.listdir(tmp_path / "train")) == 200
