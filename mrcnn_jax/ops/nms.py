@@ -77,47 +77,50 @@ def _greedy_keep(coords, groups, candidate, iou_threshold, max_output_size, bloc
     [nb, B] bool, the greedy keep mask in sorted order.
   """
   nb = candidate.shape[0]
+  capacity = nb * block
   tri = jnp.arange(block)[:, None] < jnp.arange(block)[None, :]  # earlier suppresses later
   thr = jnp.asarray(iou_threshold, jnp.float32)
+  lane = jnp.arange(block, dtype=jnp.int32)
+  # Features stored per box: x1, y1, x2, y2, area (and the group id, exact in float32).
+  feats = list(coords) + ([groups.astype(jnp.float32)] if groups is not None else [])
+  nf = len(feats)
 
-  def tile(arrs, k):
-    return tuple(a[k] for a in arrs)
-
-  def group_mask(i, j):
-    if groups is None:
-      return None
-    return groups[i][:, None] == groups[j][None, :]
+  def suppression(src, dst):
+    """[B, B] bool: src box (row) would suppress dst box (column) if src is kept."""
+    hit = _overlaps(src[:5], dst[:5], thr)
+    if groups is not None:
+      hit = hit & (src[5][:, None] == dst[5][None, :])
+    return hit
 
   def outer_cond(state):
-    j, _, count = state
-    more = j < nb
+    j, _, _, count = state
     # Sorted order puts padding last: a block whose first entry is padding ends the work.
     first_valid = candidate[jnp.minimum(j, nb - 1), 0]
-    return more & first_valid & (count < max_output_size)
+    return (j < nb) & first_valid & (count < max_output_size)
 
   def outer_body(state):
-    j, keep, count = state
-    dst = tile(coords, j)
+    j, keep, kept_buf, count = state
+    dst = tuple(f[j] for f in feats)
 
-    # Suppression by kept boxes of earlier blocks.
-    def inner_body(i, alive):
-      kept_i = keep[i]
+    # Suppression by the boxes kept so far, read from the compacted buffer one tile at a
+    # time: O(kept) tiles per block rather than O(blocks), so heavy suppression is cheap.
+    n_tiles = (count + block - 1) // block
 
-      def apply(alive):
-        hit = _overlaps(tile(coords, i), dst, thr) & kept_i[:, None]
-        same = group_mask(i, j)
-        if same is not None:
-          hit = hit & same
-        return alive & ~jnp.any(hit, axis=0)
+    def inner_cond(s):
+      t, alive = s
+      return (t < n_tiles) & jnp.any(alive)
 
-      return lax.cond(jnp.any(kept_i), apply, lambda a: a, alive)
+    def inner_body(s):
+      t, alive = s
+      src = lax.dynamic_slice_in_dim(kept_buf, t * block, block, axis=1)
+      src_valid = t * block + lane < count
+      hit = suppression(src, dst) & src_valid[:, None]
+      return t + 1, alive & ~jnp.any(hit, axis=0)
 
-    alive = lax.fori_loop(0, j, inner_body, candidate[j])
+    _, alive = lax.while_loop(inner_cond, inner_body, (jnp.int32(0), candidate[j]))
 
     # Resolve the block against itself: fixed point of the triangular system.
-    self_tri = tri if groups is None else tri & group_mask(j, j)
-
-    sup = _overlaps(dst, dst, thr) & self_tri  # [B, B]: row suppresses column if row is kept
+    sup = suppression(dst, dst) & tri  # [B, B]: row suppresses column if row is kept
 
     def fp_cond(s):
       prev, cur = s
@@ -129,11 +132,17 @@ def _greedy_keep(coords, groups, candidate, iou_threshold, max_output_size, bloc
 
     first = alive & ~jnp.any(sup & alive[:, None], axis=0)
     _, kept_j = lax.while_loop(fp_cond, fp_body, (alive, first))
-    keep = keep.at[j].set(kept_j)
-    return j + 1, keep, count + jnp.sum(kept_j, dtype=jnp.int32)
 
-  init = (jnp.int32(0), jnp.zeros_like(candidate), jnp.int32(0))
-  _, keep, _ = lax.while_loop(outer_cond, outer_body, init)
+    # Append the block's kept boxes to the buffer, in order (dropped ones scatter nowhere).
+    rank = jnp.cumsum(kept_j, dtype=jnp.int32) - 1
+    dest = jnp.where(kept_j, count + rank, capacity)
+    kept_buf = kept_buf.at[:, dest].set(jnp.stack(dst), mode="drop")
+    keep = keep.at[j].set(kept_j)
+    return j + 1, keep, kept_buf, count + jnp.sum(kept_j, dtype=jnp.int32)
+
+  init = (jnp.int32(0), jnp.zeros_like(candidate), jnp.zeros((nf, capacity), jnp.float32),
+          jnp.int32(0))
+  _, keep, _, _ = lax.while_loop(outer_cond, outer_body, init)
   return keep
 
 
