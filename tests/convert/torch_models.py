@@ -44,21 +44,51 @@ def maskrcnn_v1(seed: int = 0, num_classes: int = 91) -> torch.nn.Module:
   return randomize_biases(randomize_norms(m, seed), seed).eval()
 
 
-def small_maskrcnn(seed: int = 0, num_classes: int = 4, size: int = 128,
+def narrow_resnet_body(width: int = 16, blocks=(1, 1, 1, 1)) -> torch.nn.Module:
+  """torchvision's ResNet layout (``conv1``, ``bn1``, ``layerN.i`` of torchvision
+  ``Bottleneck`` blocks, FrozenBatchNorm2d) with ``width`` stem channels instead of 64, so the
+  oracle trains in seconds on a CPU."""
+  norm = misc_ops.FrozenBatchNorm2d
+  bottleneck = torchvision.models.resnet.Bottleneck
+  body = torch.nn.Module()
+  body.conv1 = torch.nn.Conv2d(3, width, 7, 2, 3, bias=False)
+  body.bn1 = norm(width)
+  body.relu = torch.nn.ReLU(inplace=True)
+  body.maxpool = torch.nn.MaxPool2d(3, 2, 1)
+  inplanes = width
+  for i, n in enumerate(blocks):
+    planes, stride = width * 2**i, 1 if i == 0 else 2
+    layers = []
+    for j in range(n):
+      down = None
+      if j == 0 and (stride != 1 or inplanes != planes * 4):
+        down = torch.nn.Sequential(torch.nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
+                                   norm(planes * 4))
+      layers.append(bottleneck(inplanes, planes, stride if j == 0 else 1, down, norm_layer=norm))
+      inplanes = planes * 4
+    setattr(body, f"layer{i + 1}", torch.nn.Sequential(*layers))
+  for m in body.modules():
+    if isinstance(m, torch.nn.Conv2d):
+      torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+  return body
+
+
+def small_maskrcnn(seed: int = 0, num_classes: int = 4, size: int = 128, width: int = 16,
                    fpn: int = 64, rep: int = 128, mask_ch: int = 64) -> torch.nn.Module:
-  """A narrow torchvision Mask R-CNN: ResNet (1,1,1,1) Bottleneck body with FrozenBN, FPN
-  ``fpn`` channels, box MLP ``rep`` wide, two mask convs; torchvision's own classes
-  throughout. Its transform is set so a ``size`` x ``size`` image is neither resized nor padded.
-  """
+  """A narrow torchvision ``MaskRCNN``: :func:`narrow_resnet_body`, FPN ``fpn`` channels, box
+  MLP ``rep`` wide, two mask convs; torchvision's own classes throughout. Its transform is set
+  so a ``size`` x ``size`` image is neither resized nor padded, and the training-time proposal
+  and RoI counts are cut so a few SGD steps take seconds."""
   torch.manual_seed(seed)
-  body = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [1, 1, 1, 1],
-                                          norm_layer=misc_ops.FrozenBatchNorm2d)
-  randomize_norms(body, seed)
+  body = narrow_resnet_body(width)
+  body.forward = None  # IntermediateLayerGetter walks the children; no forward needed
+  chans = [width * 4 * 2**i for i in range(4)]
   backbone = backbone_utils.BackboneWithFPN(
-      body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
-      [256, 512, 1024, 2048], fpn)
+      body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, chans, fpn)
   model = mask_rcnn.MaskRCNN(
       backbone, num_classes=None, min_size=size, max_size=size,
+      rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=300,
+      box_batch_size_per_image=128,
       box_head=faster_rcnn.TwoMLPHead(fpn * 49, rep),
       box_predictor=faster_rcnn.FastRCNNPredictor(rep, num_classes),
       mask_head=mask_rcnn.MaskRCNNHeads(fpn, [mask_ch, mask_ch], 1),

@@ -1,0 +1,52 @@
+r"""Converts torchvision / Detectron2 weights into an mrcnn_jax checkpoint.
+
+Writes ``OUTPUT/checkpoints/0`` (orbax, the trainer's checkpoint items) and
+``OUTPUT/model_config.json`` (the model config the weights belong to); ``OUTPUT`` is then what
+``config.init_weights`` and the evaluation / prediction scripts take.
+
+Usage::
+
+  python scripts/convert_weights.py --source torchvision \
+      --input maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --output /tmp/maskrcnn_tv
+  python scripts/convert_weights.py --source torchvision-resnet \
+      --input resnet50-0676ba61.pth --output /tmp/r50_imagenet
+  python scripts/convert_weights.py --source detectron2 --input model_final_f10217.pkl \
+      --output /tmp/maskrcnn_d2 --nod2_stride_in_1x1   # see mrcnn_jax/convert/detectron2.py
+  python scripts/convert_weights.py --source torchvision --input coco.pth --output /tmp/ft \
+      --num_classes 5   # fine-tuning: class-dependent layers re-initialised
+"""
+
+# torchvision segfaults if imported after TensorFlow; torch itself is imported only by the
+# .pth reader, and nothing here imports TensorFlow.
+import logging
+
+from absl import app
+from absl import flags
+
+from mrcnn_jax.convert import common
+from mrcnn_jax.convert import sources
+
+_SOURCE = flags.DEFINE_enum("source", None, sources.SOURCES, "Kind of weight file.")
+_INPUT = flags.DEFINE_string("input", None, "Weight file (.pth or .pkl).")
+_OUTPUT = flags.DEFINE_string("output", None, "Output directory.")
+_NUM_CLASSES = flags.DEFINE_integer(
+    "num_classes", None, "Classes including background, to fine-tune on another label set.")
+_INPUT_FORMAT = flags.DEFINE_enum("d2_input_format", "BGR", ["BGR", "RGB"],
+                                  "Detectron2 only: the checkpoint's INPUT.FORMAT.")
+_STRIDE_IN_1X1 = flags.DEFINE_bool("d2_stride_in_1x1", True,
+                                   "Detectron2 only: the checkpoint's RESNETS.STRIDE_IN_1X1.")
+flags.mark_flags_as_required(["source", "input", "output"])
+
+
+def main(argv):
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  variables, config = sources.convert_file(
+      _SOURCE.value, _INPUT.value, num_classes=_NUM_CLASSES.value,
+      input_format=_INPUT_FORMAT.value, stride_in_1x1=_STRIDE_IN_1X1.value)
+  path = common.save_converted(variables, config, _OUTPUT.value)
+  logging.info("wrote %s and %s/%s", path, _OUTPUT.value, common.CONFIG_FILE)
+
+
+if __name__ == "__main__":
+  app.run(main)

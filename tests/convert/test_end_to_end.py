@@ -1,0 +1,127 @@
+"""End to end: a briefly trained torchvision Mask R-CNN, converted, gives the same detections.
+
+The oracle is torchvision's own ``MaskRCNN`` (a narrow ResNet-(1,1,1,1)-FPN so it trains in
+seconds) after a few SGD steps on synthetic shapes, so its scores are not noise. Resizing:
+torchvision's transform is set to ``min_size = max_size = 128`` so a 128 x 128 image is not
+resized (scale exactly 1) and ``size_divisible = 64`` so it is not padded; our model sees the
+same pixels. Masks are compared after pasting into the image (our 28x28 masks pasted with
+``evaluation.coco_eval.paste_mask``, torchvision's exact rule) at threshold 0.5.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from mrcnn_jax import convert
+from mrcnn_jax import modeling
+from mrcnn_jax.evaluation.coco_eval import paste_mask
+from tests.convert import torch_models as tm
+
+_SIZE = 128
+_CLASSES = 4  # background, rectangle, ellipse, triangle
+
+
+def _shape_mask(rng, kind, size):
+  yy, xx = np.mgrid[:size, :size]
+  w, h = rng.integers(22, 56, size=2)
+  x0, y0 = rng.integers(0, size - w), rng.integers(0, size - h)
+  if kind == 1:
+    m = (xx >= x0) & (xx < x0 + w) & (yy >= y0) & (yy < y0 + h)
+  elif kind == 2:
+    cx, cy = x0 + w / 2, y0 + h / 2
+    m = ((xx - cx) / (w / 2)) ** 2 + ((yy - cy) / (h / 2)) ** 2 <= 1
+  else:  # triangle: apex at the top centre
+    t = (yy - y0) / h
+    m = (yy >= y0) & (yy < y0 + h) & (np.abs(xx - (x0 + w / 2)) <= t * w / 2)
+  return m
+
+
+def synthetic_shapes(seed: int, n: int):
+  """``n`` uint8 images [128, 128, 3] with 1-3 coloured shapes each, and torchvision targets."""
+  rng = np.random.default_rng(seed)
+  images, targets = [], []
+  for _ in range(n):
+    img = np.empty((_SIZE, _SIZE, 3), np.float32)
+    img[:] = rng.uniform(0, 90, size=3)
+    img += rng.normal(0, 6, size=img.shape)
+    masks, labels = [], []
+    for _ in range(rng.integers(1, 4)):
+      kind = int(rng.integers(1, _CLASSES))
+      m = _shape_mask(rng, kind, _SIZE)
+      img[m] = rng.uniform(120, 255, size=3)
+      masks = [prev & ~m for prev in masks] + [m]
+      labels.append(kind)
+    keep = [i for i, m in enumerate(masks) if m.sum() > 30]
+    masks = np.stack([masks[i] for i in keep])
+    ys, xs = [np.array([np.nonzero(m.any(axis=a))[0][[0, -1]] for m in masks]) for a in (1, 0)]
+    boxes = np.stack([xs[:, 0], ys[:, 0], xs[:, 1] + 1, ys[:, 1] + 1], axis=1).astype(np.float32)
+    images.append(np.clip(img, 0, 255).astype(np.uint8))
+    targets.append(dict(boxes=torch.from_numpy(boxes),
+                        labels=torch.tensor([labels[i] for i in keep], dtype=torch.int64),
+                        masks=torch.from_numpy(masks.astype(np.uint8))))
+  return images, targets
+
+
+def _to_torch(images):
+  return [torch.from_numpy(i).permute(2, 0, 1).float() / 255.0 for i in images]
+
+
+@pytest.fixture(scope="module")
+def trained():
+  torch.manual_seed(0)
+  model = tm.small_maskrcnn(seed=0, num_classes=_CLASSES, size=_SIZE)
+  images, targets = synthetic_shapes(0, 16)
+  opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02,
+                        momentum=0.9, weight_decay=1e-4)
+  model.train()
+  for step in range(24):
+    idx = [(2 * step) % 16, (2 * step + 1) % 16]
+    losses = model(_to_torch([images[i] for i in idx]), [targets[i] for i in idx])
+    loss = sum(losses.values())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+  return model.eval()
+
+
+def _mask_iou(a, b):
+  union = np.logical_or(a, b).sum()
+  return 1.0 if union == 0 else np.logical_and(a, b).sum() / union
+
+
+def _box_iou(a, b):
+  lt, rb = np.maximum(a[:2], b[:2]), np.minimum(a[2:], b[2:])
+  inter = np.prod(np.clip(rb - lt, 0, None))
+  area = lambda x: np.prod(x[2:] - x[:2])  # noqa: E731
+  return inter / (area(a) + area(b) - inter)
+
+
+@pytest.mark.slow
+def test_trained_torchvision_model_same_detections(trained):
+  images, _ = synthetic_shapes(123, 4)
+  with torch.no_grad():
+    ref = trained(_to_torch(images))
+  variables, config = convert.convert_torchvision_maskrcnn(trained.state_dict())
+  assert config.backbone.stage_blocks == (1, 1, 1, 1) and config.num_classes == _CLASSES
+  model = modeling.MaskRCNN(config)
+  out = jax.jit(lambda v, x: model.apply(v, x, method=modeling.MaskRCNN.predict))(
+      variables, jnp.asarray(np.stack(images)))
+  out = jax.tree.map(np.asarray, out)
+  total, confident = 0, 0
+  for b, r in enumerate(ref):
+    n = len(r["scores"])
+    assert int(out["valid"][b].sum()) == n, (b, n, int(out["valid"][b].sum()))
+    total += n
+    confident += int((r["scores"] > 0.5).sum())
+    for i in range(n):  # both sides are sorted by score: pair them in order
+      box, tv_box = out["boxes"][b, i], r["boxes"][i].numpy()
+      assert _box_iou(box, tv_box) >= 0.99, (b, i, box, tv_box)
+      assert out["classes"][b, i] == int(r["labels"][i])
+      assert abs(out["scores"][b, i] - float(r["scores"][i])) <= 1e-3
+      ours_mask = paste_mask(out["masks"][b, i], box, (_SIZE, _SIZE)) > 0.5
+      assert _mask_iou(ours_mask, r["masks"][i, 0].numpy() > 0.5) >= 0.98, (b, i)
+  assert total >= 4 and confident >= 2, (total, confident)  # the training took
