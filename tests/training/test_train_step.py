@@ -1,4 +1,8 @@
-"""Tests for the sharded train step: compile once, 1 vs 8 devices, frozen params, bfloat16."""
+"""Train-step machinery on a fast stand-in module: shardings, donation, rng folding, trainable BN.
+
+The same properties on the real (tiny) MaskRCNN, plus frozen parameters, gradients and
+bfloat16, are in ``test_train_step_maskrcnn.py``; this file keeps what needs no detector.
+"""
 
 from __future__ import annotations
 
@@ -38,7 +42,8 @@ class StandIn(nn.Module):
     self.body = nn.Conv(8, (3, 3), strides=2, dtype=dtype)
     self.head = nn.Dense(4 + 4, dtype=dtype)
     # Trainable BatchNorm ('bn'): batch statistics in a mutable 'batch_stats' collection.
-    self.norm = nn.BatchNorm(use_running_average=False, momentum=0.5) if self.config.norm == "bn" else None
+    self.norm = (nn.BatchNorm(use_running_average=False, momentum=0.5)
+                 if self.config.norm == "bn" else None)
 
   def losses(self, batch):
     x = batch["image"].astype(jnp.dtype(self.config.compute_dtype)) / 255.0
@@ -164,10 +169,9 @@ def test_state_is_donated():
   assert old_kernel.is_deleted()
 
 
-@pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
-def test_same_loss_and_update_on_1_and_8_devices(norm):
-  """Same math on any mesh; with trainable BN the statistics are over the *global* batch."""
-  config = _config(batch_size=8, norm=norm)
+def test_same_loss_and_update_on_1_and_8_devices_with_trainable_bn():
+  """Same math on any mesh; trainable-BN statistics are over the *global* batch."""
+  config = _config(batch_size=8, norm="bn")
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh, state, step_fn = _setup(config, devices)
@@ -179,7 +183,7 @@ def test_same_loss_and_update_on_1_and_8_devices(norm):
     np.testing.assert_allclose(metrics_1[k], metrics_8[k], rtol=1e-5, atol=1e-6, err_msg=k)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                (params_1, stats_1), (params_8, stats_8))
-  assert bool(stats_1) == (norm == "bn")
+  assert stats_1 and stats_8
 
 
 def test_trainable_bn_updates_batch_stats():
@@ -190,23 +194,6 @@ def test_trainable_bn_updates_batch_stats():
   after = _host(state.batch_stats)
   # Running mean moves from its init (0) toward the batch mean, over the whole global batch.
   assert np.abs(after["norm"]["mean"] - before["norm"]["mean"]).max() > 0
-
-
-def test_frozen_params_unchanged_trainable_params_move():
-  config = _config()
-  mesh, state, step_fn = _setup(config, jax.devices())
-  before = _host(state.params)
-  for i in range(2):
-    state, _ = step_fn(state, sharding_lib.shard_batch(_batch(config, seed=i), mesh))
-  after = _host(state.params)
-  for path, old in jax.tree_util.tree_leaves_with_path(before):
-    new = after
-    for k in path:
-      new = new[k.key]
-    if path[0].key == "stem":
-      np.testing.assert_array_equal(new, old, err_msg=str(path))
-    else:
-      assert np.abs(new - old).max() > 0, path
 
 
 def test_step_folds_step_into_rng():
@@ -224,17 +211,6 @@ def test_step_folds_step_into_rng():
   _, m_resumed = step_fn(snapshot, sharding_lib.shard_batch(batch, mesh))
   for k in m_a:
     assert float(m_a[k]) == float(m_resumed[k]), k
-
-
-def test_bfloat16_step_is_finite_and_keeps_float32_params():
-  config = _config(compute_dtype="bfloat16")
-  mesh, state, step_fn = _setup(config, jax.devices())
-  for i in range(2):
-    state, metrics = step_fn(state, sharding_lib.shard_batch(_batch(config, seed=i), mesh))
-  for name, value in metrics.items():
-    assert np.isfinite(float(value)), name
-  for leaf in jax.tree.leaves(state.params):
-    assert leaf.dtype == jnp.float32
 
 
 def test_batch_not_divisible_by_devices_raises():
