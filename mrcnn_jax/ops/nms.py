@@ -120,18 +120,22 @@ def _greedy_keep(coords, groups, candidate, iou_threshold, max_output_size, bloc
     _, alive = lax.while_loop(inner_cond, inner_body, (jnp.int32(0), candidate[j]))
 
     # Resolve the block against itself: fixed point of the triangular system.
-    sup = suppression(dst, dst) & tri  # [B, B]: row suppresses column if row is kept
+    def resolve(alive):
+      sup = suppression(dst, dst) & tri  # [B, B]: row suppresses column if row is kept
 
-    def fp_cond(s):
-      prev, cur = s
-      return jnp.any(prev != cur)
+      def fp_cond(s):
+        prev, cur = s
+        return jnp.any(prev != cur)
 
-    def fp_body(s):
-      _, cur = s
-      return cur, alive & ~jnp.any(sup & cur[:, None], axis=0)
+      def fp_body(s):
+        _, cur = s
+        return cur, alive & ~jnp.any(sup & cur[:, None], axis=0)
 
-    first = alive & ~jnp.any(sup & alive[:, None], axis=0)
-    _, kept_j = lax.while_loop(fp_cond, fp_body, (alive, first))
+      first = alive & ~jnp.any(sup & alive[:, None], axis=0)
+      return lax.while_loop(fp_cond, fp_body, (alive, first))[1]
+
+    # A block wiped out by earlier boxes (common under heavy overlap) skips the [B, B] work.
+    kept_j = lax.cond(jnp.any(alive), resolve, lambda a: a, alive)
 
     # Append the block's kept boxes to the buffer, in order (dropped ones scatter nowhere).
     rank = jnp.cumsum(kept_j, dtype=jnp.int32) - 1
