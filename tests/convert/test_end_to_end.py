@@ -23,6 +23,8 @@ from tests.convert import torch_models as tm
 
 _SIZE = 128
 _CLASSES = 4  # background, rectangle, ellipse, triangle
+_STEPS = 12
+_SCORE_THRESHOLD = 0.01
 
 
 def _shape_mask(rng, kind, size):
@@ -72,20 +74,28 @@ def _to_torch(images):
 
 @pytest.fixture(scope="module")
 def trained():
+  """torchvision's MaskRCNN on a random, BN-calibrated narrow body; FPN, RPN and heads get
+  ``_STEPS`` SGD steps (seconds on a CPU), enough for non-trivial objectness and class scores."""
   torch.manual_seed(0)
-  model = tm.small_maskrcnn(seed=0, num_classes=_CLASSES, size=_SIZE)
-  images, targets = synthetic_shapes(0, 16)
-  opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02,
-                        momentum=0.9, weight_decay=1e-4)
+  images, targets = synthetic_shapes(0, 2 * _STEPS)
+  mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+  std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+  calibration = (torch.stack(_to_torch(images)) - mean) / std
+  model = tm.small_maskrcnn(seed=0, num_classes=_CLASSES, size=_SIZE, calibration=calibration)
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)
   model.train()
-  for step in range(24):
-    idx = [(2 * step) % 16, (2 * step + 1) % 16]
-    losses = model(_to_torch([images[i] for i in idx]), [targets[i] for i in idx])
-    loss = sum(losses.values())
+  for step in range(_STEPS):
+    losses = model(_to_torch(images[2 * step:2 * step + 2]), targets[2 * step:2 * step + 2])
     opt.zero_grad()
-    loss.backward()
+    sum(losses.values()).backward()
+    torch.nn.utils.clip_grad_norm_(params, 10.0)
     opt.step()
-  return model.eval()
+  model.eval()
+  # A few training steps leave most class scores under torchvision's 0.05: lower the threshold
+  # (on both sides, below) so enough detections are compared.
+  model.roi_heads.score_thresh = _SCORE_THRESHOLD
+  return model
 
 
 def _mask_iou(a, b):
@@ -107,6 +117,8 @@ def test_trained_torchvision_model_same_detections(trained):
     ref = trained(_to_torch(images))
   variables, config = convert.convert_torchvision_maskrcnn(trained.state_dict())
   assert config.backbone.stage_blocks == (1, 1, 1, 1) and config.num_classes == _CLASSES
+  assert config.roi.score_threshold == 0.05  # torchvision's default, converted
+  config.roi.score_threshold = _SCORE_THRESHOLD
   model = modeling.MaskRCNN(config)
   out = jax.jit(lambda v, x: model.apply(v, x, method=modeling.MaskRCNN.predict))(
       variables, jnp.asarray(np.stack(images)))
@@ -116,7 +128,7 @@ def test_trained_torchvision_model_same_detections(trained):
     n = len(r["scores"])
     assert int(out["valid"][b].sum()) == n, (b, n, int(out["valid"][b].sum()))
     total += n
-    confident += int((r["scores"] > 0.5).sum())
+    confident += int((r["scores"] > 0.1).sum())
     for i in range(n):  # both sides are sorted by score: pair them in order
       box, tv_box = out["boxes"][b, i], r["boxes"][i].numpy()
       assert _box_iou(box, tv_box) >= 0.99, (b, i, box, tv_box)
@@ -124,4 +136,4 @@ def test_trained_torchvision_model_same_detections(trained):
       assert abs(out["scores"][b, i] - float(r["scores"][i])) <= 1e-3
       ours_mask = paste_mask(out["masks"][b, i], box, (_SIZE, _SIZE)) > 0.5
       assert _mask_iou(ours_mask, r["masks"][i, 0].numpy() > 0.5) >= 0.98, (b, i)
-  assert total >= 4 and confident >= 2, (total, confident)  # the training took
+  assert total >= 8 and confident >= 2, (total, confident)  # the training took

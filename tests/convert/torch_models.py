@@ -44,11 +44,16 @@ def maskrcnn_v1(seed: int = 0, num_classes: int = 91) -> torch.nn.Module:
   return randomize_biases(randomize_norms(m, seed), seed).eval()
 
 
-def narrow_resnet_body(width: int = 16, blocks=(1, 1, 1, 1)) -> torch.nn.Module:
+def narrow_resnet_body(width: int = 16, blocks=(1, 1, 1, 1), calibration=None) -> torch.nn.Module:
   """torchvision's ResNet layout (``conv1``, ``bn1``, ``layerN.i`` of torchvision
   ``Bottleneck`` blocks, FrozenBatchNorm2d) with ``width`` stem channels instead of 64, so the
-  oracle trains in seconds on a CPU."""
-  norm = misc_ops.FrozenBatchNorm2d
+  oracle trains in seconds on a CPU.
+
+  With ``calibration`` ([N, 3, H, W] normalised images), every norm layer's statistics are
+  those of its input on that batch (then frozen), so the random body yields unit-scale
+  features and the heads can be trained on top of it in a few steps.
+  """
+  norm = torch.nn.BatchNorm2d
   bottleneck = torchvision.models.resnet.Bottleneck
   body = torch.nn.Module()
   body.conv1 = torch.nn.Conv2d(3, width, 7, 2, 3, bias=False)
@@ -70,18 +75,39 @@ def narrow_resnet_body(width: int = 16, blocks=(1, 1, 1, 1)) -> torch.nn.Module:
   for m in body.modules():
     if isinstance(m, torch.nn.Conv2d):
       torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-  return body
+    if isinstance(m, torch.nn.BatchNorm2d):
+      m.momentum = None  # a cumulative average: one pass sets the batch statistics
+  if calibration is not None:
+    body.train()
+    with torch.no_grad():
+      x = body.maxpool(body.relu(body.bn1(body.conv1(calibration))))
+      for i in range(len(blocks)):
+        x = getattr(body, f"layer{i + 1}")(x)
+  _freeze_norms(body)
+  return body.eval()
+
+
+def _freeze_norms(module: torch.nn.Module) -> None:
+  """Replaces every BatchNorm2d by a FrozenBatchNorm2d with the same four arrays."""
+  for name, child in module.named_children():
+    if isinstance(child, torch.nn.BatchNorm2d):
+      frozen = misc_ops.FrozenBatchNorm2d(child.num_features)
+      for k in ("weight", "bias", "running_mean", "running_var"):
+        getattr(frozen, k).copy_(getattr(child, k).detach())
+      setattr(module, name, frozen)
+    else:
+      _freeze_norms(child)
 
 
 def small_maskrcnn(seed: int = 0, num_classes: int = 4, size: int = 128, width: int = 16,
-                   fpn: int = 64, rep: int = 128, mask_ch: int = 64) -> torch.nn.Module:
+                   fpn: int = 64, rep: int = 128, mask_ch: int = 64,
+                   calibration=None) -> torch.nn.Module:
   """A narrow torchvision ``MaskRCNN``: :func:`narrow_resnet_body`, FPN ``fpn`` channels, box
   MLP ``rep`` wide, two mask convs; torchvision's own classes throughout. Its transform is set
   so a ``size`` x ``size`` image is neither resized nor padded, and the training-time proposal
   and RoI counts are cut so a few SGD steps take seconds."""
   torch.manual_seed(seed)
-  body = narrow_resnet_body(width)
-  body.forward = None  # IntermediateLayerGetter walks the children; no forward needed
+  body = narrow_resnet_body(width, calibration=calibration)
   chans = [width * 4 * 2**i for i in range(4)]
   backbone = backbone_utils.BackboneWithFPN(
       body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, chans, fpn)
@@ -94,6 +120,8 @@ def small_maskrcnn(seed: int = 0, num_classes: int = 4, size: int = 128, width: 
       mask_head=mask_rcnn.MaskRCNNHeads(fpn, [mask_ch, mask_ch], 1),
       mask_predictor=mask_rcnn.MaskRCNNPredictor(mask_ch, mask_ch, num_classes))
   model.transform.size_divisible = 64
+  for p in model.backbone.body.parameters():
+    p.requires_grad_(False)  # a random, calibrated feature extractor; the rest trains
   return model
 
 
