@@ -8,13 +8,15 @@ fixed-size tiles so that it compiles once under ``jax.jit`` (CPU, GPU, TPU) and 
 
 1. Sort the boxes by score, descending (``-inf`` scores, i.e. padding, sort last and are
    never candidates), and cut the sorted list into blocks of ``B`` boxes.
-2. For block ``j`` (a ``lax.while_loop`` over blocks): drop the boxes suppressed by the
-   already-kept boxes of every earlier block ``i < j`` (one ``[B, B]`` IoU tile each, skipped
-   when block ``i`` kept nothing); then resolve the block against itself. Within a block,
-   "box ``k`` is kept iff no *kept* earlier box of the block suppresses it" is a triangular
-   system whose unique solution is the greedy one; iterating ``keep <- candidates & ~any(keep
-   & suppresses)`` from ``keep = candidates`` fixes one more leading entry per pass, so a small
-   ``while_loop`` to the fixed point reaches it (in a few passes for real data).
+2. For block ``j`` (a ``lax.while_loop`` over blocks): drop the boxes suppressed by the boxes
+   kept so far, which are appended in order to a compacted buffer and read back ``B`` at a
+   time (``ceil(kept / B)`` tiles of ``[B, B]`` IoUs; the tile loop ends as soon as the whole
+   block is suppressed); then, unless nothing survived, resolve the block against itself.
+   Within a block, "box ``k`` is kept iff no *kept* earlier box of the block suppresses it"
+   is a triangular system whose unique solution is the greedy one; iterating ``keep <-
+   candidates & ~any(keep & suppresses)`` from ``keep = candidates`` fixes one more leading
+   entry per pass, so a small ``while_loop`` to the fixed point reaches it (2-4 passes on
+   random and clustered boxes).
 3. The loop stops early once ``max_output_size`` boxes are kept or the next block holds only
    ``-inf`` scores, so proposal NMS (a few thousand boxes, ~1000 kept) does not pay for
    the tail.
@@ -67,7 +69,8 @@ def _greedy_keep(coords, groups, candidate, iou_threshold, max_output_size, bloc
 
   Args:
     coords: (x1, y1, x2, y2, area), each [nb, B] float32, in descending score order.
-    groups: [nb, B] int32 class ids, or None for plain NMS.
+    groups: [nb, B] int32 class ids, or None for plain NMS. Stored as float32 in the kept
+      buffer, which is exact for ids below 2**24.
     candidate: [nb, B] bool, False for padding (-inf scores, always sorted last).
     iou_threshold: scalar float32.
     max_output_size: static int; the loop may stop once this many are kept.

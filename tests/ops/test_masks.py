@@ -40,8 +40,8 @@ def _random_rois(rng, r, lo=0.5, hi=60.0):
 
 def _tv_targets(full, rois, idx, size, sampling_ratio):
   """torchvision's roi_align of the matched full-image masks (0 where unmatched)."""
-  out = roi_align(torch.from_numpy(full)[:, None],
-                  torch.from_numpy(np.concatenate([np.maximum(idx, 0)[:, None], rois], 1).astype(np.float32)),
+  batch_rois = np.concatenate([np.maximum(idx, 0)[:, None], rois], 1).astype(np.float32)
+  out = roi_align(torch.from_numpy(full)[:, None], torch.from_numpy(batch_rois),
                   (size, size), 1.0, sampling_ratio, False)[:, 0].numpy()
   return np.where((idx >= 0)[:, None, None], out, 0.0)
 
@@ -136,8 +136,8 @@ def test_mask_targets_random_polygons_cropped_at_112():
   full, gt_boxes = _polygon_scene(rng, g)
   # The data pipeline's crop: the mask at the centres of an S x S grid over the box (in
   # roi_align's aligned=True frame, pixel k centred at k + 0.5), binarised.
-  crops = roi_align(torch.from_numpy(full)[:, None],
-                    torch.from_numpy(np.concatenate([np.arange(g)[:, None], gt_boxes], 1).astype(np.float32)),
+  batch_boxes = np.concatenate([np.arange(g)[:, None], gt_boxes], 1).astype(np.float32)
+  crops = roi_align(torch.from_numpy(full)[:, None], torch.from_numpy(batch_boxes),
                     (s, s), 1.0, 1, True)[:, 0].numpy()
   crops = (crops >= 0.5).astype(np.float32)
   idx = rng.integers(0, g, r).astype(np.int32)
