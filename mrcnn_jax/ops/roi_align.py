@@ -33,16 +33,19 @@ pairs and ``ow * g * 2`` (column, weight) pairs describe every sample.
 Implementation: gather the ``(oh*g*2) x (ow*g*2)`` grid of corner pixels (every row index
 against every column index, all channels at once: a gather of contiguous ``C``-vectors from an
 NHWC map) and reduce it with the separable weights. That reads exactly the corners torchvision's
-kernel reads, once per RoI, and XLA fuses the weighting into the gather.
+kernel reads, once per RoI. On accelerators all RoIs go in one gather, which XLA fuses with the
+weighted sum; on CPU a loop over RoIs keeps each RoI's corners in cache (``_interpolate``).
 
-Multilevel (FPN): all levels are flattened into one ``[B * sum(Hl * Wl), C]`` table. Each RoI
-gets its level from eq. 1 of the FPN paper, and with it the level's offset into the table,
-size and scale, so every RoI is sampled once, on its own level (the "multilevel crop and
-resize" of the TPU Mask R-CNN), instead of on every level followed by a select.
+Multilevel (FPN): each RoI gets its level from eq. 1 of the FPN paper, and with it that level's
+pixel table, size and scale, so every RoI is sampled once, on its own level (the "multilevel
+crop and resize" of the TPU Mask R-CNN), instead of on every level followed by a select. On
+accelerators the levels are concatenated into one ``[B * sum(Hl * Wl), C]`` table and each RoI
+indexes it at its level's offset; on CPU the loop picks the level's table per RoI.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence, Tuple, Union
 
@@ -156,41 +159,66 @@ def _pool(table: jax.Array, index: jax.Array, wy: jax.Array, wx: jax.Array) -> j
   return out.astype(table.dtype)
 
 
-def _pool_each(table: jax.Array, index: jax.Array, wy: jax.Array, wx: jax.Array) -> jax.Array:
-  """``_pool`` one RoI at a time (leading dim of ``index``), the fast way on CPU.
+def _pool_each(tables: Sequence[jax.Array], level: jax.Array, index: jax.Array,
+               wy: jax.Array, wx: jax.Array) -> jax.Array:
+  """``_pool`` one RoI at a time, straight from its level's table: the fast way on CPU.
 
   The corners of one RoI (oh*2g x ow*2g x C floats, 800 KB for 7x7, g=2, C=256) stay in cache;
   gathering all RoIs at once instead materialises 16x the output (800 MB for 1000 RoIs) and
-  was 2-5x slower than torchvision on CPU, against ~0.4x this way.
+  was 2-5x slower than torchvision on CPU, against ~0.4x this way. Branching on the level
+  (a ``switch`` per RoI) also saves concatenating the levels, a copy of the whole pyramid.
   """
-  return jax.lax.map(lambda args: _pool(table, *args), (index, wy, wx))
+  branches = [functools.partial(_pool, t) for t in tables]
+  if len(branches) == 1:
+    return jax.lax.map(lambda args: branches[0](*args), (index, wy, wx))
+  return jax.lax.map(lambda args: jax.lax.switch(args[0], branches, *args[1:]),
+                     (level, index, wy, wx))
 
 
-def _interpolate(table: jax.Array, index: jax.Array, wy: jax.Array,
-                 wx: jax.Array) -> jax.Array:
-  """``_pool`` over [R, ...] RoIs: a loop over RoIs on CPU, one fused gather elsewhere.
+def _pool_all(tables: Sequence[jax.Array], level: jax.Array, index: jax.Array,
+              wy: jax.Array, wx: jax.Array) -> jax.Array:
+  """``_pool`` of all RoIs in one gather from the concatenated levels (accelerators)."""
+  offsets = np.concatenate([[0], np.cumsum([t.shape[0] for t in tables])[:-1]])
+  table = jnp.concatenate(tables) if len(tables) > 1 else tables[0]
+  index = index + jnp.asarray(offsets, jnp.int32)[level][:, None, None]
+  return _pool(table, index, wy, wx)
 
-  The choice is made when the computation is lowered for a platform, so it is safe under
-  AOT compilation; both branches compute the same numbers.
-  """
-  return jax.lax.platform_dependent(table, index, wy, wx, cpu=_pool_each, default=_pool)
 
-
-def _pool_flat(table: jax.Array, boxes: jax.Array, base: jax.Array, height: jax.Array,
-               width: jax.Array, scale: jax.Array, output_size: Tuple[int, int],
-               sampling_ratio: int, aligned: bool) -> jax.Array:
-  """RoIAlign from a flat pixel table, each RoI with its own map geometry.
+def _interpolate(tables: Sequence[jax.Array], level: jax.Array, index: jax.Array,
+                 wy: jax.Array, wx: jax.Array) -> jax.Array:
+  """``_pool`` of R RoIs, each from table ``tables[level[r]]``.
 
   Args:
-    table: [T, C], the pixels of all maps (and images), row-major, NHWC order.
+    tables: per level, [T_l, C] pixels.
+    level: [R] int32, each RoI's table.
+    index: [R, oh*2g, ow*2g] int32 rows of that table.
+    wy, wx: [R, oh, 2g], [R, ow, 2g] float32 weights.
+
+  Returns:
+    [R, oh, ow, C]. On CPU a loop over RoIs, elsewhere one fused gather; the choice is made
+    when the computation is lowered for a platform (safe under AOT compilation) and both
+    branches compute the same numbers.
+  """
+  return jax.lax.platform_dependent(list(tables), level, index, wy, wx, cpu=_pool_each,
+                                    default=_pool_all)
+
+
+def _pool_flat(tables: Sequence[jax.Array], level: jax.Array, boxes: jax.Array,
+               base: jax.Array, height: jax.Array, width: jax.Array, scale: jax.Array,
+               output_size: Tuple[int, int], sampling_ratio: int, aligned: bool) -> jax.Array:
+  """RoIAlign from flat pixel tables, each RoI with its own map geometry.
+
+  Args:
+    tables: per level, [B * Hl * Wl, C]: the level's pixels, image-major, row-major (NHWC).
+    level: [B, N] int32, the table of each RoI.
     boxes: [B, N, 4] float32, xyxy pixels.
-    base: [B, N] int32, table row of pixel (0, 0) of the RoI's map.
-    height, width: [B, N] int32, that map's size.
+    base: [B, N] int32, row of that table holding pixel (0, 0) of the RoI's image.
+    height, width: [B, N] int32, the size of the RoI's map.
     scale: [B, N] float32, its spatial scale (1 / stride).
     output_size, sampling_ratio, aligned: as ``roi_align``.
 
   Returns:
-    [B, N, oh, ow, C] in ``table.dtype``.
+    [B, N, oh, ow, C] in the tables' dtype.
   """
   oh, ow = output_size
   g = sampling_ratio
@@ -210,9 +238,9 @@ def _pool_flat(table: jax.Array, boxes: jax.Array, base: jax.Array, height: jax.
   # Every row index against every column index: [B, N, oh*2g, ow*2g] table rows.
   index = (base[..., None, None] + rows[..., :, None] * width[..., None, None]
            + cols[..., None, :])
-  out = _interpolate(table, index.reshape((b * n,) + index.shape[2:]),
+  out = _interpolate(tables, level.reshape(b * n), index.reshape((b * n,) + index.shape[2:]),
                      wy.reshape(b * n, oh, 2 * g), wx.reshape(b * n, ow, 2 * g))
-  return out.reshape(b, n, oh, ow, table.shape[-1])
+  return out.reshape(b, n, oh, ow, tables[0].shape[-1])
 
 
 def roi_align(features: ArrayLike, boxes: ArrayLike, output_size: OutputSize, *,
@@ -248,7 +276,8 @@ def roi_align(features: ArrayLike, boxes: ArrayLike, output_size: OutputSize, *,
   table = features.reshape(b * h * w, c)
   base = jnp.broadcast_to((jnp.arange(b, dtype=jnp.int32) * (h * w))[:, None], (b, n))
   full = lambda v, dt: jnp.full((b, n), v, dt)
-  return _pool_flat(table, boxes, base, full(h, jnp.int32), full(w, jnp.int32),
+  return _pool_flat([table], full(0, jnp.int32), boxes, base, full(h, jnp.int32),
+                    full(w, jnp.int32),
                     full(spatial_scale, jnp.float32), _pair(output_size), g, aligned)
 
 
@@ -317,18 +346,15 @@ def multilevel_roi_align(features: Sequence[ArrayLike], boxes: ArrayLike,
     raise ValueError(f"strides must be consecutive powers of two, got {tuple(strides)}")
   g = _check_sampling_ratio(sampling_ratio)
 
-  # One table for all images and levels: image-major, then level, then row-major pixels.
-  sizes = np.array([f.shape[1] * f.shape[2] for f in features])
-  per_image = int(sizes.sum())
-  table = jnp.concatenate([f.reshape(b, -1, c) for f in features], axis=1)
-  table = table.reshape(b * per_image, c)
-  level_base = jnp.asarray(np.concatenate([[0], np.cumsum(sizes)[:-1]]), jnp.int32)
+  # One table per level, images stacked: [B * Hl * Wl, C].
+  tables = [f.reshape(-1, c) for f in features]
+  level_pixels = jnp.asarray([f.shape[1] * f.shape[2] for f in features], jnp.int32)
   level_h = jnp.asarray([f.shape[1] for f in features], jnp.int32)
   level_w = jnp.asarray([f.shape[2] for f in features], jnp.int32)
   level_scale = jnp.asarray([1.0 / s for s in strides], jnp.float32)
 
   k = assign_fpn_levels(boxes, levels[0], levels[-1], canonical_scale,
                         canonical_level) - levels[0]                          # [B, N]
-  base = jnp.arange(b, dtype=jnp.int32)[:, None] * per_image + level_base[k]
-  return _pool_flat(table, boxes, base, level_h[k], level_w[k], level_scale[k],
+  base = jnp.arange(b, dtype=jnp.int32)[:, None] * level_pixels[k]
+  return _pool_flat(tables, k, boxes, base, level_h[k], level_w[k], level_scale[k],
                     _pair(output_size), g, aligned)

@@ -81,8 +81,8 @@ def test_matches_torchvision(shape, image, scale, output_size, ratio, aligned):
 
 
 def test_all_at_once_path_matches(monkeypatch):
-  """Accelerators pool all RoIs in one gather; run that branch on the CPU too."""
-  monkeypatch.setattr(roi_align_lib, "_interpolate", roi_align_lib._pool)
+  """Accelerators pool all RoIs in one gather from the concatenated levels; run it here too."""
+  monkeypatch.setattr(roi_align_lib, "_interpolate", roi_align_lib._pool_all)
   rng = np.random.default_rng(7)
   features = rng.normal(size=(2, 12, 17, 3)).astype(np.float32)
   boxes = _boxes(rng, 2, 16, 48, 68)
@@ -91,6 +91,14 @@ def test_all_at_once_path_matches(monkeypatch):
                                          aligned=aligned))(features, boxes)
     want = _tv_roi_align(features, boxes, (3, 5), 0.25, 2, aligned)
     assert _rel_err(got, want) < 1e-5
+  pyramid = _pyramid(rng, 2, 3)
+  boxes = _fpn_boxes(rng, 2, 20)
+  got = jax.jit(lambda f, b: multilevel_roi_align(f, b, 3, strides=STRIDES, sampling_ratio=2,
+                                                  aligned=False))(pyramid, boxes)
+  pooler = torchvision.ops.MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], 3, 2)
+  x = {f"p{i + 2}": torch.from_numpy(f).permute(0, 3, 1, 2) for i, f in enumerate(pyramid)}
+  want = pooler(x, [torch.from_numpy(bx) for bx in boxes], [IMAGE, IMAGE])
+  assert _rel_err(got, want.permute(0, 2, 3, 1).numpy().reshape(got.shape)) < 1e-5
 
 
 def test_bfloat16_features():
