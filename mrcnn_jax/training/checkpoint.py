@@ -80,6 +80,11 @@ class Checkpointer:
     restored = self._manager.restore(step, args=args)
     return restored.state, dict(restored.meta or {})
 
+  def read_meta(self, step: int) -> dict:
+    """The JSON item alone (cheap; lets a caller vet a checkpoint before restoring it)."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored.meta or {})
+
   def wait(self) -> None:
     """Blocks until the pending async save (if any) is on disk."""
     self._manager.wait_until_finished()
@@ -150,11 +155,11 @@ def restore_checkpoint(path: str, abstract_state: PyTree,
   """Restores a whole state from a workdir / checkpoints folder / step folder."""
   ckpt, step = _resolve_checkpoint(path)
   try:
+    if config is not None:  # before restoring: mismatched shapes would fail less clearly
+      check_model_config(config, ckpt.read_meta(step), f"{path} (step {step})")
     state, meta = ckpt.restore(step, abstract_state)
   finally:
     ckpt.close()
-  if config is not None:
-    check_model_config(config, meta, f"{path} (step {step})")
   return state, meta
 
 
@@ -254,8 +259,8 @@ def restore_or_initialize(config: ml_collections.ConfigDict, checkpointer: Check
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   step = checkpointer.latest_step()
   if step is not None:
+    check_model_config(config, checkpointer.read_meta(step), f"{checkpointer.directory}/{step}")
     restored, meta = checkpointer.restore(step, abstract)
-    check_model_config(config, meta, f"{checkpointer.directory}/{step}")
     return restored, meta, f"workdir checkpoint at step {step}"
   if config.get("resume"):
     restored, meta = restore_checkpoint(config.resume, abstract, config)
