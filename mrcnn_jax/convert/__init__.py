@@ -14,6 +14,8 @@ from mrcnn_jax.convert.common import save_converted
 from mrcnn_jax.convert.detectron2 import convert_detectron2
 from mrcnn_jax.convert.detectron2 import detectron2_config
 from mrcnn_jax.convert.detectron2 import load_detectron2_pkl
+from mrcnn_jax.convert.sources import convert_file
+from mrcnn_jax.convert.sources import SOURCES
 from mrcnn_jax.convert.torchvision import convert_torchvision_maskrcnn
 from mrcnn_jax.convert.torchvision import convert_torchvision_maskrcnn_v2
 from mrcnn_jax.convert.torchvision import convert_torchvision_resnet
@@ -22,7 +24,9 @@ from mrcnn_jax.convert.torchvision import torchvision_maskrcnn_config
 
 __all__ = [
     "ConversionError",
+    "SOURCES",
     "convert_detectron2",
+    "convert_file",
     "convert_torchvision_maskrcnn",
     "convert_torchvision_maskrcnn_v2",
     "convert_torchvision_resnet",

@@ -113,8 +113,8 @@ def test_default_msra_statistics_and_bgr_flip(d2_state):
   np.testing.assert_allclose(config.pixel_mean, (123.675, 116.28, 103.53))
   np.testing.assert_allclose(config.pixel_std, (1.0, 1.0, 1.0))
   kernel = np.asarray(variables["params"]["backbone"]["conv1"]["kernel"])  # HWIO, I = RGB
-  np.testing.assert_array_equal(kernel[:, :, 0, :],
-                                state["backbone.bottom_up.stem.conv1.weight"][:, 2].transpose(1, 2, 0))
+  bgr = state["backbone.bottom_up.stem.conv1.weight"]  # OIHW, I = BGR
+  np.testing.assert_array_equal(kernel[:, :, 0, :], bgr[:, 2].transpose(1, 2, 0))
   _, rgb_config = convert.convert_detectron2(state, stride_in_1x1=False, input_format="RGB")
   np.testing.assert_allclose(rgb_config.pixel_mean, (103.53, 116.28, 123.675))
 
