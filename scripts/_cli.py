@@ -23,6 +23,25 @@ def setup_logging() -> None:
   std_logging.getLogger("jax").setLevel(std_logging.WARNING)
 
 
+def parse_flags(argv):
+  """absl's flag parsing with a one-line error (``app.run(main, flags_parser=parse_flags)``)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {str(e).splitlines()[0]} (see --helpfull)", file=sys.stderr)
+    sys.exit(2)
+  except OSError as e:  # the --config file is missing or does not load
+    print(f"error: could not load --config: {str(e).splitlines()[-1].strip()}", file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # A --config.x.y=... override that names no field or has the wrong type, or a config file
+    # that fails to load: ml_collections raises these while the flags are parsed.
+    message = str(e).splitlines()[0].strip("\"'") if str(e) else type(e).__name__
+    print(f"error: bad --config or --config.* override: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run_main(fn, argv) -> None:
   """Calls ``fn(argv)``; a user error becomes ``error: <message>`` on stderr and exit 1."""
   try:

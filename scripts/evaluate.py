@@ -41,4 +41,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _cli.setup_logging()
-  app.run(main)
+  app.run(main, flags_parser=_cli.parse_flags)

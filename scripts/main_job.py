@@ -1,0 +1,82 @@
+"""The README's main job: synthetic shapes -> train -> evaluate -> draw predictions -> AP.
+
+  python scripts/main_job.py --workdir workdirs/shapes        # what `make demo` runs
+
+1. writes the synthetic shapes data set (COCO format; skipped when already there);
+2. trains ``experiments/shapes.py`` in ``--workdir`` (a rerun resumes / reuses the checkpoint);
+3. evaluates on the validation split (COCO bbox and segm AP, JSON in ``<workdir>/eval/``);
+4. draws the predictions on validation images into ``<workdir>/predictions/``;
+5. prints mask and box AP and the wall time.
+
+Config overrides work as for train.py, e.g. ``--config.train.num_steps=100`` for a quick look.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import _cli  # noqa: F401
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_HERE, "..", "experiments", "shapes.py"), "experiment config file",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/shapes", "output folder")
+_DATA_DIR = flags.DEFINE_string("data_dir", "data_cache/shapes", "where the shapes data set goes")
+_NUM_DRAW = flags.DEFINE_integer("num_draw", 8, "validation images to draw predictions on")
+
+
+def _run(config) -> None:
+  from mrcnn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax import inference  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.training.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
+
+  start = time.time()
+  data_dir = _DATA_DIR.value
+  if not os.path.exists(os.path.join(data_dir, "annotations", "instances_val.json")):
+    print(f"[1/4] generating the shapes data set in {data_dir}", flush=True)
+    data_lib.generate_shapes(data_dir, num_train=200, num_val=50, size=128, seed=0)
+  paths = {"train_annotations": os.path.join(data_dir, "annotations", "instances_train.json"),
+           "train_images": os.path.join(data_dir, "train"),
+           "eval_annotations": os.path.join(data_dir, "annotations", "instances_val.json"),
+           "eval_images": os.path.join(data_dir, "val")}
+  with config.unlocked():
+    config.data.update(paths)
+    config.eval.at_end = True
+
+  print(f"[2/4] training {config.train.num_steps} steps in {_WORKDIR.value}", flush=True)
+  result = train_and_evaluate(config, _WORKDIR.value)
+  metrics = result["eval"]
+  print("[3/4] evaluated on the validation split", flush=True)
+
+  out_dir = os.path.join(_WORKDIR.value, "predictions")
+  images = inference.expand_image_paths(paths["eval_images"])[:_NUM_DRAW.value]
+  predictor = inference.Predictor.from_workdir(config, _WORKDIR.value)
+  drawn = inference.predict_files(predictor, images, out_dir)
+  print(f"[4/4] drew {len(drawn['overlays'])} predictions in {out_dir}", flush=True)
+
+  segm, bbox = metrics["segm"], metrics["bbox"]
+  timing = metrics["timing"]
+  print(f"\nmask AP {segm['AP']:.3f}  AP50 {segm['AP50']:.3f}  AP75 {segm['AP75']:.3f}   "
+        f"box AP {bbox['AP']:.3f}  AP50 {bbox['AP50']:.3f}")
+  print(f"per class mask AP: " + ", ".join(
+      f"{k} {v:.3f}" for k, v in sorted(segm["per_category"].items())))
+  print(f"eval {timing['images_per_second']:.1f} images/s; total wall time "
+        f"{(time.time() - start) / 60:.1f} min; results in "
+        f"{os.path.join(_WORKDIR.value, 'eval')}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = _cli.load_config_or_exit(_CONFIG)
+  _cli.run_main(lambda _: _run(config), argv)
+
+
+if __name__ == "__main__":
+  _cli.setup_logging()
+  app.run(main, flags_parser=_cli.parse_flags)

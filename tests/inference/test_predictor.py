@@ -1,0 +1,86 @@
+"""Predictor: any image size in, original-coordinate instances out; predict_files skips bad files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from mrcnn_jax import config as config_lib
+from mrcnn_jax import inference
+from mrcnn_jax import modeling
+from mrcnn_jax.evaluation import coco_eval
+from mrcnn_jax.modeling.config import tiny_model_config
+
+
+@pytest.fixture(scope="module")
+def predictor():
+  c = config_lib.get_base_config()
+  c.data.image_size = (64, 64)
+  c.model = tiny_model_config(num_classes=3)
+  variables = modeling.init_variables(modeling.MaskRCNN(c.model), jax.random.PRNGKey(0), (64, 64))
+  # Score threshold 0: an untrained model's detections are all kept, so there is output to check.
+  return inference.Predictor(c, variables, class_names=["square", "circle"],
+                             category_ids=[1, 7], score_threshold=0.0)
+
+
+def test_preprocess_matches_the_eval_geometry():
+  image = np.random.default_rng(0).integers(0, 255, (30, 90, 3), dtype=np.uint8)
+  pre = inference.preprocess(image, (64, 64))
+  assert pre["image"].shape == (64, 64, 3)
+  np.testing.assert_array_equal(pre["valid_size"], [21, 64])  # 30 x 90 scaled by 64/90
+  np.testing.assert_array_equal(pre["original_size"], [30, 90])
+  np.testing.assert_allclose(pre["image_scale"], [21 / 30, 64 / 90], rtol=1e-6)
+  assert pre["image"][21:].max() == 0  # zero padding below the valid region
+
+
+@pytest.mark.slow
+def test_predict_any_size_and_files(predictor, tmp_path):
+  rng = np.random.default_rng(1)
+  images_dir = tmp_path / "images"
+  images_dir.mkdir()
+  sizes = [(48, 100), (80, 40)]
+  for i, (h, w) in enumerate(sizes):
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images_dir / f"{i}.png")
+  (images_dir / "broken.jpg").write_bytes(b"not a jpeg")
+
+  for h, w in sizes:
+    image = np.asarray(Image.open(images_dir / f"{sizes.index((h, w))}.png"))
+    r = predictor(image)
+    n = len(r["scores"])
+    assert n > 0
+    assert r["boxes"].shape == (n, 4) and r["masks"].shape == (n, h, w)
+    assert r["masks"].dtype == bool
+    assert (r["boxes"][:, [0, 2]] <= w).all() and (r["boxes"][:, [1, 3]] <= h).all()
+    assert (r["boxes"] >= 0).all() and np.all(np.diff(r["scores"]) <= 0)
+    assert set(r["labels"]) <= {"square", "circle"}
+    assert set(r["category_ids"].tolist()) <= {1, 7}
+
+  out_dir = tmp_path / "out"
+  paths = inference.expand_image_paths(str(images_dir))
+  assert [os.path.basename(p) for p in paths] == ["0.png", "1.png", "broken.jpg"]
+  out = inference.predict_files(predictor, paths, str(out_dir))
+  assert [p for p, _ in out["failed"]] == [str(images_dir / "broken.jpg")]
+  assert len(out["overlays"]) == 2
+  for png, (h, w) in zip(out["overlays"], sizes):
+    assert np.asarray(Image.open(png)).shape == (h, w, 3)
+  with open(out["results"]) as f:
+    results = json.load(f)
+  assert results["failed"][0]["path"].endswith("broken.jpg")
+  dets = results["detections"]
+  assert len(dets) == out["num_instances"] > 0
+  for d in dets:
+    assert d["image_id"] in (0, 1) and d["category_id"] in (1, 7)
+    h, w = sizes[d["image_id"]]
+    assert d["segmentation"]["size"] == [h, w]
+    mask = coco_eval.mask_util.decode(d["segmentation"])
+    assert mask.shape == (h, w)
+
+
+def test_expand_image_paths_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no image found"):
+    inference.expand_image_paths(str(tmp_path / "*.png"))

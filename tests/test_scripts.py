@@ -1,0 +1,59 @@
+"""The entry points from a shell: a bad flag or a missing path is one clear line, exit != 0."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *args],
+                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+  return [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config", "experiments/shapes.py", "--workdir", "w", "--bogus_flag=1"],
+     "Unknown command line flag 'bogus_flag'"),
+    (["--config", "experiments/shapes.py"], "--workdir"),
+    (["--config", "experiments/shapes.py", "--workdir", "w", "--config.train.no_such_field=3"],
+     "no_such_field"),
+    (["--config", "experiments/no_such_experiment.py", "--workdir", "w"],
+     "No such file or directory"),
+])
+def test_bad_flag_is_one_line(args, expected):
+  proc = run_script("train.py", *args)
+  assert proc.returncode != 0
+  errors = error_lines(proc)
+  assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_missing_data_path_is_one_line(tmp_path):
+  missing = str(tmp_path / "nowhere" / "instances_train.json")
+  proc = run_script("train.py", "--config", "experiments/shapes.py", "--workdir",
+                    str(tmp_path / "w"), f"--config.data.train_annotations={missing}")
+  assert proc.returncode == 1
+  assert error_lines(proc) == [f"error: config.data.train_annotations not found: {missing}"]
+  assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_predict_missing_images_is_one_line(tmp_path):
+  proc = run_script("predict.py", "--config", "experiments/shapes.py", "--workdir",
+                    str(tmp_path), "--images", str(tmp_path / "*.png"), "--out",
+                    str(tmp_path / "out"))
+  assert proc.returncode == 1
+  errors = error_lines(proc)
+  assert len(errors) == 1 and "no image found" in errors[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
