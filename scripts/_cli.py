@@ -53,11 +53,14 @@ def run_main(fn, argv) -> None:
 
 
 def load_config_or_exit(config_flag):
-  """The ``--config`` value, or a one-line error if the flag is missing or bad."""
+  """The ``--config`` value, or a one-line error if the flag is missing or its file is bad."""
   try:
     config = config_flag.value
+    if config is not None:
+      list(config.keys())  # a config that failed to load raises only when first used
   except Exception as e:  # pylint: disable=broad-except  # config file errors come in many types
-    print(f"error: could not load --config: {str(e).splitlines()[0]}", file=sys.stderr)
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+    print(f"error: could not load --config: {lines[-1]}", file=sys.stderr)
     sys.exit(1)
   if config is None:
     print("error: --config is required (e.g. --config experiments/shapes.py)", file=sys.stderr)
