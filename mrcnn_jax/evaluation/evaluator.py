@@ -96,8 +96,11 @@ class Evaluator:
     self._predict = jax.jit(predict, in_shardings=(sharding_lib.replicated(mesh), batch_sh,
                                                     batch_sh), out_shardings=batch_sh)
 
-  def predict_batch(self, variables: PyTree, batch: Mapping[str, jax.Array]) -> dict:
-    """Dispatches ``predict`` on a global batch; returns device arrays (not yet fetched)."""
+  def predict_batch(self, variables: PyTree, host_batch: Mapping[str, np.ndarray]) -> dict:
+    """Dispatches ``predict`` on this host's batch; returns global device arrays (not fetched)."""
+    from mrcnn_jax.data import sharding as data_sharding  # pylint: disable=g-import-not-at-top
+    batch = data_sharding.make_global_batch(
+        {k: host_batch[k] for k in ("image", "valid_size")}, self.mesh)
     return self._predict(variables, batch["image"], batch["valid_size"])
 
   def evaluate(self, variables: PyTree, dataset, *, workdir: Optional[str] = None,
@@ -120,8 +123,6 @@ class Evaluator:
       :func:`coco_eval.evaluate_coco`), ``'timing': {...}``, ``'images'``: list of
       [H, W, 3] uint8 overlays}``.
     """
-    from mrcnn_jax.data import sharding as data_sharding  # pylint: disable=g-import-not-at-top
-
     if dataset.source is None:
       raise ValueError("evaluation needs a COCO-JSON eval source (config.data.source='coco')")
     ec = self.config.eval
@@ -160,9 +161,7 @@ class Evaluator:
 
     pending = None
     for host_batch in dataset:
-      batch = data_sharding.make_global_batch(
-          {k: host_batch[k] for k in ("image", "valid_size")}, self.mesh)
-      out = self.predict_batch(variables, batch)  # async: runs while the host finishes the last
+      out = self.predict_batch(variables, host_batch)  # async: runs while the host finishes the last
       if pending is not None:
         finish(pending)
       pending = (host_batch, out)
