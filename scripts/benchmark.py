@@ -1,0 +1,268 @@
+r"""Benchmarks Mask R-CNN R50-FPN in JAX against torchvision's on this machine, in one run.
+
+Measures, for the full default model (random weights, 91 classes):
+  * train step, batch 2 at 512x512 (JAX: the jitted, sharded ``make_train_step``; torchvision:
+    forward in train mode with synthetic targets, backward, SGD step);
+  * inference latency, batch 1 at 512x512 and at 800x1216 (JAX pads 800x1216 to 832x1216, a
+    multiple of 64, with ``valid_size`` = 800x1216; torchvision pads it to a multiple of 32,
+    which 800x1216 already is).
+JAX compile times are reported separately; timed runs are the median of ``--repeats`` after
+one warm-up call. torchvision runs with ``torch.set_num_threads(--threads)``; XLA's CPU client
+uses every core of the machine (2 here), so both see the same cores.
+
+The torchvision reference is ``maskrcnn_resnet50_fpn`` built in the configuration our default
+config mirrors: FrozenBatchNorm2d and ``trainable_backbone_layers=3`` (the builder switches to
+BatchNorm2d with every layer trainable when ``weights_backbone=None``; that variant's train
+step is timed too, as "builder default", for reference).
+
+Usage::
+
+  python scripts/benchmark.py                      # everything, ~10 minutes on 2 CPU cores
+  python scripts/benchmark.py --skip_torch --repeats 2
+"""
+
+# torchvision segfaults if imported after TensorFlow: load it before anything else.
+import torch  # noqa: I001
+import torchvision  # noqa: F401
+from torchvision.models.detection import backbone_utils
+from torchvision.models.detection import mask_rcnn as tv_mask_rcnn
+from torchvision.ops import misc as tv_misc
+
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mrcnn_jax import config as config_lib
+from mrcnn_jax import modeling
+from mrcnn_jax import training
+
+_REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs per measurement (median reported)")
+_THREADS = flags.DEFINE_integer("threads", 2, "torch.set_num_threads")
+_SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "time the JAX model only")
+_SKIP_TRAIN = flags.DEFINE_bool("skip_train", False, "skip the train-step measurements")
+_DTYPE = flags.DEFINE_string("compute_dtype", "float32", "JAX activation dtype")
+_NUM_OBJECTS = 4
+
+
+class _Clock:
+  """Wall seconds and this process's CPU seconds (all threads) of a block of work.
+
+  On a shared machine wall time is inflated by other processes; CPU seconds are much less so
+  (both frameworks run 2 threads here), so both are reported.
+  """
+
+  def __enter__(self):
+    self.wall, self.cpu = time.perf_counter(), time.process_time()
+    return self
+
+  def __exit__(self, *exc):
+    self.wall = time.perf_counter() - self.wall
+    self.cpu = time.process_time() - self.cpu
+
+
+def _median_time(fn, repeats):
+  """(median wall s, median CPU s) of ``repeats`` calls after one warm-up call."""
+  fn()  # warm-up (allocations, caches)
+  walls, cpus = [], []
+  for _ in range(repeats):
+    with _Clock() as c:
+      fn()
+    walls.append(c.wall)
+    cpus.append(c.cpu)
+  return statistics.median(walls), statistics.median(cpus)
+
+
+def _synthetic(rng, batch, height, width, max_instances, mask_size):
+  """Random images and ``_NUM_OBJECTS`` rectangle instances per image, in both formats."""
+  images = rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
+  boxes = np.zeros((batch, max_instances, 4), np.float32)
+  classes = np.zeros((batch, max_instances), np.int32)
+  valid = np.zeros((batch, max_instances), bool)
+  for b in range(batch):
+    for i in range(_NUM_OBJECTS):
+      w, h = rng.integers(32, min(height, width) // 2, size=2)
+      x0, y0 = rng.integers(0, width - w), rng.integers(0, height - h)
+      boxes[b, i] = (x0, y0, x0 + w, y0 + h)
+      classes[b, i] = rng.integers(1, 91)
+      valid[b, i] = True
+  jax_batch = {
+      "image": images, "gt_boxes": boxes, "gt_classes": classes, "gt_valid": valid,
+      "gt_masks": np.where(valid[:, :, None, None], 1, 0).astype(np.uint8)
+                  * np.ones((1, 1, mask_size, mask_size), np.uint8),
+      "image_id": np.arange(batch, dtype=np.int32),
+      "original_size": np.tile([height, width], (batch, 1)).astype(np.int32),
+      "image_scale": np.ones((batch, 2), np.float32),
+      "valid_size": np.tile([height, width], (batch, 1)).astype(np.int32),
+      "example_valid": np.ones((batch,), bool),
+  }
+  tv_images = [torch.from_numpy(im).permute(2, 0, 1).float() / 255.0 for im in images]
+  tv_targets = []
+  for b in range(batch):
+    n = int(valid[b].sum())
+    masks = torch.zeros((n, height, width), dtype=torch.uint8)
+    for i in range(n):
+      x0, y0, x1, y1 = boxes[b, i].astype(int)
+      masks[i, y0:y1, x0:x1] = 1
+    tv_targets.append({"boxes": torch.from_numpy(boxes[b, :n]),
+                       "labels": torch.from_numpy(classes[b, :n]).long(), "masks": masks})
+  return jax_batch, tv_images, tv_targets
+
+
+def _torchvision_model(min_size, max_size, matched=True):
+  if not matched:
+    return tv_mask_rcnn.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                              min_size=min_size, max_size=max_size)
+  trunk = torchvision.models.resnet50(weights=None, norm_layer=tv_misc.FrozenBatchNorm2d)
+  backbone = backbone_utils._resnet_fpn_extractor(trunk, 3)
+  return tv_mask_rcnn.MaskRCNN(backbone, num_classes=91, min_size=min_size, max_size=max_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# JAX
+# ------------------------------------------------------------------------------------------------
+
+
+def _jax_config(height, width, batch):
+  config = config_lib.get_base_config()
+  config.model.compute_dtype = _DTYPE.value
+  config.data.image_size = (height, width)
+  config.train.batch_size = batch
+  return config
+
+
+def jax_train(rows, repeats):
+  config = _jax_config(512, 512, 2)
+  model = modeling.MaskRCNN(config.model)
+  mesh = training.make_mesh(jax.devices()[:1])
+  with _Clock() as init_clock:
+    state = training.create_train_state(config, model, jax.random.PRNGKey(0), mesh)
+    jax.block_until_ready(state)
+  step_fn = training.make_train_step(config, model, mesh, state)
+  batch, _, _ = _synthetic(np.random.default_rng(0), 2, 512, 512, config.data.max_instances,
+                           config.data.mask_size)
+  batch = training.shard_batch(batch, mesh)
+  with _Clock() as compile_clock:
+    compiled = step_fn.lower(state, batch).compile()
+  holder = [state]
+
+  def run():
+    holder[0], metrics = compiled(holder[0], batch)
+    jax.block_until_ready(metrics)
+
+  rows["train"] = _median_time(run, repeats)
+  rows["train_compile"] = (compile_clock.wall, compile_clock.cpu)
+  rows["init"] = (init_clock.wall, init_clock.cpu)
+  _, metrics = compiled(holder[0], batch)
+  print("JAX train metrics:", {k: round(float(v), 4) for k, v in metrics.items()})
+
+
+def jax_infer(rows, key, height, width, padded_height, padded_width, repeats):
+  config = _jax_config(padded_height, padded_width, 1)
+  model = modeling.MaskRCNN(config.model)
+  variables = jax.jit(lambda k: modeling.init_variables(model, k, (padded_height, padded_width)))(
+      jax.random.PRNGKey(0))
+  image = np.zeros((1, padded_height, padded_width, 3), np.uint8)
+  image[:, :height, :width] = np.random.default_rng(1).integers(0, 256, (1, height, width, 3))
+  valid_size = jnp.asarray([[height, width]], jnp.int32)
+  predict = jax.jit(lambda v, im, vs: model.apply(v, im, vs, method=type(model).predict))
+  with _Clock() as c:
+    compiled = predict.lower(variables, image, valid_size).compile()
+  rows[key + "_compile"] = (c.wall, c.cpu)
+  image = jax.device_put(image)
+  rows[key] = _median_time(lambda: jax.block_until_ready(compiled(variables, image, valid_size)),
+                           repeats)
+  out = compiled(variables, image, valid_size)
+  rows[key + "_detections"] = int(out["valid"].sum())
+
+
+# ------------------------------------------------------------------------------------------------
+# torchvision
+# ------------------------------------------------------------------------------------------------
+
+
+def torch_train(rows, key, repeats, matched):
+  torch.manual_seed(0)
+  model = _torchvision_model(512, 512, matched).train()
+  _, images, targets = _synthetic(np.random.default_rng(0), 2, 512, 512, 100, 28)
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
+
+  def run():
+    losses = model(images, targets)
+    opt.zero_grad()
+    sum(losses.values()).backward()
+    opt.step()
+
+  rows[key] = _median_time(run, repeats)
+
+
+def torch_infer(rows, key, height, width, repeats):
+  torch.manual_seed(0)
+  model = _torchvision_model(min(height, width), max(height, width)).eval()
+  image = np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
+  images = [torch.from_numpy(image).permute(2, 0, 1).float() / 255.0]
+
+  def run():
+    with torch.inference_mode():
+      return model(images)
+
+  rows[key] = _median_time(run, repeats)
+  rows[key + "_detections"] = len(run()[0]["boxes"])
+
+
+def main(argv):
+  del argv
+  torch.set_num_threads(_THREADS.value)
+  repeats = _REPEATS.value
+  jx, tv = {}, {}
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
+        f"torch {torch.__version__} threads {torch.get_num_threads()}; "
+        f"compute dtype {_DTYPE.value}", flush=True)
+  if not _SKIP_TRAIN.value:
+    jax_train(jx, repeats)
+    print("JAX train:", jx, flush=True)
+  jax_infer(jx, "infer_512", 512, 512, 512, 512, repeats)
+  jax_infer(jx, "infer_800", 800, 1216, 832, 1216, repeats)
+  print("JAX:", jx, flush=True)
+  if not _SKIP_TORCH.value:
+    if not _SKIP_TRAIN.value:
+      torch_train(tv, "train", repeats, matched=True)
+      torch_train(tv, "train_builder_default", repeats, matched=False)
+    torch_infer(tv, "infer_512", 512, 512, repeats)
+    torch_infer(tv, "infer_800", 800, 1216, repeats)
+    print("torchvision:", tv, flush=True)
+
+  lines = ["| measurement | JAX wall s | torchvision wall s | wall ratio | JAX CPU s | "
+           "torchvision CPU s | CPU ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
+  names = {"train": "train step, batch 2, 512x512",
+           "infer_512": "inference, batch 1, 512x512",
+           "infer_800": "inference, batch 1, 800x1216 (JAX padded to 832x1216)"}
+  fmt = lambda d, k, i: f"{d[k][i]:.2f}" if k in d else "-"
+  ratio = lambda k, i, tk=None: (f"{jx[k][i] / tv[tk or k][i]:.2f}"
+                                 if k in jx and (tk or k) in tv else "-")
+  for k, label in names.items():
+    if k in jx:
+      lines.append(f"| {label} | {fmt(jx, k, 0)} | {fmt(tv, k, 0)} | {ratio(k, 0)} | "
+                   f"{fmt(jx, k, 1)} | {fmt(tv, k, 1)} | {ratio(k, 1)} |")
+  if "train_builder_default" in tv:
+    k = "train_builder_default"
+    lines.append(f"| train step vs torchvision builder default (BatchNorm2d, all layers "
+                 f"trainable) | {fmt(jx, 'train', 0)} | {fmt(tv, k, 0)} | {ratio('train', 0, k)} |"
+                 f" {fmt(jx, 'train', 1)} | {fmt(tv, k, 1)} | {ratio('train', 1, k)} |")
+  for k in ("train_compile", "infer_512_compile", "infer_800_compile", "init"):
+    if k in jx:
+      lines.append(f"| JAX {k.replace('_', ' ')} | {fmt(jx, k, 0)} | - | - | {fmt(jx, k, 1)} "
+                   "| - | - |")
+  for k in ("infer_512_detections", "infer_800_detections"):
+    lines.append(f"| detections ({k.split('_')[1]}) | {jx.get(k, '-')} | {tv.get(k, '-')} | "
+                 "- | - | - | - |")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  app.run(main)
