@@ -4,7 +4,8 @@ Modules mirror torchvision's ``RoIHeads`` parts and names: :class:`TwoMLPHead` (
 ``fc7``), :class:`FastRCNNPredictor` (``cls_score``, ``bbox_pred``), :class:`MaskRCNNHead`
 (``mask_fcn1..4``) and :class:`MaskRCNNPredictor` (``conv5_mask``, ``mask_fcn_logits``).
 Converter notes: ``fc6`` flattens RoI features in NHWC order (torch flattens CHW), and
-``conv5_mask`` is a Flax ``ConvTranspose`` (HWIO, no kernel flip).
+``conv5_mask`` is a Flax ``ConvTranspose``: its kernel is torch's ``[in, out, kh, kw]`` weight
+transposed to ``[kh, kw, in, out]`` and flipped in both spatial axes.
 
 Pure per-image functions (vmap them): :func:`sample_rois` (append GT, match at IoU 0.5,
 sample 512 with <= 25% foreground, targets) and :func:`detect` (softmax, per-class decode, clip,
