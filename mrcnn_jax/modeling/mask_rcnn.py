@@ -28,6 +28,7 @@ from mrcnn_jax.modeling import roi_heads as roi_lib
 from mrcnn_jax.modeling import rpn as rpn_lib
 from mrcnn_jax.modeling.fpn import FPN
 from mrcnn_jax.ops import anchors as anchor_ops
+from mrcnn_jax.ops.masks import mask_targets
 from mrcnn_jax.ops.roi_align import multilevel_roi_align
 
 Batch = Dict[str, jax.Array]
@@ -130,8 +131,6 @@ class MaskRCNN(nn.Module):
       stats: float32 scalars, per-image means: ``rpn_num_fg``, ``rpn_num_bg``,
         ``roi_num_fg``, ``roi_num_bg``, ``num_proposals``.
     """
-    from mrcnn_jax.ops.masks import mask_targets  # pylint: disable=g-import-not-at-top
-
     cfg = self.config
     images = batch["image"]
     b, h, w = images.shape[:3]
