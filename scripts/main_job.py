@@ -57,7 +57,10 @@ def _run(config) -> None:
   images = inference.expand_image_paths(paths["eval_images"])[:_NUM_DRAW.value]
   predictor = inference.Predictor.from_workdir(config, _WORKDIR.value)
   drawn = inference.predict_files(predictor, images, out_dir)
-  print(f"[4/4] drew {len(drawn['overlays'])} predictions in {out_dir}", flush=True)
+  montage = os.path.join(out_dir, "montage.png")
+  inference.save_png(_montage(predictor, images), montage)
+  print(f"[4/4] drew {len(drawn['overlays'])} predictions in {out_dir} (all: {montage})",
+        flush=True)
 
   segm, bbox = metrics["segm"], metrics["bbox"]
   timing = metrics["timing"]
@@ -68,6 +71,19 @@ def _run(config) -> None:
   print(f"eval {timing['images_per_second']:.1f} images/s; total wall time "
         f"{(time.time() - start) / 60:.1f} min; results in "
         f"{os.path.join(_WORKDIR.value, 'eval')}")
+
+
+def _montage(predictor, paths, factor: int = 3):
+  """The predictions on ``paths`` drawn 3x enlarged (the images are 128 px), in one grid."""
+  from mrcnn_jax import inference  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.inference import visualize  # pylint: disable=g-import-not-at-top
+  tiles = []
+  for path in paths:
+    image = inference.load_image(path)
+    r = predictor(image)
+    big, boxes, masks = visualize.upscale(image, r["boxes"], r["masks"], factor)
+    tiles.append(visualize.draw_instances(big, boxes, r["scores"], r["labels"], masks))
+  return visualize.make_grid(tiles, cols=4)
 
 
 def main(argv):

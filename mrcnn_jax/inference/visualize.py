@@ -75,6 +75,32 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
   return np.asarray(out)
 
 
+def upscale(image: np.ndarray, boxes: np.ndarray, masks: Optional[np.ndarray],
+            factor: int) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+  """Nearest-neighbour ``factor``x enlargement of an image and its instances (for small images,
+  whose labels would otherwise cover them)."""
+  image = np.repeat(np.repeat(np.asarray(image), factor, 0), factor, 1)
+  boxes = np.asarray(boxes, np.float32) * factor
+  if masks is not None:
+    masks = np.repeat(np.repeat(np.asarray(masks), factor, 1), factor, 2)
+  return image, boxes, masks
+
+
+def make_grid(images: Sequence[np.ndarray], cols: int = 4, pad: int = 4) -> np.ndarray:
+  """Tiles [h_i, w_i, 3] uint8 images into one, row-major, on a white background."""
+  if not images:
+    raise ValueError("make_grid needs at least one image")
+  rows = -(-len(images) // cols)
+  cell_h = max(i.shape[0] for i in images) + pad
+  cell_w = max(i.shape[1] for i in images) + pad
+  grid = np.full((rows * cell_h + pad, min(cols, len(images)) * cell_w + pad, 3), 255, np.uint8)
+  for k, image in enumerate(images):
+    r, c = divmod(k, cols)
+    y, x = pad + r * cell_h, pad + c * cell_w
+    grid[y:y + image.shape[0], x:x + image.shape[1]] = image
+  return grid
+
+
 def save_png(image: np.ndarray, path: str) -> None:
   """Writes [H, W, 3] uint8 RGB as a PNG."""
   Image.fromarray(np.asarray(image, np.uint8)).save(path, format="PNG")

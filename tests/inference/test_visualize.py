@@ -38,3 +38,17 @@ def test_no_instances_and_bad_shapes():
     visualize.draw_instances(image, np.zeros((1, 4)), np.ones(1), ["a"], np.zeros((1, 5, 5)))
   with pytest.raises(ValueError, match="image must be"):
     visualize.draw_instances(image[..., 0], np.zeros((0, 4)), np.zeros(0), [])
+
+
+def test_upscale_and_grid():
+  image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+  masks = np.array([[[True, False, False], [False, False, True]]])
+  big, boxes, big_masks = visualize.upscale(image, np.array([[0, 0, 1, 2]]), masks, 2)
+  assert big.shape == (4, 6, 3) and big_masks.shape == (1, 4, 6)
+  np.testing.assert_array_equal(big[::2, ::2], image)
+  np.testing.assert_array_equal(big_masks[0, ::2, ::2], masks[0])
+  np.testing.assert_array_equal(boxes, [[0, 0, 2, 4]])
+  grid = visualize.make_grid([image, big], cols=2, pad=1)
+  assert grid.shape == (1 + 4 + 1, 1 + 2 * 7, 3)
+  np.testing.assert_array_equal(grid[1:3, 1:4], image)
+  np.testing.assert_array_equal(grid[1:5, 8:14], big)
