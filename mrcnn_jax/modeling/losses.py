@@ -13,7 +13,9 @@ over the whole batch, as torchvision concatenates its per-image lists before red
 * Mask (``maskrcnn_loss``): per-pixel BCE on the GT class's channel averaged over every pixel
   of every foreground RoI; exactly 0 (with zero gradient) when there is none.
 
-Every loss is float32 and returned on its own; the caller sums them.
+Every loss is float32 and returned on its own; the caller sums them. Targets in slots that do
+not count are replaced by 0 *before* the loss: a masked-out NaN or inf target (a delta encoded
+against a padded zero box) would otherwise turn the masked gradient into ``0 * nan``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def rpn_losses(objectness: jax.Array, deltas: jax.Array, labels: jax.Array,
   n = _count(valid)
   bce = optax.sigmoid_binary_cross_entropy(objectness.astype(jnp.float32), labels)
   obj_loss = jnp.sum(jnp.where(valid, bce, 0.0)) / n
+  target_deltas = jnp.where(positive[..., None], target_deltas, 0.0)
   l1 = smooth_l1(deltas.astype(jnp.float32) - target_deltas, beta).sum(-1)
   box_loss = jnp.sum(jnp.where(positive, l1, 0.0)) / n
   return obj_loss, box_loss
@@ -86,6 +89,7 @@ def fast_rcnn_losses(class_logits: jax.Array, box_deltas: jax.Array, labels: jax
   cls_loss = jnp.sum(jnp.where(valid, ce, 0.0)) / n
   fg = valid & (labels > 0)
   pred = jnp.take_along_axis(box_deltas, labels[..., None, None], axis=-2)[..., 0, :]
+  target_deltas = jnp.where(fg[..., None], target_deltas, 0.0)
   l1 = smooth_l1(pred.astype(jnp.float32) - target_deltas, beta).sum(-1)
   box_loss = jnp.sum(jnp.where(fg, l1, 0.0)) / n
   return cls_loss, box_loss
@@ -103,6 +107,7 @@ def mask_loss(mask_logits: jax.Array, mask_targets: jax.Array, valid: jax.Array)
     float32 scalar: mean BCE over all valid pixels.
   """
   s2 = mask_logits.shape[-1] * mask_logits.shape[-2]
+  mask_targets = jnp.where(valid[..., None, None], mask_targets, 0.0)
   bce = optax.sigmoid_binary_cross_entropy(mask_logits.astype(jnp.float32), mask_targets)
   per_roi = bce.sum((-1, -2))
   return jnp.sum(jnp.where(valid, per_roi, 0.0)) / (_count(valid) * s2)

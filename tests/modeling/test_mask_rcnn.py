@@ -1,0 +1,216 @@
+"""The whole model with the tiny config: losses, gradients, inference, dtypes and norms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torchvision.models.detection import backbone_utils
+from torchvision.models.detection import mask_rcnn as tv_mrcnn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from mrcnn_jax import modeling
+from mrcnn_jax.modeling import MaskRCNN
+
+LOSS_KEYS = {"rpn_objectness", "rpn_box", "roi_class", "roi_box", "roi_mask"}
+H, W, G, S = 64, 96, 4, 16
+
+
+def make_batch(seed=0, num_valid=(3, 0)):
+  """Two images: the first with ``num_valid[0]`` objects, the second with ``num_valid[1]``."""
+  rng = np.random.default_rng(seed)
+  b = len(num_valid)
+  image = rng.integers(0, 255, (b, H, W, 3)).astype(np.uint8)
+  xy = rng.uniform(0, 40, (b, G, 2))
+  wh = rng.uniform(12, 40, (b, G, 2))
+  boxes = np.minimum(np.concatenate([xy, xy + wh], -1), [W, H, W, H]).astype(np.float32)
+  valid = np.arange(G)[None, :] < np.asarray(num_valid)[:, None]
+  for i in range(b):  # paint the objects so the image is not pure noise
+    for j in np.nonzero(valid[i])[0]:
+      x1, y1, x2, y2 = boxes[i, j].astype(int)
+      image[i, y1:y2, x1:x2] = 40 * (j + 1)
+  return dict(
+      image=image,
+      gt_boxes=np.where(valid[..., None], boxes, 0).astype(np.float32),
+      gt_classes=np.where(valid, rng.integers(1, 3, (b, G)), 0).astype(np.int32),
+      gt_masks=(rng.uniform(size=(b, G, S, S)) < 0.6).astype(np.uint8) * valid[..., None, None],
+      gt_valid=valid,
+      valid_size=np.array([[H, W], [H - 8, W - 16]][:b], np.int32))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = modeling.tiny_model_config()
+  model = MaskRCNN(cfg)
+  variables = jax.jit(lambda k: modeling.init_variables(model, k, (H, W)))(jax.random.key(0))
+  return cfg, model, variables
+
+
+@pytest.fixture(scope="module")
+def predict(tiny):
+  """One jitted inference function shared by the tests (one compilation)."""
+  model = tiny[1]
+  return jax.jit(lambda v, x, s: model.apply(v, x, s, method=MaskRCNN.predict))
+
+
+def _frozen_bn_to_bn(params):
+  """Frozen-BN params -> (params, batch_stats) of the same network with trainable BatchNorm
+  (the statistics move to their own collection): no second initialisation to compile."""
+  params = jax.tree.map(lambda x: x, params)
+  stats = {}
+
+  def split(p, s):
+    for k, v in list(p.items()):
+      if isinstance(v, dict) and "mean" in v and "var" in v:
+        s[k] = {"mean": v.pop("mean"), "var": v.pop("var")}
+      elif isinstance(v, dict):
+        split(v, s.setdefault(k, {}))
+        if not s[k]:
+          del s[k]
+
+  split(params, stats)
+  return params, stats
+
+
+def _leaves(tree):
+  return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_losses_stats_and_gradients(tiny):
+  cfg, model, variables = tiny
+  assert set(variables) == {"params"}
+  batch = make_batch()
+
+  @jax.jit
+  def step(params, batch, key):
+    def loss_fn(p):
+      losses, stats = model.apply({"params": p}, batch, method=MaskRCNN.losses,
+                                  rngs={"sampling": key})
+      return sum(losses.values()), (losses, stats)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  (total, (losses, stats)), grads = step(variables["params"], batch, jax.random.key(1))
+  assert set(losses) == LOSS_KEYS
+  for k, v in losses.items():
+    assert v.shape == () and v.dtype == jnp.float32, k
+    assert np.isfinite(float(v)) and float(v) > 0, k
+  assert {"rpn_num_fg", "roi_num_fg"} <= set(stats)
+  assert all(v.shape == () and v.dtype == jnp.float32 for v in stats.values())
+  # 3 GT boxes in image 0, none in image 1: the appended GT boxes are foreground RoIs.
+  assert float(stats["roi_num_fg"]) >= 1.5 and float(stats["rpn_num_fg"]) >= 1.5
+  assert float(stats["roi_num_fg"]) <= cfg.roi.batch_size_per_image * cfg.roi.positive_fraction
+  assert np.isclose(float(total), sum(float(v) for v in losses.values()))
+
+  mask = modeling.trainable_mask(variables["params"], cfg)
+  assert jax.tree.structure(mask) == jax.tree.structure(variables["params"])
+  g, m = _leaves(grads), _leaves(mask)
+  frozen = [k for k in g if not m[k]]
+  trainable = [k for k in g if m[k]]
+  assert any("['layer1']" in k for k in frozen) and any("['conv1']" in k for k in frozen)
+  assert all("['backbone']" in k for k in frozen)
+  assert not any("['backbone']['layer3']" in k and "kernel" in k for k in frozen)
+  for k in frozen:
+    assert not np.any(np.asarray(g[k])), f"frozen {k} got gradient"
+  for k in trainable:
+    assert np.any(np.asarray(g[k])), f"trainable {k} got no gradient"
+
+
+def test_predict_shapes_and_contract(tiny, predict):
+  cfg, model, variables = tiny
+  batch = make_batch(seed=1)
+  out = predict(variables, batch["image"], batch["valid_size"])
+  d = cfg.detections_per_image
+  want = dict(boxes=((2, d, 4), jnp.float32), scores=((2, d), jnp.float32),
+              classes=((2, d), jnp.int32), masks=((2, d, 28, 28), jnp.float32),
+              valid=((2, d), jnp.bool_))
+  assert {k: (v.shape, v.dtype) for k, v in out.items()} == want
+  valid = np.asarray(out["valid"])
+  cls, scores, masks = (np.asarray(out[k]) for k in ("classes", "scores", "masks"))
+  assert np.all((cls[valid] >= 1) & (cls[valid] < cfg.num_classes))
+  assert np.all(cls[~valid] == 0) and np.all(masks[~valid] == 0)
+  assert np.all((masks >= 0) & (masks <= 1))
+  assert np.all(scores[valid] > cfg.roi.score_threshold)
+  boxes = np.asarray(out["boxes"])
+  for i in range(2):
+    h, w = batch["valid_size"][i]
+    assert np.all(boxes[i, :, 2] <= w) and np.all(boxes[i, :, 3] <= h)
+    assert np.all(np.diff(scores[i][valid[i]]) <= 0)  # best first
+
+
+def test_predict_finds_detections_with_a_confident_classifier(tiny, predict):
+  """Random weights give ~uniform class scores (below 0.05 with many classes); biasing the
+  classifier to class 1 must produce valid detections whose masks come from the mask head."""
+  cfg, model, variables = tiny
+  params = jax.tree.map(lambda x: x, variables["params"])
+  bias = np.zeros(cfg.num_classes, np.float32)
+  bias[1] = 8.0
+  params["box_predictor"]["cls_score"]["bias"] = jnp.asarray(bias)
+  batch = make_batch(seed=2)
+  out = predict({"params": params}, batch["image"], batch["valid_size"])
+  valid = np.asarray(out["valid"])
+  assert valid.any(axis=1).all()
+  assert np.all(np.asarray(out["classes"])[valid] == 1)
+  masks = np.asarray(out["masks"])[valid]
+  assert masks.std() > 0 and np.all((masks > 0) & (masks < 1))
+
+
+def test_bfloat16_losses_are_finite(tiny):
+  _, _, variables = tiny  # parameters are float32 whatever the compute dtype
+  cfg = modeling.tiny_model_config()
+  cfg.compute_dtype = "bfloat16"
+  model = MaskRCNN(cfg)
+  batch = make_batch(seed=3, num_valid=(2, 1))
+  losses, stats = jax.jit(lambda v, b, k: model.apply(v, b, method=MaskRCNN.losses,
+                                                      rngs={"sampling": k}))(
+                                                          variables, batch, jax.random.key(4))
+  for k, v in losses.items():
+    assert v.dtype == jnp.float32 and np.isfinite(float(v)) and float(v) > 0, k
+  assert float(stats["roi_num_fg"]) >= 1.5
+
+
+def test_trainable_batchnorm_updates_batch_stats(tiny):
+  cfg = modeling.tiny_model_config()
+  cfg.norm = "bn"
+  model = MaskRCNN(cfg)
+  shapes = jax.eval_shape(lambda k: modeling.init_variables(model, k, (H, W)), jax.random.key(0))
+  assert set(shapes) == {"params", "batch_stats"}
+  params, stats = _frozen_bn_to_bn(tiny[2]["params"])
+  variables = {"params": params, "batch_stats": stats}
+  assert jax.tree.structure(variables) == jax.tree.structure(shapes)
+  batch = make_batch(seed=5, num_valid=(1, 2))
+  (losses, _), updates = jax.jit(lambda v, b, k: model.apply(
+      v, b, method=MaskRCNN.losses, rngs={"sampling": k}, mutable=["batch_stats"]))(
+          variables, batch, jax.random.key(6))
+  assert all(np.isfinite(float(v)) for v in losses.values())
+  before, after = variables["batch_stats"]["backbone"], updates["batch_stats"]["backbone"]
+  # Trainable stages update their statistics; the frozen stem and layer1 keep theirs.
+  assert not np.allclose(before["layer2"]["0"]["bn1"]["mean"], after["layer2"]["0"]["bn1"]["mean"])
+  np.testing.assert_array_equal(before["layer1"]["0"]["bn1"]["mean"],
+                                after["layer1"]["0"]["bn1"]["mean"])
+  mask = _leaves(modeling.trainable_mask(variables["params"], cfg))
+  assert mask["['backbone']['layer2']['0']['bn1']['scale']"]
+  assert not mask["['backbone']['layer1']['0']['bn1']['scale']"]
+
+
+def test_full_model_parameter_counts_match_torchvision():
+  """R50-FPN Mask R-CNN (91 classes) with torchvision's pretrained-backbone layout:
+  FrozenBatchNorm2d and trainable_layers=3. Same parameter and trainable counts."""
+  cfg = modeling.model_config()
+  shapes = jax.eval_shape(lambda k: modeling.init_variables(MaskRCNN(cfg), k, (256, 256)),
+                          jax.random.key(0))
+  params = _leaves(shapes["params"])
+  mask = _leaves(modeling.trainable_mask(shapes["params"], cfg))
+  size = lambda k: int(np.prod(params[k].shape))
+
+  backbone = backbone_utils._resnet_fpn_extractor(  # pylint: disable=protected-access
+      torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d), 3)
+  tv = tv_mrcnn.MaskRCNN(backbone, num_classes=91)
+  tv_total = sum(p.numel() for p in tv.parameters())
+  tv_trainable = sum(p.numel() for p in tv.parameters() if p.requires_grad)
+  tv_frozen_bn = sum(b.numel() for n, b in tv.named_buffers() if "bn" in n or "downsample.1" in n)
+
+  assert sum(size(k) for k in params if mask[k]) == tv_trainable
+  # Our FrozenBatchNorm keeps its four arrays in params, torchvision's are buffers.
+  assert sum(size(k) for k in params) == tv_total + tv_frozen_bn
+  assert tv_trainable < tv_total
