@@ -1,8 +1,10 @@
 r"""Converts torchvision / Detectron2 weights into an mrcnn_jax checkpoint.
 
-Writes ``OUTPUT/checkpoints/0`` (orbax, the trainer's checkpoint items) and
-``OUTPUT/model_config.json`` (the model config the weights belong to); ``OUTPUT`` is then what
-``config.init_weights`` and the evaluation / prediction scripts take.
+Writes ``OUTPUT/checkpoints/0`` (orbax, the trainer's checkpoint items),
+``OUTPUT/model_config.json`` (the model config the weights belong to) and ``OUTPUT/config.py``
+(an experiment config with that model, for ``--config OUTPUT/config.py[:H,W]`` of
+``predict.py`` / ``evaluate.py``; ``H,W`` is the static input size). ``OUTPUT`` is what
+``config.init_weights`` and the scripts' ``--checkpoint`` take.
 
 Usage::
 
@@ -11,9 +13,11 @@ Usage::
   python scripts/convert_weights.py --source torchvision-resnet \
       --input resnet50-0676ba61.pth --output /tmp/r50_imagenet
   python scripts/convert_weights.py --source detectron2 --input model_final_f10217.pkl \
-      --output /tmp/maskrcnn_d2 --nod2_stride_in_1x1   # see mrcnn_jax/convert/detectron2.py
+      --output /tmp/maskrcnn_d2   # MSRA model zoo: STRIDE_IN_1X1, BGR (the defaults)
   python scripts/convert_weights.py --source torchvision --input coco.pth --output /tmp/ft \
       --num_classes 5   # fine-tuning: class-dependent layers re-initialised
+  python scripts/predict.py --config /tmp/maskrcnn_tv/config.py:832,1344 \
+      --checkpoint /tmp/maskrcnn_tv --images photos/ --out predictions/
 """
 
 # torchvision segfaults if imported after TensorFlow; torch itself is imported only by the

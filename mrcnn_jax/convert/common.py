@@ -235,6 +235,27 @@ def reinit_class_layers(flat: Flat, config: ml_collections.ConfigDict, key: jax.
 
 CHECKPOINT_DIR = "checkpoints"  # the layout of mrcnn_jax/training/checkpoint.py
 CONFIG_FILE = "model_config.json"
+EXPERIMENT_FILE = "config.py"  # an experiment config for --config of the scripts
+
+# Written next to the checkpoint so that `predict.py --config OUTPUT/config.py[:H,W]
+# --checkpoint OUTPUT` runs the converted model with the converted model config.
+_EXPERIMENT_TEMPLATE = '''"""Experiment config of the converted weights in this folder (written by convert_weights.py).
+
+  python scripts/predict.py --config {dir}/config.py:800,1344 --checkpoint {dir} \\
+      --images 'photos/*.jpg' --out predictions/
+
+The optional argument ``H,W`` is ``config.data.image_size`` (default 1024,1024): every image is
+scaled to fit it and zero-padded, see ``mrcnn_jax.convert.common.experiment_config``.
+"""
+
+import os
+
+from mrcnn_jax.convert import common
+
+
+def get_config(arg=None):
+  return common.experiment_config(os.path.dirname(os.path.abspath(__file__)), arg)
+'''
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
@@ -288,7 +309,39 @@ def save_converted(variables: Mapping[str, Any], config: ml_collections.ConfigDi
   manager.close()
   with open(os.path.join(output_dir, CONFIG_FILE), "w") as f:
     f.write(config_to_json(config))
+  with open(os.path.join(output_dir, EXPERIMENT_FILE), "w") as f:
+    f.write(_EXPERIMENT_TEMPLATE.format(dir=output_dir))
   return os.path.join(output_dir, CHECKPOINT_DIR, "0")
+
+
+def experiment_config(output_dir: str, image_size: Optional[str] = None
+                      ) -> ml_collections.ConfigDict:
+  """The base experiment config with ``model`` = the converted model config of ``output_dir``.
+
+  Args:
+    output_dir: a :func:`save_converted` folder.
+    image_size: ``"H,W"``, the static network input (``config.data.image_size``); each image
+      is scaled to fit it and zero-padded. torchvision and Detectron2 instead resize the
+      shorter side to 800 (longer <= 1333) and pad to a multiple of 32; an image that already
+      fits (any image at its own size, e.g. 768 x 1024 into ``768,1024``) sees exactly their
+      pixels; other sizes a slightly different bilinear resample (ours rounds to uint8 first).
+      With H and W multiples of 64 their anchors equal ours on every level (see
+      ``mrcnn_jax.ops.anchors.generate_anchors`` for P6 otherwise).
+  """
+  from mrcnn_jax.config import get_base_config  # pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(output_dir, CONFIG_FILE)) as f:
+    model = config_from_json(f.read())
+  config = get_base_config()
+  config.model = model
+  config.init_weights = os.path.abspath(output_dir)
+  if image_size:
+    try:
+      h, w = (int(v) for v in str(image_size).split(","))
+    except ValueError:
+      raise ValueError(f"image size must be 'H,W', got {image_size!r}") from None
+    config.data.image_size = (h, w)
+  return config
 
 
 def load_converted(output_dir: str) -> Tuple[Dict[str, Any], ml_collections.ConfigDict]:

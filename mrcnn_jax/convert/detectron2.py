@@ -14,11 +14,12 @@ one to one onto ours (``backbone.bottom_up.res2.0.conv1.norm.running_mean`` ->
   zeros (never read at inference), a class-agnostic slot is repeated for every class.
 * RoIAlign is ``ROIAlignV2`` (``aligned=True``).
 
+The published R50/R101-FPN models put the ResNet stride in the first 1x1 conv
+(``RESNETS.STRIDE_IN_1X1: True``, the default here: ``config.backbone.stride_in_1x1``) and use
+unrounded cell anchors (``config.anchors.round = False``); both are set in the converted config.
 Known differences from Detectron2 inference that the converted config cannot express (see the
 module's ``KNOWN_DIFFERENCES``): its adaptive RoIAlign sampling (``POOLER_SAMPLING_RATIO: 0``,
-not a static shape; we sample 2x2 per bin) and unrounded anchors. The published R50/R101-FPN
-models also put the ResNet stride in the first 1x1 conv (``STRIDE_IN_1X1: True``), which our
-ResNet does not do yet: :func:`convert_detectron2` refuses them unless ``stride_in_1x1=False``.
+not a static shape; we sample 2x2 per bin).
 """
 
 from __future__ import annotations
@@ -44,9 +45,6 @@ D2_PIXEL_STD_BGR = (1.0, 1.0, 1.0)
 KNOWN_DIFFERENCES = (
     "RoIAlign sampling: Detectron2 uses adaptive sampling (ceil(roi size / output size) points "
     "per bin); ours uses a fixed 2x2 per bin (static shapes)",
-    "anchors: Detectron2 does not round cell anchors; ours (torchvision's) are rounded",
-    "ResNet stride: Detectron2's MSRA models stride in the first 1x1 conv of each stage "
-    "(STRIDE_IN_1X1); ours stride in the 3x3 conv",
 )
 
 # Keys in some checkpoints that hold no parameters.
@@ -82,7 +80,8 @@ def _stage_blocks(state: Mapping[str, Any]) -> Tuple[int, ...]:
 
 def detectron2_config(state: Optional[Mapping[str, Any]] = None,
                       num_classes: Optional[int] = None,
-                      input_format: str = "BGR") -> ml_collections.ConfigDict:
+                      input_format: str = "BGR",
+                      stride_in_1x1: bool = True) -> ml_collections.ConfigDict:
   """The model config closest to Detectron2's ``mask_rcnn_R_{50,101}_FPN_*`` inference.
 
   Args:
@@ -91,6 +90,7 @@ def detectron2_config(state: Optional[Mapping[str, Any]] = None,
       categories contiguously, not torchvision's 91 ids); overrides the state's.
     input_format: the checkpoint's ``cfg.INPUT.FORMAT``: 'BGR' (MSRA models, mean/std in BGR
       order) or 'RGB'.
+    stride_in_1x1: the checkpoint's ``RESNETS.STRIDE_IN_1X1`` (True for the MSRA R50/R101).
 
   Resizing is the caller's: Detectron2 tests at shorter side 800 (longer <= 1333) and pads to a
   multiple of 32.
@@ -108,6 +108,8 @@ def detectron2_config(state: Optional[Mapping[str, Any]] = None,
     raise ValueError(f"input_format must be 'BGR' or 'RGB', got {input_format!r}")
   c.pixel_mean, c.pixel_std = tuple(mean), tuple(std)
   c.roi.aligned = True  # ROIAlignV2
+  c.backbone.stride_in_1x1 = bool(stride_in_1x1)
+  c.anchors.round = False  # DefaultAnchorGenerator keeps fractional cell anchors
   # Detectron2 keeps boxes of any positive size (RPN MIN_SIZE 0, no filter after the heads).
   c.rpn.min_size = 0.0
   c.roi.min_size = 0.0
@@ -243,26 +245,21 @@ def convert_detectron2(
     input_format: the checkpoint's ``INPUT.FORMAT``; 'BGR' reverses the stem's input channels
       so our model takes RGB.
     stride_in_1x1: the checkpoint's ``RESNETS.STRIDE_IN_1X1`` (True for the model zoo's MSRA
-      R50/R101 models). Our ResNet strides in the 3x3 conv, so True is refused until the model
-      supports it.
+      R50/R101 models); sets ``config.backbone.stride_in_1x1`` (also of a given ``config``).
+      The weights are the same either way; only where the stride sits differs.
     key: PRNG key for re-initialised layers.
 
   Raises:
-    NotImplementedError: ``stride_in_1x1=True`` (not in the model yet).
     ConversionError: unknown or missing keys, or shape mismatches, all named.
   """
-  if stride_in_1x1:
-    raise NotImplementedError(
-        "Detectron2's MSRA ResNets stride in the first 1x1 conv of each stage "
-        "(RESNETS.STRIDE_IN_1X1=True); mrcnn_jax.modeling.resnet strides in the 3x3 conv and "
-        "has no switch for it yet (needs e.g. model.backbone.stride_in_1x1). Pass "
-        "stride_in_1x1=False only for checkpoints trained with STRIDE_IN_1X1=False.")
   state = common.to_numpy_dict(state)
   if config is None:
-    config = detectron2_config(state, num_classes, input_format)
-  elif num_classes is not None:
+    config = detectron2_config(state, num_classes, input_format, stride_in_1x1)
+  else:
     config = ml_collections.ConfigDict(config.to_dict())
-    config.num_classes = int(num_classes)
+    config.backbone.stride_in_1x1 = bool(stride_in_1x1)
+    if num_classes is not None:
+      config.num_classes = int(num_classes)
   src = common.SourceWeights(state, "Detectron2 checkpoint")
   src.ignore(_NON_PARAMETERS, "non-parameter")
   # Old FrozenBatchNorm checkpoints store only the affine: statistics are then (0, 1).

@@ -34,16 +34,25 @@ def model_config() -> ml_collections.ConfigDict:
   c.backbone.norm_eps = 1e-5
   c.backbone.bn_momentum = 0.9  # flax convention: running = m * running + (1 - m) * batch
   c.backbone.gn_groups = 32
+  # Stride of each stage's first block on its first 1x1 conv (MSRA ResNet, Detectron2's model
+  # zoo: RESNETS.STRIDE_IN_1X1) instead of on the 3x3 conv (torchvision, "ResNet v1.5").
+  c.backbone.stride_in_1x1 = False
 
   c.fpn = ml_collections.ConfigDict()
   c.fpn.channels = 256
+  # Norm after each lateral and output conv (convs then have no bias): 'none' (v1), or
+  # 'frozen_bn' / 'bn' / 'gn' (maskrcnn_resnet50_fpn_v2 has BatchNorm).
+  c.fpn.norm = "none"
 
   c.anchors = ml_collections.ConfigDict()
   c.anchors.strides = (4, 8, 16, 32, 64)  # P2..P6
   c.anchors.sizes = ((32,), (64,), (128,), (256,), (512,))
   c.anchors.aspect_ratios = (0.5, 1.0, 2.0)
+  # Round the zero-centred cell anchors to whole pixels (torchvision); Detectron2 does not.
+  c.anchors.round = True
 
   c.rpn = ml_collections.ConfigDict()
+  c.rpn.head_convs = 1  # 3x3 conv + ReLU layers before the predictors (v2: 2)
   c.rpn.pre_nms_top_k_train = 2000  # per level
   c.rpn.pre_nms_top_k_test = 1000
   c.rpn.post_nms_top_k_train = 2000  # per image, over all levels
@@ -71,6 +80,11 @@ def model_config() -> ml_collections.ConfigDict:
   c.roi.canonical_scale = 224
   c.roi.canonical_level = 4
   c.roi.representation_size = 1024
+  # Box head: 0 convs = TwoMLPHead (2 fc of representation_size, v1); n > 0 = n 3x3 convs of
+  # box_head_conv_channels with box_head_norm, then 1 fc (FastRCNNConvFCHead, v2: 4 convs, 'bn').
+  c.roi.box_head_convs = 0
+  c.roi.box_head_conv_channels = 256
+  c.roi.box_head_norm = "none"
   c.roi.score_threshold = 0.05
   c.roi.nms_threshold = 0.5
   c.roi.min_size = 1e-2
@@ -83,6 +97,7 @@ def model_config() -> ml_collections.ConfigDict:
   c.mask.pooler_size = 14
   c.mask.sampling_ratio = 2
   c.mask.conv_channels = (256, 256, 256, 256)
+  c.mask.norm = "none"  # after each mask conv (convs then have no bias); v2: BatchNorm
   # Foreground RoIs per image that get a mask loss: a fixed count so shapes stay static.
   # roi.batch_size_per_image * roi.positive_fraction (128) holds every sampled positive.
   c.mask.rois_per_image = 128

@@ -1,7 +1,8 @@
 """ResNet-50/101 backbone (He et al., "Deep Residual Learning", 2016) in torchvision's layout.
 
 torchvision's variant ("ResNet v1.5") puts the stride on the 3x3 convolution of each
-bottleneck. Parameter names follow torchvision's so that a converter maps them one to one:
+bottleneck; ``config.backbone.stride_in_1x1`` puts it on the first 1x1 instead, as the original
+MSRA ResNet and Detectron2's model-zoo R50/R101 (``RESNETS.STRIDE_IN_1X1``) do. Parameter names follow torchvision's so that a converter maps them one to one:
 ``conv1``, ``bn1``, ``layer1/0/conv1``, ``layer1/0/downsample/0`` (conv), ``.../downsample/1``
 (norm), ... Kernels are HWIO; a norm layer holds ``scale``/``bias`` in ``params`` and
 ``mean``/``var`` in ``batch_stats`` (torchvision's ``weight``/``bias``/``running_mean``/
@@ -107,7 +108,10 @@ def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.
 
 
 class Bottleneck(nn.Module):
-  """1x1 -> 3x3 (stride) -> 1x1 (x4 channels) with a projection shortcut when shapes change."""
+  """1x1 -> 3x3 (stride) -> 1x1 (x4 channels) with a projection shortcut when shapes change.
+
+  ``stride_in_1x1`` moves the stride to the first 1x1 conv (MSRA / Detectron2 layout).
+  """
 
   planes: int
   stride: int
@@ -116,6 +120,7 @@ class Bottleneck(nn.Module):
   frozen: bool
   norm_kwargs: Tuple[Tuple[str, Any], ...]
   dtype: Any
+  stride_in_1x1: bool = False
 
   def _norm(self, name):
     return make_norm(self.norm, train=self.train, frozen=self.frozen, dtype=self.dtype,
@@ -124,8 +129,9 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     out_ch = self.planes * EXPANSION
-    y = nn.relu(self._norm("bn1")(_conv(self.planes, 1, 1, self.dtype, "conv1")(x)))
-    y = nn.relu(self._norm("bn2")(_conv(self.planes, 3, self.stride, self.dtype, "conv2")(y)))
+    s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
+    y = nn.relu(self._norm("bn1")(_conv(self.planes, 1, s1, self.dtype, "conv1")(x)))
+    y = nn.relu(self._norm("bn2")(_conv(self.planes, 3, s3, self.dtype, "conv2")(y)))
     y = self._norm("bn3")(_conv(out_ch, 1, 1, self.dtype, "conv3")(y))
     if self.stride != 1 or x.shape[-1] != out_ch:
       x = _Downsample(out_ch, self.stride, self.norm, self.train, self.frozen, self.norm_kwargs,
@@ -162,12 +168,14 @@ class ResLayer(nn.Module):
   frozen: bool
   norm_kwargs: Tuple[Tuple[str, Any], ...]
   dtype: Any
+  stride_in_1x1: bool = False
 
   @nn.compact
   def __call__(self, x):
     for i in range(self.blocks):
       x = Bottleneck(self.planes, self.stride if i == 0 else 1, self.norm, self.train,
-                     self.frozen, self.norm_kwargs, self.dtype, name=str(i))(x)
+                     self.frozen, self.norm_kwargs, self.dtype, self.stride_in_1x1,
+                     name=str(i))(x)
     return x
 
 
@@ -229,7 +237,8 @@ class ResNet(nn.Module):
     for i, blocks in enumerate(stage_blocks(cfg)):
       name = f"layer{i + 1}"
       x = ResLayer(width * 2**i, blocks, 1 if i == 0 else 2, cfg.norm, train,
-                   name in frozen, norm_kwargs, dtype, name=name)(x)
+                   name in frozen, norm_kwargs, dtype,
+                   bool(cfg.backbone.get("stride_in_1x1", False)), name=name)(x)
       if name in frozen:
         # Nothing upstream trains: cutting the graph here makes their gradients exactly zero
         # and lets XLA drop their backward pass.

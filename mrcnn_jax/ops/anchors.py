@@ -19,19 +19,30 @@ Sizes = Sequence[Sequence[float]]
 Ratios = Union[Sequence[float], Sequence[Sequence[float]]]
 
 
-def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> np.ndarray:
+def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float],
+                 round_to_pixels: bool = True) -> np.ndarray:
   """Zero-centred anchors of one level.
 
   Aspect ratio is ``h / w``; each anchor keeps the area ``size ** 2``. Coordinates are rounded
-  to whole pixels (half to even), as torchvision does.
+  to whole pixels (half to even), as torchvision does, unless ``round_to_pixels`` is False
+  (Detectron2's ``DefaultAnchorGenerator``, which computes them in float64).
 
   Args:
     sizes: the anchor sizes (sqrt of the area) of the level, in pixels.
     aspect_ratios: the ratios ``h / w``.
+    round_to_pixels: round to whole pixels (torchvision) or not (Detectron2).
 
   Returns:
     [len(aspect_ratios) * len(sizes), 4] float32 xyxy, ratio-major, size-minor.
   """
+  if not round_to_pixels:
+    # Detectron2: w = sqrt(size**2 / ratio), h = ratio * w in float64, then float32. For one
+    # size per level (FPN) its size-major order equals ours.
+    s64 = np.asarray(sizes, np.float64)[None, :]
+    r64 = np.asarray(aspect_ratios, np.float64)[:, None]
+    ws = np.sqrt(s64**2 / r64)
+    hs = r64 * ws
+    return (np.stack([-ws, -hs, ws, hs], axis=-1).reshape(-1, 4) / 2.0).astype(np.float32)
   # float32 throughout, in torchvision's order of operations, so the rounding of the
   # half-sizes (e.g. 22.627417 for size 32 at ratio 0.5) lands on the same integers.
   scales = np.asarray(sizes, np.float32)
@@ -49,6 +60,7 @@ def generate_anchors(
     strides: Sequence[int] = (4, 8, 16, 32, 64),
     sizes: Sizes = ((32,), (64,), (128,), (256,), (512,)),
     aspect_ratios: Ratios = (0.5, 1.0, 2.0),
+    round_to_pixels: bool = True,
 ) -> List[np.ndarray]:
   """Anchors of every FPN level for a (padded) input of ``image_size``.
 
@@ -68,6 +80,8 @@ def generate_anchors(
     strides: the stride of each level, in pixels.
     sizes: per level, the anchor sizes (sqrt of the area), in pixels.
     aspect_ratios: ratios ``h / w``: one sequence shared by all levels, or one per level.
+    round_to_pixels: round the cell anchors to whole pixels (torchvision) or not (Detectron2,
+      whose grid is otherwise the same: offset 0, the given strides).
 
   Returns:
     A list with one entry per level: np.ndarray [Hl * Wl * A, 4] float32, xyxy pixels, where
@@ -100,7 +114,7 @@ def generate_anchors(
     stride = int(stride)
     if stride <= 0:
       raise ValueError(f"strides must be positive, got {strides}")
-    base = cell_anchors(level_sizes, ratios)  # [A, 4]
+    base = cell_anchors(level_sizes, ratios, round_to_pixels)  # [A, 4]
     grid_h = math.ceil(height / stride)
     grid_w = math.ceil(width / stride)
     # Integer shifts, as torchvision computes them, then one exact float32 addition.

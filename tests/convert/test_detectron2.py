@@ -10,9 +10,13 @@ import flax
 import jax
 import numpy as np
 import pytest
+import torch
 
 from mrcnn_jax import convert
 from mrcnn_jax.convert import detectron2 as d2
+from mrcnn_jax.modeling import resnet as resnet_lib
+from mrcnn_jax.ops import anchors as anchor_ops
+from tests.convert import torch_models as tm
 
 
 def _to_detectron2(tv: dict, agnostic: bool = False) -> dict:
@@ -148,8 +152,6 @@ def test_missing_norm_statistics_default_to_identity(d2_state):
 
 
 def test_errors_are_named(d2_state, tmp_path):
-  with pytest.raises(NotImplementedError, match="STRIDE_IN_1X1"):
-    convert.convert_detectron2(d2_state)
   bad = dict(d2_state)
   bad["roi_heads.box_head.fc3.weight"] = np.zeros((2, 2), np.float32)
   del bad["backbone.fpn_output4.bias"]
@@ -168,3 +170,68 @@ def test_detectron2_config_defaults():
   c = d2.detectron2_config()
   assert c.roi.aligned and c.rpn.min_size == 0 and c.roi.min_size == 0
   assert c.rpn.post_nms_top_k_test == 1000 and c.roi.score_threshold == 0.05
+
+
+def test_msra_defaults_set_stride_in_1x1_and_unrounded_anchors(d2_state):
+  variables, config = convert.convert_detectron2(d2_state)  # STRIDE_IN_1X1=True by default
+  assert config.backbone.stride_in_1x1 is True and config.anchors.round is False
+  plain, plain_config = convert.convert_detectron2(d2_state, stride_in_1x1=False)
+  assert plain_config.backbone.stride_in_1x1 is False
+  for k, v in _flat(plain).items():  # same weights: only where the stride sits differs
+    np.testing.assert_array_equal(_flat(variables)[k], v, err_msg=k)
+  given = d2.detectron2_config(d2_state)
+  given.backbone.stride_in_1x1 = False
+  _, config = convert.convert_detectron2(d2_state, config=given)
+  assert config.backbone.stride_in_1x1 is True
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_stride_in_1x1_resnet_matches_torch(seed):
+  """Oracle: torchvision's Bottleneck with each strided block's stride moved from conv2 to
+  conv1, which is Detectron2's STRIDE_IN_1X1 bottleneck (the MSRA ResNet)."""
+  torch.manual_seed(seed)
+  body = tm.randomize_norms(tm.narrow_resnet_body(width=8, blocks=(1, 2, 1, 1)), seed)
+  for name in ("layer2", "layer3", "layer4"):
+    block = getattr(body, name)[0]
+    block.conv1.stride, block.conv2.stride = (2, 2), (1, 1)
+  variables, config = convert.convert_torchvision_resnet(body.state_dict())
+  config.backbone.stride_in_1x1 = True
+  x = np.random.default_rng(seed).normal(size=(2, 64, 96, 3)).astype(np.float32)
+  with torch.no_grad():
+    y = body.maxpool(body.relu(body.bn1(body.conv1(tm.nchw(x)))))
+    ref = []
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+      y = getattr(body, name)(y)
+      ref.append(tm.nhwc(y))
+  params = {"params": variables["params"]["backbone"]}
+  ours = jax.jit(lambda v, x: resnet_lib.ResNet(config).apply(v, x))(params, x)
+  for i, (o, r) in enumerate(zip(ours, ref)):
+    assert tm.rel_err(o, r) < 1e-4, f"C{i + 2}"
+  config.backbone.stride_in_1x1 = False  # the switch matters: torchvision's layout differs
+  plain = jax.jit(lambda v, x: resnet_lib.ResNet(config).apply(v, x))(params, x)
+  assert tm.rel_err(plain[1], ref[1]) > 1e-2
+
+
+def _detectron2_cell_anchors(sizes, ratios):
+  """Detectron2's DefaultAnchorGenerator.generate_cell_anchors, in plain Python floats."""
+  out = []
+  for size in sizes:
+    for ratio in ratios:
+      w = (size * size / ratio) ** 0.5
+      h = ratio * w
+      out.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
+  return np.asarray(out, np.float32)
+
+
+@pytest.mark.parametrize("size,ratios", [(32, (0.5, 1.0, 2.0)), (90.5, (0.25, 1.0, 3.0))])
+def test_unrounded_anchors_are_detectron2s(size, ratios):
+  ours = anchor_ops.generate_anchors((128, 192), (16,), ((size,),), ratios,
+                                     round_to_pixels=False)[0]
+  cell = _detectron2_cell_anchors((size,), ratios)
+  # Detectron2: grid offsets (x, y) * stride, offset 0, row-major, then the cell anchors.
+  ys, xs = np.meshgrid(np.arange(0, 128, 16), np.arange(0, 192, 16), indexing="ij")
+  shifts = np.stack([xs, ys, xs, ys], -1).reshape(-1, 1, 4).astype(np.float32)
+  np.testing.assert_allclose(ours, (shifts + cell[None]).reshape(-1, 4), rtol=0, atol=1e-5)
+  assert not np.array_equal(ours, np.round(ours))  # fractional, unlike torchvision's
+  rounded = anchor_ops.generate_anchors((128, 192), (16,), ((size,),), ratios)[0]
+  np.testing.assert_array_equal(rounded, np.round(rounded))
