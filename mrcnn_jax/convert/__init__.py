@@ -21,6 +21,7 @@ from mrcnn_jax.convert.torchvision import convert_torchvision_maskrcnn_v2
 from mrcnn_jax.convert.torchvision import convert_torchvision_resnet
 from mrcnn_jax.convert.torchvision import load_torch_state_dict
 from mrcnn_jax.convert.torchvision import torchvision_maskrcnn_config
+from mrcnn_jax.convert.torchvision import torchvision_maskrcnn_v2_config
 
 __all__ = [
     "ConversionError",
@@ -36,4 +37,5 @@ __all__ = [
     "load_torch_state_dict",
     "save_converted",
     "torchvision_maskrcnn_config",
+    "torchvision_maskrcnn_v2_config",
 ]

@@ -24,7 +24,7 @@ def convert_file(source: str, path: str, *, num_classes: Optional[int] = None,
 
   Args:
     source: 'torchvision' (maskrcnn_resnet50_fpn v1 ``.pth``), 'torchvision-v2'
-      (maskrcnn_resnet50_fpn_v2, not supported yet), 'detectron2' (model-zoo ``.pkl``) or
+      (maskrcnn_resnet50_fpn_v2 ``.pth``), 'detectron2' (model-zoo ``.pkl``) or
       'torchvision-resnet' (ImageNet resnet50/101 ``.pth``: backbone only).
     num_classes: classes including background, for fine-tuning with another label set.
     input_format, stride_in_1x1: Detectron2 only, see ``convert_detectron2``.
@@ -33,7 +33,8 @@ def convert_file(source: str, path: str, *, num_classes: Optional[int] = None,
     out = torchvision.convert_torchvision_maskrcnn(torchvision.load_torch_state_dict(path),
                                                    num_classes=num_classes)
   elif source == "torchvision-v2":
-    out = torchvision.convert_torchvision_maskrcnn_v2(torchvision.load_torch_state_dict(path))
+    out = torchvision.convert_torchvision_maskrcnn_v2(torchvision.load_torch_state_dict(path),
+                                                      num_classes=num_classes)
   elif source == "detectron2":
     out = detectron2.convert_detectron2(detectron2.load_detectron2_pkl(path),
                                         num_classes=num_classes, input_format=input_format,

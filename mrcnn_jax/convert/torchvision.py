@@ -5,7 +5,8 @@
   reproduces it (torchvision's preprocessing, ``aligned=False`` RoIAlign, its thresholds).
 * :func:`convert_torchvision_resnet`: an ImageNet ``resnet50`` / ``resnet101`` state dict ->
   backbone variables only, for ``config.init_weights`` (the trainer keeps its fresh heads).
-* :func:`convert_torchvision_maskrcnn_v2`: not supported yet, says which model features it needs.
+* :func:`convert_torchvision_maskrcnn_v2`: a ``maskrcnn_resnet50_fpn_v2`` state dict (FPN and
+  head norms, 2-conv RPN head, 4conv1fc box head) -> variables + config (``modeling.heads_v2``).
 
 Our module names follow torchvision's, so the table is mostly renames: HWIO kernels from OIHW,
 Dense kernels transposed, ``fc6`` re-ordered from torch's CHW flattening to our HWC one, and the
@@ -269,24 +270,162 @@ def convert_torchvision_resnet(
   return common.unflatten(flat), config
 
 
-# What maskrcnn_resnet50_fpn_v2 (Li et al., "Benchmarking Detection Transfer Learning with
-# Vision Transformers", 2021 recipe) has that our model does not express yet.
-V2_MISSING_FEATURES = (
-    "FPN with BatchNorm after each lateral and output conv (no conv bias)",
-    "2-conv RPN head (rpn.head.conv.0 and conv.1)",
-    "box head of 4 conv+BatchNorm+ReLU layers and 1 fc (FastRCNNConvFCHead)",
-    "mask head convs with BatchNorm (no conv bias)",
-)
+# ---------------------------------------------------------------------------- v2
 
 
-def convert_torchvision_maskrcnn_v2(state: Mapping[str, Any], **kwargs):
-  """``maskrcnn_resnet50_fpn_v2``: not supported until the model has the v2 layers."""
-  del state, kwargs
-  raise NotImplementedError(
-      "maskrcnn_resnet50_fpn_v2 needs model features mrcnn_jax.modeling does not have yet: "
-      + "; ".join(V2_MISSING_FEATURES)
-      + ". Config switches for them (e.g. model.fpn.norm, model.rpn.num_convs, "
-      "model.roi.box_head='4conv1fc', model.mask.norm) are needed first.")
+def torchvision_maskrcnn_v2_config(state: Optional[Mapping[str, Any]] = None,
+                                   num_classes: Optional[int] = None,
+                                   head_norm: str = "frozen_bn") -> ml_collections.ConfigDict:
+  """The model config of torchvision's ``maskrcnn_resnet50_fpn_v2``.
+
+  v1's (:func:`torchvision_maskrcnn_config`) plus: a norm after every FPN conv
+  (``fpn.norm``), a 2-conv RPN head (``rpn.head_convs``), a box head of 4 conv + norm layers
+  and one fc (``roi.box_head_convs``, ``roi.box_head_conv_channels``, ``roi.box_head_norm``;
+  ``representation_size`` is the fc's width) and norms in the mask head (``mask.norm``). Its
+  BatchNorms run on their running statistics at inference: ``head_norm='frozen_bn'`` (default)
+  reproduces that; 'bn' keeps them trainable (then set ``config.norm = 'bn'`` as well).
+  """
+  c = torchvision_maskrcnn_config(state, num_classes)
+  c.fpn.norm = head_norm
+  c.rpn.head_convs = 2
+  c.roi.box_head_convs = 4
+  c.roi.box_head_conv_channels = 256
+  c.roi.box_head_norm = head_norm
+  c.mask.norm = head_norm
+  if state is None:
+    return c
+  if "backbone.fpn.inner_blocks.0.0.weight" in state:
+    c.fpn.channels = int(state["backbone.fpn.inner_blocks.0.0.weight"].shape[0])
+  n = 0
+  while f"rpn.head.conv.{n}.0.weight" in state:
+    n += 1
+  c.rpn.head_convs = n or c.rpn.head_convs
+  n = 0
+  while f"roi_heads.box_head.{n}.0.weight" in state:
+    n += 1
+  if n:
+    c.roi.box_head_convs = n
+    c.roi.box_head_conv_channels = int(state["roi_heads.box_head.0.0.weight"].shape[0])
+  fc = f"roi_heads.box_head.{c.roi.box_head_convs + 1}.weight"
+  if fc in state:
+    c.roi.representation_size = int(state[fc].shape[0])
+  return c
+
+
+def expected_variables_v2(config: ml_collections.ConfigDict) -> common.Flat:
+  """Variable shapes of the v2 model: backbone and predictors from ``MaskRCNN(config)``, the
+  FPN and the heads from the modules of ``modeling.heads_v2`` / ``fpn.FPN(norm=...)`` under the
+  names the model gives them (``fpn``, ``rpn_head``, ``box_head``, ``mask_head``)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.modeling import fpn as fpn_lib  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.modeling import heads_v2  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.ops import anchors as anchor_ops  # pylint: disable=g-import-not-at-top
+
+  out = {p: v for p, v in common.expected_variables(config).items()
+         if p[1] in ("backbone", "box_predictor", "mask_predictor")}
+  c, w = config.fpn.channels, config.backbone.width
+  a = anchor_ops.num_anchors_per_location(config.anchors.sizes, config.anchors.aspect_ratios)[0]
+  z = lambda *shape: jnp.zeros(shape, jnp.float32)  # noqa: E731
+  modules = {
+      "fpn": (fpn_lib.FPN(c, norm=config.fpn.norm),
+              ([z(1, 2**(4 - i), 2**(4 - i), w * 4 * 2**i) for i in range(4)],)),
+      "rpn_head": (heads_v2.RPNHeadV2(a, config.rpn.head_convs), ([z(1, 4, 4, c)],)),
+      "box_head": (heads_v2.FastRCNNConvFCHead(
+          (config.roi.box_head_conv_channels,) * config.roi.box_head_convs,
+          (config.roi.representation_size,), config.roi.box_head_norm),
+                   (z(1, config.roi.pooler_size, config.roi.pooler_size, c),)),
+      "mask_head": (heads_v2.MaskRCNNHeadsNorm(tuple(config.mask.conv_channels),
+                                               config.mask.norm),
+                    (z(1, config.mask.pooler_size, config.mask.pooler_size, c),)),
+  }
+  for name, (module, args) in modules.items():
+    shapes = jax.eval_shape(lambda m=module, x=args: m.init(jax.random.key(0), *x))
+    for p, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes)).items():
+      out[(p[0], name) + p[1:]] = v
+  return out
+
+
+def heads_table_v2(expected: common.Flat, pooled: int):
+  """Rows for the v2 FPN, RPN head, box head and mask head leaves (predictors as v1)."""
+  rows = []
+  for path in expected:
+    module, leaf = path[1], path[-1]
+    if module == "backbone":
+      continue
+    layer = path[2]
+    suffix = "weight" if leaf == "kernel" else leaf
+    if module == "fpn":  # inner_blocks_0 -> inner_blocks.0.0, inner_blocks_0_norm -> ...0.1
+      is_norm = layer.endswith("_norm")
+      kind, idx = (layer[:-len("_norm")] if is_norm else layer).rsplit("_", 1)
+      if is_norm:
+        name, fn = f"backbone.fpn.{kind}.{idx}.1.{common.NORM_LEAVES[leaf]}", _identity
+      else:
+        name, fn = f"backbone.fpn.{kind}.{idx}.0.{suffix}", common.conv_kernel
+    elif module == "rpn_head":
+      i = layer[len("conv_"):] if layer.startswith("conv_") else None
+      name = f"rpn.head.{f'conv.{i}.0' if i is not None else layer}.{suffix}"
+      fn = common.conv_kernel
+    elif module in ("box_head", "mask_head"):
+      base = f"roi_heads.{module}.{layer}"
+      if len(path) == 4:  # box_head/5/kernel: the fc over torch's CHW flattening
+        name = f"{base}.{suffix}"
+        fn = lambda w: common.flatten_chw_dense_kernel(w, pooled)  # noqa: E731
+      elif path[3] == "0":
+        name, fn = f"{base}.0.{suffix}", common.conv_kernel
+      else:
+        name, fn = f"{base}.1.{common.NORM_LEAVES[leaf]}", _identity
+    else:
+      rows += heads_table({path: expected[path]}, pooled)
+      continue
+    rows.append((path, name, fn if leaf == "kernel" else _identity))
+  return rows
+
+
+def convert_torchvision_maskrcnn_v2(
+    state: Mapping[str, Any],
+    *,
+    num_classes: Optional[int] = None,
+    config: Optional[ml_collections.ConfigDict] = None,
+    key: Optional[jax.Array] = None,
+) -> Tuple[Dict[str, Any], ml_collections.ConfigDict]:
+  """torchvision ``maskrcnn_resnet50_fpn_v2`` state dict -> ``(variables, config)``.
+
+  As :func:`convert_torchvision_maskrcnn`, with :func:`torchvision_maskrcnn_v2_config`. The
+  variables follow :func:`expected_variables_v2`; ``MaskRCNN`` builds that tree once its
+  ``fpn``/``rpn_head``/``box_head``/``mask_head`` honour the v2 config switches.
+
+  Raises:
+    ConversionError: unknown or missing keys, or shape mismatches, all named.
+  """
+  state = canonical_keys(common.to_numpy_dict(state))
+  if "roi_heads.box_head.fc6.weight" in state:
+    raise common.ConversionError("this is a maskrcnn_resnet50_fpn (v1) state dict; use "
+                                 "convert_torchvision_maskrcnn (--source torchvision)")
+  src = common.SourceWeights(state, "torchvision Mask R-CNN v2 state dict")
+  src.ignore([r".*\.num_batches_tracked"], "BatchNorm step-counter")
+  if config is None:
+    config = torchvision_maskrcnn_v2_config(state, num_classes)
+  elif num_classes is not None:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.num_classes = int(num_classes)
+  source_classes = int(state.get("roi_heads.box_predictor.cls_score.weight",
+                                 np.zeros((config.num_classes,))).shape[0])
+  expected = expected_variables_v2(config)
+  reinit = source_classes != config.num_classes
+  if reinit:
+    src.ignore([r"roi_heads\.box_predictor\..*",
+                r"roi_heads\.mask_predictor\.mask_fcn_logits\..*"],
+               f"class-dependent ({source_classes} classes)")
+  rows = backbone_table(expected, _BODY) + heads_table_v2(expected, config.roi.pooler_size)
+  if reinit:
+    rows = [r for r in rows if r[0][:3] not in common.CLASS_DEPENDENT]
+  flat = common.apply_table(rows, src)
+  if reinit:
+    flat = common.reinit_class_layers(flat, config, jax.random.key(0) if key is None else key,
+                                      source_classes)
+  common.check_against_expected(flat, expected, src)
+  return common.unflatten(flat), config
 
 
 def log_summary(variables: Mapping[str, Any], what: str) -> None:

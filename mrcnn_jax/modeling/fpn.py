@@ -4,6 +4,11 @@ torchvision's ``FeaturePyramidNetwork`` with ``LastLevelMaxPool``: a 1x1 lateral
 level (``inner_blocks_i``), a top-down pathway of nearest-neighbour upsampling and addition, a
 3x3 output conv per level (``layer_blocks_i``), and P6 as a stride-2 subsample of P5
 (``max_pool2d(kernel=1, stride=2)``), which only the RPN uses.
+
+``norm`` (``config.fpn.norm``) adds a norm layer after every lateral and output conv, whose
+bias it then drops, as torchvision's ``maskrcnn_resnet50_fpn_v2`` FPN (``norm_layer=
+BatchNorm2d``): conv ``inner_blocks_i`` is followed by ``inner_blocks_i_norm`` (torchvision
+``inner_blocks.i.1``), ``layer_blocks_i`` by ``layer_blocks_i_norm``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mrcnn_jax.modeling import resnet as resnet_lib
 
 # torchvision's FPN init: kaiming_uniform_(a=1), i.e. U(+-sqrt(3 / fan_in)), bias 0.
 fpn_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
@@ -40,23 +47,35 @@ class FPN(nn.Module):
   Attributes:
     channels: output channels (256).
     dtype: activation dtype.
+    norm: 'none' (v1) or a norm of ``resnet.make_norm`` ('frozen_bn', 'bn', 'gn'; v2: BatchNorm)
+      after each conv.
   """
 
   channels: int = 256
   dtype: Any = jnp.float32
+  norm: str = "none"
 
   @nn.compact
-  def __call__(self, feats: Sequence[jax.Array]) -> List[jax.Array]:
+  def __call__(self, feats: Sequence[jax.Array], train: bool = False) -> List[jax.Array]:
     """feats: [C2, C3, C4, C5], each [B, Hl, Wl, Cl] -> [P2, P3, P4, P5, P6], [B, Hl, Wl, channels].
 
-    P6 has spatial size ``ceil(H5 / 2)``.
+    P6 has spatial size ``ceil(H5 / 2)``. ``train`` selects batch statistics for ``norm='bn'``.
     """
+    if self.norm not in ("none", "frozen_bn", "bn", "gn"):
+      raise ValueError(f"fpn norm must be 'none', 'frozen_bn', 'bn' or 'gn', got {self.norm!r}")
 
     def conv(kernel, name):
       pad = (kernel - 1) // 2
-      return nn.Conv(self.channels, (kernel, kernel), padding=((pad, pad), (pad, pad)),
-                     kernel_init=fpn_init, bias_init=nn.initializers.zeros, dtype=self.dtype,
-                     param_dtype=jnp.float32, name=name)
+      layer = nn.Conv(self.channels, (kernel, kernel), padding=((pad, pad), (pad, pad)),
+                      use_bias=self.norm == "none", kernel_init=fpn_init,
+                      bias_init=nn.initializers.zeros, dtype=self.dtype, param_dtype=jnp.float32,
+                      name=name)
+      if self.norm == "none":
+        return layer
+      norm = resnet_lib.make_norm(self.norm, train=train, frozen=False, epsilon=1e-5,
+                                  momentum=0.9, gn_groups=32, dtype=self.dtype,
+                                  name=f"{name}_norm")
+      return lambda x: norm(layer(x))
 
     n = len(feats)
     laterals = [conv(1, f"inner_blocks_{i}")(f) for i, f in enumerate(feats)]

@@ -82,9 +82,9 @@ def test_legacy_key_names_are_accepted(small_state):
     np.testing.assert_array_equal(_flat(a)[k], v)
 
 
-def test_v2_is_refused_with_the_missing_features():
-  with pytest.raises(NotImplementedError, match="2-conv RPN head"):
-    convert.convert_torchvision_maskrcnn_v2({})
+def test_v1_and_v2_state_dicts_are_told_apart(small_state):
+  with pytest.raises(convert.ConversionError, match="v1"):
+    convert.convert_torchvision_maskrcnn_v2(small_state)
   with pytest.raises(convert.ConversionError, match="v2"):
     convert.convert_torchvision_maskrcnn({"rpn.head.conv.1.0.weight": np.zeros(1)})
 
@@ -117,10 +117,10 @@ def test_script_writes_a_checkpoint_the_trainer_reads(tmp_path, small_state):
   assert len(loaded) == sum(1 for k in ref_flat if k.startswith("params/"))
 
 
-def test_script_v2_source_fails_clearly(tmp_path, small_state):
-  pth = tmp_path / "v2.pth"
-  torch.save({"rpn.head.conv.1.0.weight": torch.zeros(1)}, pth)
+def test_script_v2_source_fails_clearly_on_a_v1_file(tmp_path, small_state):
+  pth = tmp_path / "v1.pth"
+  torch.save({k: torch.from_numpy(v) for k, v in small_state.items()}, pth)
   proc = _run_script("--source", "torchvision-v2", "--input", str(pth), "--output",
                      str(tmp_path / "o"))
   assert proc.returncode != 0
-  assert "NotImplementedError" in proc.stderr and "FPN with BatchNorm" in proc.stderr
+  assert "ConversionError" in proc.stderr and "--source torchvision)" in proc.stderr
