@@ -7,8 +7,11 @@ Launch (the README's main job runs this, after generating the data set)::
   # or all of it, plus evaluation and drawn predictions:
   python scripts/main_job.py --workdir workdirs/shapes
 
-Hardware: any CPU (measured on a 2-core VM); expected time ~10 minutes for training and
-evaluation. Result: see the README (mask AP@[.5:.95] and AP50 on the 50-image val split).
+Hardware: any CPU. Measured (``scripts/main_job.py``, 2-core VM shared with other jobs, load
+average 6-13): 1000 steps at 1.1-1.9 s/step, 23.8 min end to end (data, training, evaluation,
+drawing); on an idle 2-core machine the steps run several times faster.
+Result (50-image val split): mask AP 0.719, AP50 0.927, AP75 0.825; box AP 0.737, AP50 0.937.
+The same recipe stopped at 600 steps (decay at 450/550) reached mask AP 0.513, AP50 0.701.
 
 The model is a narrow ResNet-FPN (same code paths as R50-FPN: all five FPN levels, RPN, box and
 mask branches) sized for 128-pixel images of 3 shape classes; anchors are scaled down with the
@@ -54,15 +57,15 @@ def get_config(arg: str | None = None):
   config.model = m
 
   t = config.train
-  t.batch_size = 8
-  t.num_steps = 1500
+  t.batch_size = 4
+  t.num_steps = 1000  # 4000 images, 20 epochs of the 200-image train split
   t.base_learning_rate = 0.02
-  t.base_batch_size = 8
+  t.base_batch_size = 8  # peak rate 0.01 at batch 4
   t.warmup_steps = 100
-  t.decay_steps = (1100, 1400)
+  t.decay_steps = (800, 930)
   t.grad_clip_norm = 10.0
 
-  config.checkpoint.every_steps = 500
+  config.checkpoint.every_steps = 200
   config.checkpoint.max_to_keep = 2
   config.eval.every_steps = 0
   config.log.every_steps = 25
