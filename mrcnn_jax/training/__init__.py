@@ -1,5 +1,6 @@
 """mrcnn_jax.training: train state, optimizer and schedule, mesh and shardings, the train step.
 
+``train_and_evaluate(config, workdir)`` is the whole run (what ``scripts/train.py`` calls).
 A notebook trains one step with::
 
   config = mrcnn_jax.config.get_base_config()
@@ -14,6 +15,7 @@ the name, so the function is not re-exported here).
 """
 
 from mrcnn_jax.training.config import train_config
+from mrcnn_jax.training.loop import train_and_evaluate
 from mrcnn_jax.training.optimizer import learning_rate_schedule
 from mrcnn_jax.training.optimizer import make_optimizer
 from mrcnn_jax.training.optimizer import peak_learning_rate
@@ -41,6 +43,7 @@ __all__ = [
     "peak_learning_rate",
     "replicated",
     "shard_batch",
+    "train_and_evaluate",
     "train_config",
     "weight_decay_mask",
 ]

@@ -113,12 +113,26 @@ def check_model_config(config: ml_collections.ConfigDict, meta: dict, source: st
   if saved is None:
     return
   current = json.loads(config.model.to_json_best_effort())
-  diffs = sorted(_diff(saved, current))
+  # A field added to the model config after the checkpoint was written is absent from its
+  # JSON; it counts as unchanged while the current value is that field's default.
+  from mrcnn_jax.modeling.config import model_config  # local: keeps this module light
+  defaults = json.loads(model_config().to_json_best_effort())
+  diffs = sorted(_diff(_with_defaults(saved, defaults), current))
   if diffs:
     raise ValueError(
         f"checkpoint {source} was trained with a different model config "
         f"({', '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}); "
         "use a fresh workdir or config.init_weights to start from its parameters")
+
+
+def _with_defaults(saved: Any, defaults: Any) -> Any:
+  """``saved`` with keys it lacks (and ``defaults`` has) filled in from ``defaults``."""
+  if not (isinstance(saved, dict) and isinstance(defaults, dict)):
+    return saved
+  filled = {k: _with_defaults(v, defaults.get(k)) for k, v in saved.items()}
+  for k, v in defaults.items():
+    filled.setdefault(k, v)
+  return filled
 
 
 def _diff(a: Any, b: Any, prefix: str = "model") -> list[str]:

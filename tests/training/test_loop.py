@@ -156,6 +156,21 @@ def test_restart_with_another_model_refuses(tmp_path):
   ckpt.close()
 
 
+def test_checkpoint_from_before_a_new_model_field_still_restores(tmp_path):
+  """A field added to the model config later is absent from an old checkpoint's meta."""
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  meta = ckpt_lib.checkpoint_meta(_config(), 3, 3)
+  del meta["model_config"]["fpn"]["norm"]  # as written before `fpn.norm` existed
+  ckpt.save(3, _toy_state(1.0, 3), meta, force=True)
+  state, _, _ = ckpt_lib.restore_or_initialize(_config(), ckpt, _toy_state(0.0))
+  assert int(state.step) == 3
+  changed = _config()
+  changed.model.fpn.norm = "gn"  # not the default: the old checkpoint did not have it
+  with pytest.raises(ValueError, match=r"model.fpn.norm"):
+    ckpt_lib.restore_or_initialize(changed, ckpt, _toy_state(0.0))
+  ckpt.close()
+
+
 def test_keep_n_and_interval(tmp_path):
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), every_steps=2, max_to_keep=2, async_save=True)
   saved = [s for s in range(1, 8) if ckpt.save(s, _toy_state(float(s), s), {"data_position": s})]
