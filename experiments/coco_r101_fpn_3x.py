@@ -4,7 +4,7 @@ Launch::
 
   python scripts/train.py --config experiments/coco_r101_fpn_3x.py --workdir workdirs/r101_3x \\
     --config.data.train_annotations=... (as in coco_r50_fpn_1x.py) \\
-    --config.init_weights=weights/resnet101_imagenet.msgpack
+    --config.init_weights=weights/resnet101_imagenet
 
 Hardware and time: 8x A100 or a TPU v3-8, about 1.5 days. Known results (box / mask AP on
 val2017): detectron2 ``mask_rcnn_R_101_FPN_3x`` 42.9 / 38.6.

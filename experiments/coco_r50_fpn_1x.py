@@ -7,7 +7,7 @@ Launch (one host with 8 accelerators, or any mesh whose device count divides 16)
     --config.data.train_images=$COCO/train2017 \\
     --config.data.eval_annotations=$COCO/annotations/instances_val2017.json \\
     --config.data.eval_images=$COCO/val2017 \\
-    --config.init_weights=weights/resnet50_imagenet.msgpack
+    --config.init_weights=weights/resnet50_imagenet
 
 Hardware and time: 8x A100 or a TPU v3-8, about 8-10 hours (torchvision's reference takes ~9 h
 on 8x V100 at 2 images per GPU). Known results of this recipe (box AP / mask AP on val2017):
