@@ -12,20 +12,12 @@ val2017): detectron2 ``mask_rcnn_R_101_FPN_3x`` 42.9 / 38.6.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
-
-def _sibling(name: str):
-  """Loads another experiment file of this folder by path (config files are loaded by path)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
-  spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from mrcnn_jax.config import load_config_file
 
 
 def get_config(arg: str | None = None):
-  config = _sibling('coco_r50_fpn_3x').get_config(arg)
+  config = load_config_file(os.path.join(os.path.dirname(__file__), "coco_r50_fpn_3x.py"), arg)
   config.model.backbone.depth = 101
   return config

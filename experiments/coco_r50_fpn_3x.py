@@ -12,21 +12,13 @@ multi-scale shorter side (640-800) with a uniform factor on the fitted size.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
-
-def _sibling(name: str):
-  """Loads another experiment file of this folder by path (config files are loaded by path)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
-  spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from mrcnn_jax.config import load_config_file
 
 
 def get_config(arg: str | None = None):
-  config = _sibling('coco_r50_fpn_1x').get_config(arg)
+  config = load_config_file(os.path.join(os.path.dirname(__file__), "coco_r50_fpn_1x.py"), arg)
   config.data.scale_range = (0.8, 1.0)  # ~ shorter side 640..800 of a 800 base
   config.train.num_steps = 270_000
   config.train.decay_steps = (210_000, 250_000)

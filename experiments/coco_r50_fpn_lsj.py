@@ -16,21 +16,13 @@ detectron2's "new baselines" ``mask_rcnn_R_50_FPN_100ep_LSJ`` 42.5 / 38.0.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
-
-def _sibling(name: str):
-  """Loads another experiment file of this folder by path (config files are loaded by path)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
-  spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from mrcnn_jax.config import load_config_file
 
 
 def get_config(arg: str | None = None):
-  config = _sibling('coco_r50_fpn_1x').get_config(arg)
+  config = load_config_file(os.path.join(os.path.dirname(__file__), "coco_r50_fpn_1x.py"), arg)
   config.data.image_size = (1024, 1024)
   config.data.scale_range = (0.1, 2.0)  # large-scale jitter, then a random 1024x1024 crop
   config.model.norm = "bn"

@@ -66,3 +66,22 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.resume = ""
   config.init_weights = ""
   return config
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of a config file, loaded by path.
+
+  Experiment files are loaded by path (``--config experiments/x.py``), not imported, so one
+  experiment builds on another with
+  ``load_config_file(os.path.join(os.path.dirname(__file__), "coco_r50_fpn_1x.py"))``.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+
+  name = "experiment_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f"config file not found: {path}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
