@@ -104,9 +104,10 @@ class MaskRCNN(nn.Module):
     m = self.config.mask
     pooled = self._pool(feats, rois, m.pooler_size, m.sampling_ratio)
     b, n = pooled.shape[:2]
-    logits = self.mask_predictor(self.mask_head(pooled.reshape((b * n,) + pooled.shape[2:])))
-    logits = logits.reshape((b, n) + logits.shape[1:])  # [B, M, 28, 28, K+1]
-    return jnp.take_along_axis(logits, classes[:, :, None, None, None], axis=-1)[..., 0]
+    # Only each RoI's own class channel is computed (not all K+1, then a gather).
+    logits = self.mask_predictor(self.mask_head(pooled.reshape((b * n,) + pooled.shape[2:])),
+                                 classes.reshape(b * n).astype(jnp.int32))
+    return logits.reshape((b, n) + logits.shape[1:])  # [B, M, 28, 28]
 
   @staticmethod
   def _valid_size(images, valid_size):

@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,6 +90,33 @@ def test_mask_head_and_predictor_match_torchvision():
   got = run(head_p, pred_p, _nhwc(x))
   assert got.shape == (3, 28, 28, k) and got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mask_predictor_per_class_and_flax_layout(seed):
+  """The matmul predictor equals Flax ConvTranspose + Conv on the same parameter tree, and its
+  per-class path equals the full logits indexed by class."""
+  c, k, n = 6, 5, 7
+  x = jax.random.normal(jax.random.PRNGKey(seed), (n, 14, 14, c))
+  classes = jnp.asarray(np.random.default_rng(seed).integers(0, k, n), jnp.int32)
+  pred = roi_lib.MaskRCNNPredictor(k)
+  params = pred.init(jax.random.PRNGKey(seed + 10), x)["params"]
+  assert params["conv5_mask"]["kernel"].shape == (2, 2, c, c)
+  assert params["mask_fcn_logits"]["kernel"].shape == (1, 1, c, k)
+  params = jax.tree_util.tree_map(
+      lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(seed + 20), p.shape), params)
+  deconv = nn.ConvTranspose(c, (2, 2), strides=(2, 2), padding="VALID")
+  conv = nn.Conv(k, (1, 1))
+  want = conv.apply({"params": params["mask_fcn_logits"]},
+                    nn.relu(deconv.apply({"params": params["conv5_mask"]}, x)))
+  full = jax.jit(lambda p, x: pred.apply({"params": p}, x))(params, x)
+  np.testing.assert_allclose(np.asarray(full), np.asarray(want), rtol=1e-4, atol=1e-4)
+  per = jax.jit(lambda p, x, cl: pred.apply({"params": p}, x, cl))(params, x, classes)
+  assert per.shape == (n, 28, 28) and per.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(per),
+                             np.take_along_axis(np.asarray(want), np.asarray(classes)[:, None, None,
+                                                                                     None],
+                                                axis=-1)[..., 0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
