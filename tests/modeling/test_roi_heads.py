@@ -213,3 +213,19 @@ def test_detect_with_pre_nms_cap_keeps_the_top_detections():
   capped = roi_lib.detect(*args, pre_nms_top_k=r * k // 2, **common)
   # NMS is greedy by score: the best detections only depend on higher-scored candidates.
   np.testing.assert_allclose(np.asarray(capped["scores"])[:3], np.asarray(full["scores"])[:3])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_conv3x3_gradients_match_lax_conv(seed):
+  """The custom-gradient mask-head conv equals lax's conv in value and in both gradients."""
+  kx, kk, kc = jax.random.split(jax.random.PRNGKey(seed), 3)
+  x = jax.random.normal(kx, (3, 9, 7, 5))
+  kernel = jax.random.normal(kk, (3, 3, 5, 4))
+  ct = jax.random.normal(kc, (3, 9, 7, 4))
+  plain = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  loss = lambda f: jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(f(x, k) * ct), (0, 1)))
+  (v0, (gx0, gk0)), (v1, (gx1, gk1)) = loss(plain)(x, kernel), loss(roi_lib.conv3x3)(x, kernel)
+  np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(gx1), np.asarray(gx0), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(gk1), np.asarray(gk0), rtol=1e-4, atol=1e-4)
