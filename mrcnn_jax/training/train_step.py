@@ -8,7 +8,6 @@ device: metrics are returned as arrays for the host to fetch every N steps.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -17,6 +16,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from mrcnn_jax.modeling import batch_parallel
 from mrcnn_jax.training import optimizer as optimizer_lib
 from mrcnn_jax.training import sharding as sharding_lib
 from mrcnn_jax.training import train_state as train_state_lib
@@ -103,7 +103,12 @@ def make_train_step(config: ml_collections.ConfigDict, model, mesh: Mesh,
     state is donated: do not use it after the call.
   """
   optimizer = train_state_lib.default_optimizer(config) if optimizer is None else optimizer
-  step = functools.partial(train_step, model=model, optimizer=optimizer, config=config)
+  def step(state, batch):
+    # The model's per-image parts (RoIAlign, proposals, sampling, detection) run shard-locally
+    # (see modeling/batch_parallel.py); everything else is partitioned by XLA from the shardings.
+    with batch_parallel.data_parallel(mesh, sharding_lib.DATA_AXIS):
+      return train_step(state, batch, model=model, optimizer=optimizer, config=config)
+
   state_sh = train_state_lib.state_shardings(state, mesh)
   replicated = sharding_lib.replicated(mesh)
   # A single sharding is a prefix of the batch dict: every leaf is split on its leading dim.
