@@ -1,0 +1,33 @@
+# Shared settings of the TPU launch kit; sourced by the other scripts, not run.
+#
+# Set these in the environment (or a file you source) before calling any script:
+#   TPU_NAME          name of the TPU VM / pod slice            (required)
+#   ZONE              e.g. us-central2-b, europe-west4-a         (required)
+#   ACCELERATOR_TYPE  e.g. v4-8 (1 host), v4-32 (4 hosts), v5litepod-16, v5p-32
+#   RUNTIME_VERSION   TPU software version, e.g. tpu-ubuntu2204-base, v2-alpha-tpuv5-lite
+#   PROJECT_ID        Google Cloud project (default: gcloud's configured project)
+#   REPO_DIR          where the code lives on every worker (default: ~/mrcnn_jax)
+#   LOG_DIR           where run.sh writes each worker's log (default: ~/mrcnn_jax_logs)
+set -euo pipefail
+
+: "${TPU_NAME:?set TPU_NAME (the TPU VM or pod slice name)}"
+: "${ZONE:?set ZONE (e.g. us-central2-b)}"
+REPO_DIR="${REPO_DIR:-mrcnn_jax}"     # relative to the worker's home directory
+LOG_DIR="${LOG_DIR:-mrcnn_jax_logs}"
+
+GCLOUD_TPU=(gcloud compute tpus tpu-vm)
+GCLOUD_FLAGS=(--zone="$ZONE")
+if [[ -n "${PROJECT_ID:-}" ]]; then
+  GCLOUD_FLAGS+=(--project="$PROJECT_ID")
+fi
+
+# Runs a shell command on every worker of the slice (in parallel; gcloud waits for all).
+on_all_workers() {
+  "${GCLOUD_TPU[@]}" ssh "$TPU_NAME" "${GCLOUD_FLAGS[@]}" --worker=all --command="$1"
+}
+
+# Runs a shell command on one worker (default 0).
+on_worker() {
+  local worker="$1"; shift
+  "${GCLOUD_TPU[@]}" ssh "$TPU_NAME" "${GCLOUD_FLAGS[@]}" --worker="$worker" --command="$1"
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Starts the same command on every worker, detached, each logging to $LOG_DIR/train.log.
+# Usage: scripts/tpu/run.sh -- python scripts/train.py --config experiments/coco_r50_fpn_1x.py \
+#            --workdir gs://BUCKET/r50_1x --config.data.train_images=...
+#
+# JAX finds the other workers by itself on a TPU slice (jax.distributed is initialised from the
+# TPU metadata), so no rank flags are needed. The workdir must be storage every worker sees
+# (a gs:// bucket, or a Filestore/NFS mount): all hosts write one checkpoint together. Re-running
+# the same command after a preemption or a stop resumes from the last checkpoint.
+source "$(dirname "$0")/common.sh"
+if [[ "${1:-}" == "--" ]]; then shift; fi
+if [[ $# -eq 0 ]]; then
+  echo "usage: $0 -- python scripts/train.py --config ... --workdir ..." >&2
+  exit 2
+fi
+printf -v cmd '%q ' "$@"
+on_all_workers "set -e; mkdir -p $LOG_DIR; cd $REPO_DIR
+  source ~/mrcnn_jax_venv/bin/activate
+  nohup $cmd > ~/$LOG_DIR/train.log 2>&1 < /dev/null &
+  echo \$! > ~/$LOG_DIR/pid
+  echo \"worker \$(hostname): started pid \$!\""
+echo "follow with: scripts/tpu/logs.sh   (worker 0)   or   scripts/tpu/logs.sh all"
