@@ -313,37 +313,9 @@ def torchvision_maskrcnn_v2_config(state: Optional[Mapping[str, Any]] = None,
 
 
 def expected_variables_v2(config: ml_collections.ConfigDict) -> common.Flat:
-  """Variable shapes of the v2 model: backbone and predictors from ``MaskRCNN(config)``, the
-  FPN and the heads from the modules of ``modeling.heads_v2`` / ``fpn.FPN(norm=...)`` under the
-  names the model gives them (``fpn``, ``rpn_head``, ``box_head``, ``mask_head``)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import flax  # pylint: disable=g-import-not-at-top
-  from mrcnn_jax.modeling import fpn as fpn_lib  # pylint: disable=g-import-not-at-top
-  from mrcnn_jax.modeling import heads_v2  # pylint: disable=g-import-not-at-top
-  from mrcnn_jax.ops import anchors as anchor_ops  # pylint: disable=g-import-not-at-top
-
-  out = {p: v for p, v in common.expected_variables(config).items()
-         if p[1] in ("backbone", "box_predictor", "mask_predictor")}
-  c, w = config.fpn.channels, config.backbone.width
-  a = anchor_ops.num_anchors_per_location(config.anchors.sizes, config.anchors.aspect_ratios)[0]
-  z = lambda *shape: jnp.zeros(shape, jnp.float32)  # noqa: E731
-  modules = {
-      "fpn": (fpn_lib.FPN(c, norm=config.fpn.norm),
-              ([z(1, 2**(4 - i), 2**(4 - i), w * 4 * 2**i) for i in range(4)],)),
-      "rpn_head": (heads_v2.RPNHeadV2(a, config.rpn.head_convs), ([z(1, 4, 4, c)],)),
-      "box_head": (heads_v2.FastRCNNConvFCHead(
-          (config.roi.box_head_conv_channels,) * config.roi.box_head_convs,
-          (config.roi.representation_size,), config.roi.box_head_norm),
-                   (z(1, config.roi.pooler_size, config.roi.pooler_size, c),)),
-      "mask_head": (heads_v2.MaskRCNNHeadsNorm(tuple(config.mask.conv_channels),
-                                               config.mask.norm),
-                    (z(1, config.mask.pooler_size, config.mask.pooler_size, c),)),
-  }
-  for name, (module, args) in modules.items():
-    shapes = jax.eval_shape(lambda m=module, x=args: m.init(jax.random.key(0), *x))
-    for p, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes)).items():
-      out[(p[0], name) + p[1:]] = v
-  return out
+  """Variable shapes of the v2 model: ``MaskRCNN(config)``'s, whose ``fpn``, ``rpn_head``,
+  ``box_head`` and ``mask_head`` follow the config's v2 switches (``modeling.heads_v2``)."""
+  return common.expected_variables(config)
 
 
 def heads_table_v2(expected: common.Flat, pooled: int):
@@ -391,9 +363,8 @@ def convert_torchvision_maskrcnn_v2(
 ) -> Tuple[Dict[str, Any], ml_collections.ConfigDict]:
   """torchvision ``maskrcnn_resnet50_fpn_v2`` state dict -> ``(variables, config)``.
 
-  As :func:`convert_torchvision_maskrcnn`, with :func:`torchvision_maskrcnn_v2_config`. The
-  variables follow :func:`expected_variables_v2`; ``MaskRCNN`` builds that tree once its
-  ``fpn``/``rpn_head``/``box_head``/``mask_head`` honour the v2 config switches.
+  As :func:`convert_torchvision_maskrcnn`, with :func:`torchvision_maskrcnn_v2_config`: the
+  result runs in ``MaskRCNN(config)`` (FPN and head norms, 2-conv RPN head, 4conv1fc box head).
 
   Raises:
     ConversionError: unknown or missing keys, or shape mismatches, all named.

@@ -15,15 +15,13 @@ to one: ``box_head/0/0/kernel`` <- ``roi_heads.box_head.0.0.weight`` (the conv o
 Norm layers are :func:`mrcnn_jax.modeling.resnet.make_norm`'s (``'frozen_bn'``, ``'bn'``,
 ``'gn'``) or ``'none'`` (then the convs have a bias, as torchvision's do without a norm).
 
-Status: these modules and ``convert_torchvision_maskrcnn_v2`` are tested against torchvision
-(tests/modeling/test_v2_heads.py), but ``MaskRCNN`` does not select them yet. Wiring, in
-``mask_rcnn.py``'s ``setup``: ``FPN(..., norm=cfg.fpn.norm)``; ``RPNHeadV2`` when
-``cfg.rpn.head_convs > 1``; ``FastRCNNConvFCHead((cfg.roi.box_head_conv_channels,) *
-cfg.roi.box_head_convs, (cfg.roi.representation_size,), cfg.roi.box_head_norm)`` when
-``cfg.roi.box_head_convs > 0``; ``MaskRCNNHeadsNorm(cfg.mask.conv_channels, cfg.mask.norm)`` when
-``cfg.mask.norm != 'none'``; pass ``train`` to the FPN and these heads (trainable 'bn' only);
-``generate_anchors(..., round_to_pixels=cfg.anchors.round)``; and in ``trainable_mask`` return
-False for :func:`is_frozen_norm_path`. Then a whole-model v2 parity test like the v1 one.
+``MaskRCNN`` selects them from the config (``modeling/config.py``; v1 defaults):
+``rpn.head_convs > 1`` -> :class:`RPNHeadV2`; ``roi.box_head_convs > 0`` ->
+:class:`FastRCNNConvFCHead`; ``mask.norm != 'none'`` -> :class:`MaskRCNNHeadsNorm`; with
+``fpn.norm`` for the FPN. ``train`` reaches their norms (batch statistics for 'bn', which needs
+``config.norm = 'bn'`` so the trainer carries ``batch_stats``), and ``trainable_mask`` freezes the
+arrays :func:`is_frozen_norm_path` names. ``convert_torchvision_maskrcnn_v2`` returns a config
+that selects all of them (tests/convert/test_end_to_end_v2.py: whole-model parity).
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ One Flax module with two entry points, both static-shape and jit-able:
   ``mutable=['batch_stats']``.
 * :meth:`MaskRCNN.predict` (inference): uint8 images -> fixed-size detections with ``valid``.
 
+The config selects torchvision's ``maskrcnn_resnet50_fpn`` layout (v1, the defaults) or, per
+part, its ``maskrcnn_resnet50_fpn_v2`` one: FPN norms, a 2-conv RPN head, a 4conv1fc box head
+and mask-head norms (``modeling.heads_v2``; ``convert_torchvision_maskrcnn_v2`` sets them all).
+
 Sub-module names follow torchvision's ``MaskRCNN`` (``backbone`` is torchvision's
 ``backbone.body``, ``fpn`` its ``backbone.fpn``, ``rpn_head`` its ``rpn.head``, the rest its
 ``roi_heads.*``) so a weight converter is a table of renames and transposes.
@@ -22,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrcnn_jax.modeling import heads_v2
 from mrcnn_jax.modeling import losses as loss_lib
 from mrcnn_jax.modeling import resnet as resnet_lib
 from mrcnn_jax.modeling import roi_heads as roi_lib
@@ -47,16 +52,39 @@ class MaskRCNN(nn.Module):
   def setup(self):
     cfg = self.config
     dtype = jnp.dtype(cfg.compute_dtype)
+    _check_head_norms(cfg)
     self.backbone = resnet_lib.ResNet(cfg)
-    self.fpn = FPN(cfg.fpn.channels, dtype)
+    self.fpn = FPN(cfg.fpn.channels, dtype, norm=cfg.fpn.get("norm", "none"))
     num_anchors = anchor_ops.num_anchors_per_location(cfg.anchors.sizes, cfg.anchors.aspect_ratios)
     if len(set(num_anchors)) != 1:
       raise ValueError(f"the shared RPN head needs the same anchors per level, got {num_anchors}")
-    self.rpn_head = rpn_lib.RPNHead(num_anchors[0], dtype)
-    self.box_head = roi_lib.TwoMLPHead(cfg.roi.representation_size, dtype)
+    # v1 layouts (and parameter names) unless the config selects maskrcnn_resnet50_fpn_v2's
+    # heads; the ``.get`` defaults keep configs written before these fields loading as v1.
+    head_convs = cfg.rpn.get("head_convs", 1)
+    if head_convs > 1:
+      self.rpn_head = heads_v2.RPNHeadV2(num_anchors[0], head_convs, dtype)
+    else:
+      self.rpn_head = rpn_lib.RPNHead(num_anchors[0], dtype)
+    ro = cfg.roi
+    if ro.get("box_head_convs", 0) > 0:
+      self.box_head = heads_v2.FastRCNNConvFCHead(
+          (ro.box_head_conv_channels,) * ro.box_head_convs, (ro.representation_size,),
+          ro.box_head_norm, dtype)
+    else:
+      self.box_head = roi_lib.TwoMLPHead(ro.representation_size, dtype)
     self.box_predictor = roi_lib.FastRCNNPredictor(cfg.num_classes, dtype)
-    self.mask_head = roi_lib.MaskRCNNHead(tuple(cfg.mask.conv_channels), dtype)
+    if cfg.mask.get("norm", "none") != "none":
+      self.mask_head = heads_v2.MaskRCNNHeadsNorm(tuple(cfg.mask.conv_channels), cfg.mask.norm,
+                                                  dtype)
+    else:
+      self.mask_head = roi_lib.MaskRCNNHead(tuple(cfg.mask.conv_channels), dtype)
     self.mask_predictor = roi_lib.MaskRCNNPredictor(cfg.num_classes, dtype)
+
+  def _head(self, module: nn.Module, x: jax.Array, train: bool) -> jax.Array:
+    """Calls a box/mask head, passing ``train`` to the v2 heads (their BatchNorm uses it)."""
+    if isinstance(module, (heads_v2.FastRCNNConvFCHead, heads_v2.MaskRCNNHeadsNorm)):
+      return module(x, train=train)
+    return module(x)
 
   # ------------------------------------------------------------------ shared pieces
 
@@ -66,12 +94,13 @@ class MaskRCNN(nn.Module):
     x = images.astype(jnp.float32)
     x = (x - jnp.asarray(cfg.pixel_mean, jnp.float32)) / jnp.asarray(cfg.pixel_std, jnp.float32)
     x = x.astype(jnp.dtype(cfg.compute_dtype))
-    return self.fpn(self.backbone(x, train=train))
+    return self.fpn(self.backbone(x, train=train), train=train)
 
   def _anchors(self, image_size: Tuple[int, int]):
     """Static anchors: ([N, 4] float32 array, anchors per level)."""
     a = self.config.anchors
-    per_level = anchor_ops.generate_anchors(image_size, a.strides, a.sizes, a.aspect_ratios)
+    per_level = anchor_ops.generate_anchors(image_size, a.strides, a.sizes, a.aspect_ratios,
+                                            round_to_pixels=a.get("round", True))
     return jnp.asarray(rpn_lib.concat_anchors(per_level)), rpn_lib.level_sizes(per_level)
 
   def _proposals(self, objectness, deltas, anchors, level_sizes, valid_size, train: bool):
@@ -93,20 +122,20 @@ class MaskRCNN(nn.Module):
         aligned=cfg.roi.aligned, canonical_scale=cfg.roi.canonical_scale,
         canonical_level=cfg.roi.canonical_level)
 
-  def _box_branch(self, feats, rois):
+  def _box_branch(self, feats, rois, train: bool = False):
     """rois [B, R, 4] -> class logits [B, R, K+1], deltas [B, R, K+1, 4] (float32)."""
     r = self.config.roi
     pooled = self._pool(feats, rois, r.pooler_size, r.sampling_ratio)
-    return self.box_predictor(self.box_head(pooled))
+    return self.box_predictor(self._head(self.box_head, pooled, train))
 
-  def _mask_branch(self, feats, rois, classes):
+  def _mask_branch(self, feats, rois, classes, train: bool = False):
     """rois [B, M, 4], classes [B, M] -> [B, M, 28, 28] float32 logits of those classes."""
     m = self.config.mask
     pooled = self._pool(feats, rois, m.pooler_size, m.sampling_ratio)
     b, n = pooled.shape[:2]
     # Only each RoI's own class channel is computed (not all K+1, then a gather).
-    logits = self.mask_predictor(self.mask_head(pooled.reshape((b * n,) + pooled.shape[2:])),
-                                 classes.reshape(b * n).astype(jnp.int32))
+    heads = self._head(self.mask_head, pooled.reshape((b * n,) + pooled.shape[2:]), train)
+    logits = self.mask_predictor(heads, classes.reshape(b * n).astype(jnp.int32))
     return logits.reshape((b, n) + logits.shape[1:])  # [B, M, 28, 28]
 
   @staticmethod
@@ -166,7 +195,7 @@ class MaskRCNN(nn.Module):
         bg_iou_threshold=ro.bg_iou_threshold, batch_size_per_image=ro.batch_size_per_image,
         positive_fraction=ro.positive_fraction, weights=tuple(ro.box_weights)))(
             proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, roi_keys)
-    class_logits, box_deltas = self._box_branch(feats, s["rois"])
+    class_logits, box_deltas = self._box_branch(feats, s["rois"], train=True)
     roi_cls, roi_box = loss_lib.fast_rcnn_losses(class_logits, box_deltas, s["labels"],
                                                  s["target"], s["valid"], beta=ro.box_loss_beta)
 
@@ -176,7 +205,9 @@ class MaskRCNN(nn.Module):
     m = cfg.mask.rois_per_image
     m_rois, m_labels, m_matched = s["rois"][:, :m], s["labels"][:, :m], s["matched"][:, :m]
     m_valid = s["valid"][:, :m] & (m_labels > 0)
-    m_logits = self._mask_branch(feats, m_rois, m_labels)
+    # A trainable-BatchNorm mask head (v2 with 'bn') takes its batch statistics over all m
+    # slots, background and padding included; torchvision's sees the positives only.
+    m_logits = self._mask_branch(feats, m_rois, m_labels, train=True)
     resolution = m_logits.shape[-1]
     m_targets = jax.vmap(functools.partial(mask_targets, size=resolution))(
         jnp.asarray(batch["gt_masks"], jnp.float32), gt_boxes, m_rois, m_matched)
@@ -238,8 +269,21 @@ class MaskRCNN(nn.Module):
     b = images.shape[0]
     c = feats[0].shape[-1]
     r, m = self.config.roi.pooler_size, self.config.mask.pooler_size
-    self.box_predictor(self.box_head(jnp.zeros((b, r, r, c), feats[0].dtype)))
-    return self.mask_predictor(self.mask_head(jnp.zeros((b, m, m, c), feats[0].dtype)))
+    self.box_predictor(self._head(self.box_head, jnp.zeros((b, r, r, c), feats[0].dtype), False))
+    return self.mask_predictor(
+        self._head(self.mask_head, jnp.zeros((b, m, m, c), feats[0].dtype), False))
+
+
+def _check_head_norms(cfg: Any) -> None:
+  """Trainable BatchNorm in the FPN or heads needs ``config.norm == 'bn'``: only then do the
+  trainer and ``init_variables`` users carry the mutable ``batch_stats`` collection."""
+  heads = {"fpn.norm": cfg.fpn.get("norm", "none"),
+           "roi.box_head_norm": cfg.roi.get("box_head_norm", "none"),
+           "mask.norm": cfg.mask.get("norm", "none")}
+  bn = [k for k, v in heads.items() if v == "bn"]
+  if bn and cfg.norm != "bn":
+    raise ValueError(f"{', '.join(bn)} = 'bn' (trainable BatchNorm) needs config.norm = 'bn' "
+                     f"as well, got {cfg.norm!r}")
 
 
 def init_variables(model: MaskRCNN, key: jax.Array, image_size: Tuple[int, int]) -> Dict[str, Any]:
@@ -274,14 +318,15 @@ def init_key(key: jax.Array) -> jax.Array:
 def trainable_mask(params: Any, config: Any) -> Any:
   """Pytree of bools over ``params``: False for frozen parameters.
 
-  Frozen: every FrozenBatchNorm array (``config.norm == 'frozen_bn'``) and the backbone
-  modules outside ``config.backbone.trainable_layers`` (stem and layer1 by default).
+  Frozen: every FrozenBatchNorm array (the backbone's with ``config.norm == 'frozen_bn'``, the
+  FPN's and v2 heads' with their ``norm == 'frozen_bn'``) and the backbone modules outside
+  ``config.backbone.trainable_layers`` (stem and layer1 by default).
   """
 
   def trainable(path, _):
     keys = [str(getattr(p, "key", p)) for p in path]
     if keys and keys[0] == "backbone":
       return resnet_lib.backbone_trainable(keys[1:], config)
-    return True
+    return not heads_v2.is_frozen_norm_path(keys, config)
 
   return jax.tree_util.tree_map_with_path(trainable, params)

@@ -12,6 +12,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from mrcnn_jax import modeling
 from mrcnn_jax.modeling import MaskRCNN
+from mrcnn_jax.ops import anchors as anchor_ops
 
 LOSS_KEYS = {"rpn_objectness", "rpn_box", "roi_class", "roi_box", "roi_mask"}
 H, W, G, S = 64, 96, 4, 16
@@ -191,6 +192,82 @@ def test_trainable_batchnorm_updates_batch_stats(tiny):
   mask = _leaves(modeling.trainable_mask(variables["params"], cfg))
   assert mask["['backbone']['layer2']['0']['bn1']['scale']"]
   assert not mask["['backbone']['layer1']['0']['bn1']['scale']"]
+
+
+def _tiny_v2(fpn_norm, box_norm, mask_norm):
+  """The tiny config with maskrcnn_resnet50_fpn_v2's head layouts (narrow)."""
+  cfg = modeling.tiny_model_config()
+  cfg.fpn.norm, cfg.roi.box_head_norm, cfg.mask.norm = fpn_norm, box_norm, mask_norm
+  cfg.rpn.head_convs = 2
+  cfg.roi.box_head_convs = 2
+  cfg.roi.box_head_conv_channels = 16
+  return cfg
+
+
+@pytest.mark.slow  # ~30 s on a loaded 2-core machine (init + one gradient compile)
+def test_v2_heads_train_bn_statistics_and_freeze_frozen_norms():
+  """v2 switches select the heads_v2 modules; 'bn' heads update their batch statistics in
+  ``losses`` and frozen-BN heads get no gradient (and trainable_mask marks them)."""
+  cfg = _tiny_v2("bn", "frozen_bn", "bn")
+  cfg.norm = "bn"
+  model = MaskRCNN(cfg)
+  variables = jax.jit(lambda k: modeling.init_variables(model, k, (H, W)))(jax.random.key(0))
+  params, stats = variables["params"], variables["batch_stats"]
+  assert set(params["rpn_head"]) == {"conv_0", "conv_1", "cls_logits", "bbox_pred"}
+  assert set(params["box_head"]) == {"0", "1", "3"}  # 2 convs, Flatten at 2, fc at 3
+  assert set(params["box_head"]["0"]["1"]) == {"scale", "bias", "mean", "var"}  # frozen
+  assert "mean" in stats["fpn"]["inner_blocks_0_norm"] and "mean" in stats["mask_head"]["1"]["1"]
+  assert "bias" not in params["mask_head"]["0"]["0"]  # the norm replaces the conv bias
+  batch = make_batch(seed=7)
+
+  @jax.jit
+  def step(variables, batch, key):
+    def loss_fn(p):
+      (losses, _), updates = model.apply(
+          {"params": p, "batch_stats": variables["batch_stats"]}, batch, method=MaskRCNN.losses,
+          rngs={"sampling": key}, mutable=["batch_stats"])
+      return sum(losses.values()), updates
+    return jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+
+  (total, updates), grads = step(variables, batch, jax.random.key(8))
+  assert np.isfinite(float(total))
+  after = updates["batch_stats"]
+  for path in (("fpn", "layer_blocks_1_norm"), ("mask_head", "1", "1")):
+    b, a = stats, after
+    for k in path:
+      b, a = b[k], a[k]
+    assert not np.allclose(b["mean"], a["mean"]), path
+  g, m = _leaves(grads), _leaves(modeling.trainable_mask(params, cfg))
+  head_frozen = {k for k in g if not m[k] and "['backbone']" not in k}
+  assert head_frozen == {f"['box_head']['{i}']['1']['{leaf}']" for i in "01"
+                         for leaf in ("scale", "bias", "mean", "var")}
+  for k in head_frozen:
+    assert not np.any(np.asarray(g[k])), k
+  for k in ("['box_head']['1']['0']['kernel']", "['box_head']['3']['kernel']",
+            "['rpn_head']['conv_1']['kernel']", "['fpn']['inner_blocks_2_norm']['scale']",
+            "['mask_head']['0']['1']['scale']"):
+    assert m[k] and np.any(np.asarray(g[k])), k
+
+
+def test_head_batchnorm_needs_model_batchnorm():
+  cfg = _tiny_v2("none", "bn", "none")  # config.norm stays 'frozen_bn': no batch_stats
+  with pytest.raises(ValueError, match="roi.box_head_norm.*config.norm"):
+    jax.eval_shape(lambda k: modeling.init_variables(MaskRCNN(cfg), k, (H, W)),
+                   jax.random.key(0))
+
+
+@pytest.mark.parametrize("round_to_pixels", [True, False])
+def test_anchors_follow_config_round(round_to_pixels):
+  cfg = modeling.tiny_model_config()
+  cfg.anchors.round = round_to_pixels
+  anchors, sizes = MaskRCNN(cfg).apply({}, method=lambda m: m._anchors((H, W)))
+  ref = anchor_ops.generate_anchors((H, W), cfg.anchors.strides, cfg.anchors.sizes,
+                                    cfg.anchors.aspect_ratios, round_to_pixels=round_to_pixels)
+  np.testing.assert_array_equal(np.asarray(anchors), np.concatenate(ref))
+  assert sizes == tuple(len(a) for a in ref)
+  unrounded = anchor_ops.generate_anchors((H, W), cfg.anchors.strides, cfg.anchors.sizes,
+                                          cfg.anchors.aspect_ratios, round_to_pixels=False)
+  assert np.array_equal(np.asarray(anchors), np.concatenate(unrounded)) != round_to_pixels
 
 
 def test_full_model_parameter_counts_match_torchvision():
