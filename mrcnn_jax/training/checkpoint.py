@@ -3,8 +3,11 @@
 A checkpoint is one orbax step directory ``<workdir>/checkpoints/<step>/`` with two items:
 ``state`` (the whole ``TrainState``: params, optimizer state, batch stats, step, rng) and
 ``meta`` (JSON: the step, the data position, and the model config the parameters belong to).
-Orbax writes a step directory under a temporary name and renames it when complete, so a run
-killed mid-write leaves no half checkpoint that :meth:`Checkpointer.latest_step` would return.
+Orbax writes a step directory under a temporary name (``<step>.orbax-checkpoint-tmp``) and renames
+it when complete, so a run killed mid-write leaves no half checkpoint that
+:meth:`Checkpointer.latest_step` would return; the workdir's checkpointer deletes such leftovers
+when it starts (orbax keeps them otherwise, a full state each, until that very step is saved
+again).
 
 Where the starting state comes from (:func:`restore_or_initialize`), first match wins:
 
@@ -22,6 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import time
 from typing import Any, Optional
 
 import flax
@@ -34,6 +39,16 @@ PyTree = Any
 
 CHECKPOINT_DIR = "checkpoints"
 
+# Test hook, read when a Checkpointer is created: "STEP:SECONDS" holds the async save of
+# checkpoint STEP for SECONDS after its files are written and before orbax commits (renames)
+# it, with a log line when the hold begins, so a test can kill the process mid-write at a
+# known moment (tests/training/test_faults.py). Unset in real runs: no effect.
+STALL_COMMIT_ENV = "MRCNN_JAX_TEST_SLOW_CHECKPOINT_WRITE"
+
+# Orbax's name for a step folder being written: `<step>.orbax-checkpoint-tmp` (older versions
+# append `-<timestamp>`); it becomes `<step>` only when the write is complete.
+_TMP_MARK = ".orbax-checkpoint-tmp"
+
 
 class Checkpointer:
   """A thin wrapper over ``orbax.checkpoint.CheckpointManager`` for ``TrainState``.
@@ -43,15 +58,37 @@ class Checkpointer:
     every_steps: save only at multiples of this step (``save(force=True)`` ignores it).
     max_to_keep: the newest this many checkpoints are kept, older ones deleted.
     async_save: write in a background thread while training continues.
+    cleanup_tmp: delete uncommitted step folders left by a killed run. Only for the run that
+      owns ``directory``: a reader of another run's checkpoints must not delete the folder
+      that run is writing.
   """
 
   def __init__(self, directory: str, *, every_steps: int = 1000, max_to_keep: int = 3,
-               async_save: bool = True):
+               async_save: bool = True, cleanup_tmp: bool = False):
     self.directory = os.path.abspath(directory)
     self.every_steps = max(int(every_steps), 1)
+    self._stall = _parse_stall(os.environ.get(STALL_COMMIT_ENV)) if async_save else None
+    self._stalling: Optional[int] = None
+    async_options = None
+    if self._stall is not None:
+      # Runs in orbax's save thread after the item files are written, before the rename.
+      async_options = ocp.AsyncOptions(post_finalization_callback=self._stall_commit)
+    if cleanup_tmp and jax.process_index() == 0:
+      # Before the manager exists, synchronously: orbax's own `cleanup_tmp_directories` runs
+      # in a thread that only the next save waits for, and a run ending before any save (a
+      # refused restart) leaves it racing the interpreter's shutdown.
+      _remove_uncommitted(self.directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
+        async_options=async_options)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def _stall_commit(self) -> None:
+    step, self._stalling = self._stalling, None
+    if step is not None:
+      logging.warning("%s: checkpoint %d is written, holding its commit for %g s",
+                      STALL_COMMIT_ENV, step, self._stall[1])
+      time.sleep(self._stall[1])
 
   def latest_step(self) -> Optional[int]:
     """The newest complete checkpoint's step, or ``None``."""
@@ -71,6 +108,9 @@ class Checkpointer:
       return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               meta=ocp.args.JsonSave(dict(meta, step=int(step))))
+    if self._stall is not None and step == self._stall[0]:
+      self._manager.wait_until_finished()  # the previous save's callback must not see the mark
+      self._stalling = int(step)
     return bool(self._manager.save(step, args=args, force=True))
 
   def restore(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict]:
@@ -94,11 +134,33 @@ class Checkpointer:
     self._manager.close()
 
 
+def _remove_uncommitted(directory: str) -> None:
+  """Deletes the step folders under ``directory`` that orbax never committed (renamed)."""
+  if not os.path.isdir(directory):
+    return
+  for name in sorted(os.listdir(directory)):
+    path = os.path.join(directory, name)
+    if _TMP_MARK in name and os.path.isdir(path):
+      logging.warning("removing an uncommitted checkpoint left by an interrupted run: %s", path)
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def _parse_stall(value: Optional[str]) -> Optional[tuple[int, float]]:
+  """``"STEP:SECONDS"`` -> ``(STEP, SECONDS)``; unset or empty -> ``None``."""
+  if not value:
+    return None
+  try:
+    step, seconds = value.split(":")
+    return int(step), float(seconds)
+  except ValueError:
+    raise ValueError(f"{STALL_COMMIT_ENV}={value!r}: expected STEP:SECONDS") from None
+
+
 def make_checkpointer(config: ml_collections.ConfigDict, workdir: str) -> Checkpointer:
-  """The workdir's checkpointer, from ``config.checkpoint``."""
+  """The workdir's checkpointer, from ``config.checkpoint``; it owns the folder (cleans up)."""
   c = config.checkpoint
   return Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), every_steps=c.every_steps,
-                      max_to_keep=c.max_to_keep, async_save=c.async_save)
+                      max_to_keep=c.max_to_keep, async_save=c.async_save, cleanup_tmp=True)
 
 
 def checkpoint_meta(config: ml_collections.ConfigDict, step: int, data_position: int) -> dict:
