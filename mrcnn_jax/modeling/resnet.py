@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling import conv as conv_lib
+
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 EXPANSION = 4
 # torchvision's order for ``trainable_layers``: the first ``n`` of these train.
@@ -100,9 +102,11 @@ class _GroupNorm(nn.Module):
     return (y * scale + bias).astype(self.dtype)
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> conv_lib.Conv:
+  # conv_lib.Conv: Flax Conv's parameters, with a matmul kernel gradient (XLA CPU's conv one
+  # is 2-10x the forward).
   pad = (kernel - 1) // 2  # torch's symmetric padding, not "SAME" (differs for stride 2)
-  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
+  return conv_lib.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
                  use_bias=False, kernel_init=conv_init, dtype=dtype, param_dtype=jnp.float32,
                  name=name)
 

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling import conv as conv_lib
 from mrcnn_jax.ops import boxes as box_ops
 from mrcnn_jax.ops.matching import match_boxes
 from mrcnn_jax.ops.nms import batched_nms
@@ -81,7 +82,8 @@ class MaskRCNNHead(nn.Module):
   """``len(channels)`` 3x3 conv + ReLU layers: [N, 14, 14, C] -> [N, 14, 14, channels[-1]].
 
   Parameters are Flax ``Conv``'s (``mask_fcn{i}``: ``kernel`` [3, 3, Cin, C], ``bias``); the
-  convs run through :func:`conv3x3`, whose kernel gradient is a matmul (see there).
+  layers are :class:`~mrcnn_jax.modeling.conv.Conv`, whose kernel gradient is a matmul (XLA
+  CPU's conv kernel gradient took ~4x the forward: 4 s for 256 RoIs at 14x14x256).
   """
 
   channels: Sequence[int] = (256, 256, 256, 256)
@@ -90,46 +92,19 @@ class MaskRCNNHead(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for i, c in enumerate(self.channels):
-      kernel, bias = _ParamHolder((3, 3, x.shape[-1], c), (c,), mask_conv_init,
-                                  name=f"mask_fcn{i + 1}")()
-      x = nn.relu(conv3x3(x.astype(self.dtype), kernel.astype(self.dtype))
-                  + bias.astype(self.dtype))
+      x = nn.relu(conv_lib.Conv(c, (3, 3), padding=((1, 1), (1, 1)), kernel_init=mask_conv_init,
+                                bias_init=nn.initializers.zeros, dtype=self.dtype,
+                                param_dtype=jnp.float32, name=f"mask_fcn{i + 1}")(x))
     return x
 
 
-def _conv3x3_plain(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@jax.custom_vjp
 def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """3x3 stride-1 'SAME' conv, NHWC x HWIO, with a matmul kernel gradient.
 
-  XLA's CPU backend lowers the kernel gradient of a conv to another convolution over the
-  batch that ran ~4x slower than the forward (4 s for 256 RoIs at 14x14x256); as nine
-  shifted [C, N*h*w] x [N*h*w, O] matmuls it costs about what the forward does.
+  Kept for callers of the earlier mask-head helper; it is :func:`conv_lib.conv2d` with
+  ``stride=1, padding=1``.
   """
-  return _conv3x3_plain(x, kernel)
-
-
-def _conv3x3_fwd(x, kernel):
-  return _conv3x3_plain(x, kernel), (x, kernel)
-
-
-def _conv3x3_bwd(residuals, ct):
-  x, kernel = residuals
-  h, w = x.shape[1:3]
-  _, vjp_x = jax.vjp(lambda v: _conv3x3_plain(v, kernel), x)
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  ct_k = ct.astype(x.dtype)
-  rows = [jnp.stack([jnp.einsum("nhwc,nhwo->co", xp[:, dy:dy + h, dx:dx + w], ct_k,
-                                preferred_element_type=jnp.float32) for dx in range(3)])
-          for dy in range(3)]
-  return vjp_x(ct)[0], jnp.stack(rows).astype(kernel.dtype)
-
-
-conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+  return conv_lib.conv2d(x, kernel, 1, 1)
 
 
 class MaskRCNNPredictor(nn.Module):

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrcnn_jax.modeling import conv as conv_lib
 from mrcnn_jax.ops import boxes as box_ops
 from mrcnn_jax.ops.matching import match_boxes
 from mrcnn_jax.ops.nms import batched_nms
@@ -55,9 +56,10 @@ class RPNHead(nn.Module):
     a = self.num_anchors
     kw = dict(kernel_init=rpn_init, bias_init=nn.initializers.zeros, dtype=self.dtype,
               param_dtype=jnp.float32)
-    conv = nn.Conv(c, (3, 3), padding=((1, 1), (1, 1)), name="conv", **kw)
-    cls = nn.Conv(a, (1, 1), name="cls_logits", **kw)
-    bbox = nn.Conv(4 * a, (1, 1), name="bbox_pred", **kw)
+    # conv_lib.Conv: nn.Conv's parameters with a matmul kernel gradient (XLA CPU's is slow).
+    conv = conv_lib.Conv(c, (3, 3), padding=((1, 1), (1, 1)), name="conv", **kw)
+    cls = conv_lib.Conv(a, (1, 1), name="cls_logits", **kw)
+    bbox = conv_lib.Conv(4 * a, (1, 1), name="bbox_pred", **kw)
     logits, deltas = [], []
     for f in feats:
       t = nn.relu(conv(f))
