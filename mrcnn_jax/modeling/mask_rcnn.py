@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrcnn_jax.modeling import batch_parallel
 from mrcnn_jax.modeling import heads_v2
 from mrcnn_jax.modeling import losses as loss_lib
 from mrcnn_jax.modeling import resnet as resnet_lib
@@ -111,16 +112,19 @@ class MaskRCNN(nn.Module):
         post_nms_top_k=r.post_nms_top_k_train if train else r.post_nms_top_k_test,
         nms_threshold=r.nms_threshold, min_size=r.min_size, score_threshold=r.score_threshold,
         weights=tuple(r.box_weights))
-    return jax.vmap(fn, in_axes=(0, 0, None, 0))(objectness, deltas, anchors, valid_size)
+    return batch_parallel.vmap(fn, in_axes=(0, 0, None, 0))(objectness, deltas, anchors,
+                                                            valid_size)
 
   def _pool(self, feats, boxes, output_size: int, sampling_ratio: int):
     """[B, N, 4] boxes -> [B, N, s, s, C] pooled from P2..P5."""
     cfg = self.config
-    return multilevel_roi_align(
-        feats[:NUM_POOLED_LEVELS], boxes, output_size,
+    pool = functools.partial(
+        multilevel_roi_align, output_size=output_size,
         strides=tuple(cfg.anchors.strides[:NUM_POOLED_LEVELS]), sampling_ratio=sampling_ratio,
         aligned=cfg.roi.aligned, canonical_scale=cfg.roi.canonical_scale,
         canonical_level=cfg.roi.canonical_level)
+    # Shard-local under data parallelism: each device pools its own images' RoIs.
+    return batch_parallel.per_example(pool, list(feats[:NUM_POOLED_LEVELS]), boxes)
 
   def _box_branch(self, feats, rois, train: bool = False):
     """rois [B, R, 4] -> class logits [B, R, K+1], deltas [B, R, K+1, 4] (float32)."""
@@ -176,7 +180,7 @@ class MaskRCNN(nn.Module):
 
     # ---- RPN losses over sampled anchors.
     r = cfg.rpn
-    t = jax.vmap(functools.partial(
+    t = batch_parallel.vmap(functools.partial(
         rpn_lib.rpn_targets, fg_iou_threshold=r.fg_iou_threshold,
         bg_iou_threshold=r.bg_iou_threshold, batch_size_per_image=r.batch_size_per_image,
         positive_fraction=r.positive_fraction, weights=tuple(r.box_weights)),
@@ -190,7 +194,7 @@ class MaskRCNN(nn.Module):
     proposals, _, proposal_valid = self._proposals(objectness, deltas, anchors, level_sizes,
                                                    valid_size, train=True)
     ro = cfg.roi
-    s = jax.vmap(functools.partial(
+    s = batch_parallel.vmap(functools.partial(
         roi_lib.sample_rois, fg_iou_threshold=ro.fg_iou_threshold,
         bg_iou_threshold=ro.bg_iou_threshold, batch_size_per_image=ro.batch_size_per_image,
         positive_fraction=ro.positive_fraction, weights=tuple(ro.box_weights)))(
@@ -209,7 +213,7 @@ class MaskRCNN(nn.Module):
     # slots, background and padding included; torchvision's sees the positives only.
     m_logits = self._mask_branch(feats, m_rois, m_labels, train=True)
     resolution = m_logits.shape[-1]
-    m_targets = jax.vmap(functools.partial(mask_targets, size=resolution))(
+    m_targets = batch_parallel.vmap(functools.partial(mask_targets, size=resolution))(
         jnp.asarray(batch["gt_masks"], jnp.float32), gt_boxes, m_rois, m_matched)
     roi_mask = loss_lib.mask_loss(m_logits, jax.lax.stop_gradient(m_targets), m_valid)
 
@@ -249,7 +253,7 @@ class MaskRCNN(nn.Module):
                                                    valid_size, train=False)
     class_logits, box_deltas = self._box_branch(feats, proposals)
     ro = cfg.roi
-    det = jax.vmap(functools.partial(
+    det = batch_parallel.vmap(functools.partial(
         roi_lib.detect, weights=tuple(ro.box_weights), score_threshold=ro.score_threshold,
         nms_threshold=ro.nms_threshold, min_size=ro.min_size,
         detections=cfg.detections_per_image, pre_nms_top_k=ro.pre_nms_top_k))(
