@@ -4,18 +4,23 @@ a restart with another model.
 Every run is ``python scripts/train.py --config <tiny config> --workdir ...`` in a subprocess on
 one CPU device, on the built-in synthetic shapes data. Each interrupted run is restarted and must
 end with the same parameters as one uninterrupted run (the module's reference run). Kills are
-timed by what the run writes (a log line, a step folder), never by sleeps alone; where the
-moment matters, the run's checkpoint commit is held open by the test hook
-``MRCNN_JAX_TEST_SLOW_CHECKPOINT_WRITE=STEP:SECONDS`` (mrcnn_jax/training/checkpoint.py), so
-the run cannot commit that checkpoint before the kill lands.
+timed by the run's log lines, never by sleeps alone; where the moment matters, a checkpoint's
+commit is held open by the test hook ``MRCNN_JAX_TEST_SLOW_CHECKPOINT_WRITE=STEP:SECONDS``
+(mrcnn_jax/training/checkpoint.py), so the run cannot commit it before the signal lands. The
+NaN run goes through tests/training/fault_worker.py, which runs scripts/train.py unchanged with
+one input batch poisoned.
 
 Compiling the tiny model is most of a run's cost: the runs share one persistent compilation
-cache (the first run fills it), and scenarios are chained in as few processes as they allow.
+cache (the reference run fills it), scenarios are chained in as few processes as they allow, and
+under pytest-xdist the workers share the data, the cache and the reference run (file lock).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
+import json
 import os
 import re
 import shutil
@@ -72,7 +77,7 @@ def get_config(arg=None):
 
 
 class Run:
-  """One ``scripts/train.py`` process; stdout and stderr go to ``<workdir>.<n>.log``, polled by the test."""
+  """One ``scripts/train.py`` process; its output goes to ``<workdir>.<n>.log`` (polled)."""
 
   def __init__(self, setup: dict, workdir: str, *flags: str, stall: Optional[str] = None,
                nan_step: Optional[int] = None):
@@ -135,7 +140,12 @@ def step_dirs(workdir: str) -> tuple[list[int], list[str]]:
   return sorted(int(n) for n in names if n.isdigit()), sorted(n for n in names if TMP_MARK in n)
 
 
-def assert_same_params(ref: dict, workdir: str) -> None:
+def assert_same_params(reference: str, workdir: str) -> None:
+  """The final parameters of ``workdir`` are bitwise those of the reference run."""
+  ref = ckpt_lib.load_params(reference)
+  # Training moved the parameters, so this comparison can fail.
+  early = ckpt_lib.load_params(os.path.join(reference, "checkpoints", "4"))
+  assert any(not np.array_equal(early[k], ref[k]) for k in ref)
   got = ckpt_lib.load_params(workdir)
   assert sorted(got) == sorted(ref)
   for k in ref:
@@ -143,64 +153,105 @@ def assert_same_params(ref: dict, workdir: str) -> None:
     np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
 
+@contextlib.contextmanager
+def _locked(path: str):
+  with open(path + ".lock", "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _once(shared, name: str, produce) -> dict:
+  """``produce()`` (a JSON-able dict), computed once per session even under pytest-xdist:
+  workers share ``shared`` and take turns on a file lock, the first one computes."""
+  path = str(shared / f"{name}.json")
+  with _locked(path):
+    if os.path.exists(path):
+      with open(path) as f:
+        return json.load(f)
+    result = produce()
+    with open(path, "w") as f:
+      json.dump(result, f)
+    return result
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  base = tmp_path_factory.mktemp("faults")
-  data = str(base / "shapes")
-  data_lib.generate_shapes(data, num_train=12, num_val=4, size=64, seed=1)
-  config = str(base / "tiny_config.py")
-  with open(config, "w") as f:
-    f.write(CONFIG.format(data=data, num_steps=NUM_STEPS))
+  # Under xdist the workers' temporary folders share a parent: one data set, one compilation
+  # cache and one reference run for all of them.
+  root = tmp_path_factory.getbasetemp()
+  shared = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "faults_shared"
+  shared.mkdir(exist_ok=True)
+
+  def make_data():
+    data = str(shared / "shapes")
+    data_lib.generate_shapes(data, num_train=12, num_val=4, size=64, seed=1)
+    config = str(shared / "tiny_config.py")
+    with open(config, "w") as f:
+      f.write(CONFIG.format(data=data, num_steps=NUM_STEPS))
+    return {"config": config}
+
+  config = _once(shared, "data", make_data)["config"]
   env = {k: v for k, v in os.environ.items() if k != ckpt_lib.STALL_COMMIT_ENV}
   env.update(XLA_FLAGS="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
+             JAX_COMPILATION_CACHE_DIR=str(shared / "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  yield {"base": base, "config": config, "env": env}
+  yield {"shared": shared, "base": tmp_path_factory.mktemp("faults"), "config": config,
+         "env": env}
   for run in _ALL_RUNS:  # a failed test may leave a run held by the commit hook
     run.kill()
 
 
 @pytest.fixture(scope="module")
 def reference(setup):
-  """The uninterrupted run: ``(workdir, its final params)``."""
-  workdir = str(setup["base"] / "reference")
-  log = Run(setup, workdir).ok()
-  assert f"step {NUM_STEPS}/{NUM_STEPS}" in log
-  assert step_dirs(workdir) == ([4, 6, 8], [])
-  params = ckpt_lib.load_params(workdir)
-  # Training moved the parameters, so the equality checks below can fail.
-  early = ckpt_lib.load_params(os.path.join(workdir, "checkpoints", "4"))
-  assert any(not np.allclose(early[k], params[k]) for k in params)
-  return workdir, params
+  """The uninterrupted run's workdir; it also fills the compilation cache the others use."""
+  workdir = str(setup["shared"] / "reference")
+
+  def produce():
+    log = Run(setup, workdir).ok()
+    assert f"step {NUM_STEPS}/{NUM_STEPS}" in log
+    assert step_dirs(workdir) == ([4, 6, 8], [])
+    return {"workdir": workdir}
+
+  return _once(setup["shared"], "reference", produce)["workdir"]
 
 
 @pytest.fixture(scope="module")
 def side_runs(setup, reference):
-  """Two independent runs started together once the compilation cache is warm; they go on in
-  the background while the resume chain runs (the tests below only wait for them).
+  """Two independent runs, started together (they overlap), once per session.
 
   ``nan``: the 4th batch (step 3) has NaN boxes; checkpoint 2's commit is held 3 s, so it is
   still being written when the loss of step 3 comes back non-finite.
   ``changed_model``: a copy of the reference's checkpoints, restarted with another model.
   """
-  changed = str(setup["base"] / "changed_model")
-  shutil.copytree(os.path.join(reference[0], "checkpoints"), os.path.join(changed, "checkpoints"))
-  return {
-      "nan": Run(setup, str(setup["base"] / "nan"), stall="2:3", nan_step=3),
-      "changed_model": (step_dirs(changed), Run(
-          setup, changed, "--config.model.fpn.channels=16", "--config.model.num_classes=5")),
-  }
+  def produce():
+    shared = setup["shared"]
+    changed = str(shared / "changed_model")
+    shutil.rmtree(changed, ignore_errors=True)
+    shutil.copytree(os.path.join(reference, "checkpoints"),
+                    os.path.join(changed, "checkpoints"))
+    before = step_dirs(changed)
+    nan = Run(setup, str(shared / "nan"), stall="2:3", nan_step=3)
+    refused = Run(setup, changed, "--config.model.fpn.channels=16",
+                  "--config.model.num_classes=5")
+    out = {}
+    for name, run in (("nan", nan), ("changed_model", refused)):
+      out[name] = {"workdir": run.workdir, "rc": run.finish(), "log": run.text()}
+    out["changed_model"]["before"] = before
+    return out
+
+  return _once(setup["shared"], "side_runs", produce)
 
 
-def test_sigterm_kill9_and_kill9_mid_checkpoint_write_each_resume_exactly(setup, reference,
-                                                                          side_runs):
+def test_sigterm_kill9_and_kill9_mid_checkpoint_write_each_resume_exactly(setup, reference):
   """One workdir, four processes: SIGTERM, kill -9 in training, kill -9 mid-write, resume."""
-  del side_runs  # started first, so they overlap with this chain
   workdir = str(setup["base"] / "chain")
 
-  # 1. SIGTERM: a checkpoint at the current step, exit 0. Checkpoint 2's commit is held 5 s,
+  # 1. SIGTERM: a checkpoint at the current step, exit 0. Checkpoint 2's commit is held 3 s,
   #    so the run cannot pass save(4) before the signal lands.
-  run = Run(setup, workdir, "--config.train.num_steps=6", stall="2:5")
+  run = Run(setup, workdir, "--config.train.num_steps=6", stall="2:3")
   run.wait_for(r"checkpoint 2 is written, holding its commit")
   run.kill(signal.SIGTERM)
   log = run.ok()
@@ -240,13 +291,11 @@ def test_sigterm_kill9_and_kill9_mid_checkpoint_write_each_resume_exactly(setup,
   assert "starting at step 4 of 8 from workdir checkpoint at step 4" in log
   committed, partial = step_dirs(workdir)
   assert partial == [] and committed[-1] == NUM_STEPS and 6 not in committed, committed
-  assert_same_params(reference[1], workdir)
+  assert_same_params(reference, workdir)
 
 
 def test_non_finite_loss_stops_with_one_line_error(side_runs):
-  run = side_runs["nan"]
-  rc = run.finish()
-  log = run.text()
+  rc, log = side_runs["nan"]["rc"], side_runs["nan"]["log"]
   assert rc == 1, log[-3000:]
   errors = [l for l in log.splitlines() if l.startswith("error:")]
   assert len(errors) == 1, log[-3000:]
@@ -261,26 +310,25 @@ def test_non_finite_loss_stops_with_one_line_error(side_runs):
     "orbax can no longer commit it (the fix: checkpointer.close() in a `finally` around the "
     "training loop; then drop this marker)")
 def test_non_finite_loss_keeps_last_good_checkpoint(side_runs):
-  run = side_runs["nan"]
-  run.finish()
-  committed, partial = step_dirs(run.workdir)
+  workdir = side_runs["nan"]["workdir"]
+  committed, partial = step_dirs(workdir)
   # Checkpoint 2 was being written when the error came: the run must finish it before exiting
   # (an async save left pending dies with the interpreter), and never write one after step 3.
-  assert committed == [2] and partial == [], (committed, partial, run.text()[-2000:])
-  assert ckpt_lib.load_variables(run.workdir)[1] == 2
-  assert all(np.isfinite(v).all() for v in ckpt_lib.load_params(run.workdir).values())
+  assert committed == [2] and partial == [], (committed, partial, side_runs["nan"]["log"][-2000:])
+  assert ckpt_lib.load_variables(workdir)[1] == 2
+  assert all(np.isfinite(v).all() for v in ckpt_lib.load_params(workdir).values())
 
 
 def test_restart_with_another_model_refuses_in_one_line(side_runs):
-  before, run = side_runs["changed_model"]
-  rc = run.finish()
-  log = run.text()
+  result = side_runs["changed_model"]
+  log = result["log"]
   errors = [l for l in log.splitlines() if l.startswith("error:")]
-  assert rc == 1 and len(errors) == 1, log[-3000:]
+  assert result["rc"] == 1 and len(errors) == 1, log[-3000:]
   assert re.fullmatch(
       r"error: checkpoint \S+/changed_model/checkpoints/8 was trained with a different model "
       r"config \(model\.fpn\.channels, model\.num_classes\); "
       r"use a fresh workdir or config\.init_weights to start from its parameters", errors[0]), \
       errors[0]
   assert "Traceback" not in log
-  assert step_dirs(run.workdir) == before  # nothing written, nothing deleted
+  # Nothing written, nothing deleted (lists from JSON).
+  assert list(step_dirs(result["workdir"])) == [list(x) for x in result["before"]]
