@@ -52,6 +52,43 @@ def run_main(fn, argv) -> None:
     sys.exit(1)
 
 
+class DistributedFlags:
+  """``--distributed`` / ``--coordinator_address`` / ``--num_processes`` / ``--process_id`` /
+  ``--local_device_ids``: define them at import time (:func:`define_distributed_flags`), then
+  call :meth:`initialize` first thing in ``main``, before anything touches JAX."""
+
+  def __init__(self):
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    self.mode = flags.DEFINE_enum(
+        "distributed", "auto", ["auto", "on", "off"],
+        "multi-process start-up: auto = when a SLURM (srun, >1 task) / Open MPI (>1 rank) job or "
+        "a Cloud TPU VM is detected, or --coordinator_address is given; on = always; off = never")
+    self.coordinator_address = flags.DEFINE_string(
+        "coordinator_address", None,
+        "host:port of process 0, reachable from all processes (not needed under SLURM, "
+        "Open MPI 4 or on Cloud TPU)")
+    self.num_processes = flags.DEFINE_integer("num_processes", None,
+                                              "number of processes (detected where possible)")
+    self.process_id = flags.DEFINE_integer("process_id", None,
+                                           "this process's rank in [0, num_processes)")
+    self.local_device_ids = flags.DEFINE_list(
+        "local_device_ids", None, "comma-separated local device ids this process uses "
+        "(e.g. one GPU per process; default: all, or JAX's choice under SLURM / Open MPI)")
+
+  def initialize(self):
+    """``mrcnn_jax.training.distributed.initialize`` with the flags' values."""
+    from mrcnn_jax.training import distributed  # pylint: disable=g-import-not-at-top
+    ids = self.local_device_ids.value
+    return distributed.initialize(
+        self.coordinator_address.value, self.num_processes.value, self.process_id.value,
+        None if ids is None else [int(i) for i in ids], mode=self.mode.value)
+
+
+def define_distributed_flags() -> DistributedFlags:
+  """Defines the multi-process flags (train.py, evaluate.py)."""
+  return DistributedFlags()
+
+
 def load_config_or_exit(config_flag):
   """The ``--config`` value, or a one-line error if the flag is missing or its file is bad."""
   try:

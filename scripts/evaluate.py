@@ -3,6 +3,8 @@
   python scripts/evaluate.py --config experiments/shapes.py --workdir workdirs/shapes \
       [--checkpoint workdirs/shapes/checkpoints/1500]
 
+Takes the multi-process flags of ``train.py`` (``--distributed``, ``--coordinator_address``,
+``--num_processes``, ``--process_id``): each process scores its share of the images.
 Prints the 12 COCO numbers per IoU type and per-category AP; writes
 ``<workdir>/eval/metrics_*.json`` and ``detections_*.json``.
 """
@@ -20,6 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "the run's folder; results go to
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "a checkpoint step folder (default: the workdir's latest)")
 flags.mark_flags_as_required(["workdir"])
+_DISTRIBUTED = _cli.define_distributed_flags()
 
 
 def _evaluate(config):
@@ -35,6 +38,7 @@ def _evaluate(config):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  _cli.run_main(lambda _: _DISTRIBUTED.initialize(), argv)  # before any other JAX call
   config = _cli.load_config_or_exit(_CONFIG)
   _cli.run_main(lambda _: _evaluate(config), argv)
 

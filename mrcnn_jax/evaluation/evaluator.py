@@ -95,13 +95,18 @@ class Evaluator:
 
     self._predict = jax.jit(predict, in_shardings=(sharding_lib.replicated(mesh), batch_sh,
                                                     batch_sh), out_shardings=batch_sh)
+    self._compiled = None
 
   def predict_batch(self, variables: PyTree, host_batch: Mapping[str, np.ndarray]) -> dict:
     """Dispatches ``predict`` on this host's batch; returns global device arrays (not fetched)."""
     from mrcnn_jax.data import sharding as data_sharding  # pylint: disable=g-import-not-at-top
+    from mrcnn_jax.training import distributed  # pylint: disable=g-import-not-at-top
     batch = data_sharding.make_global_batch(
         {k: host_batch[k] for k in ("image", "valid_size")}, self.mesh)
-    return self._predict(variables, batch["image"], batch["valid_size"])
+    args = (variables, batch["image"], batch["valid_size"])
+    if self._compiled is None:  # all processes start predicting together (a no-op on one)
+      self._compiled = distributed.compile_together(self._predict, *args, name="predict")
+    return self._compiled(*args)
 
   def evaluate(self, variables: PyTree, dataset, *, workdir: Optional[str] = None,
                step: Optional[int] = None, progress: bool = True,

@@ -10,10 +10,15 @@ A notebook trains one step with::
   step_fn = training.make_train_step(config, model, mesh, state)
   state, metrics = step_fn(state, training.shard_batch(numpy_batch, mesh))
 
+Multi-host: call ``training.distributed.initialize()`` before anything else touches JAX (it
+detects SLURM / Open MPI / Cloud TPU jobs, or takes an explicit coordinator), then the same code
+runs on every process.
+
 The pure, un-jitted step is ``mrcnn_jax.training.train_step.train_step`` (the submodule keeps
 the name, so the function is not re-exported here).
 """
 
+from mrcnn_jax.training import distributed
 from mrcnn_jax.training.config import train_config
 from mrcnn_jax.training.loop import train_and_evaluate
 from mrcnn_jax.training.optimizer import learning_rate_schedule
@@ -36,6 +41,7 @@ __all__ = [
     "batch_sharding",
     "create_train_state",
     "default_optimizer",
+    "distributed",
     "learning_rate_schedule",
     "make_mesh",
     "make_optimizer",

@@ -7,6 +7,11 @@ steps (the device is never blocked on a per-step transfer); writes TensorBoard s
 prediction images and a console progress line (process 0 only); checkpoints on the interval, at
 the end and on SIGTERM; evaluates periodically and at the end.
 
+Multi-process (after :func:`mrcnn_jax.training.distributed.initialize`): every process runs this
+same function; the mesh spans the devices of all of them, each feeds its own slice of the batch,
+all of them take part in every checkpoint save/restore (orbax coordinates them), and a SIGTERM
+that reaches any of them stops all of them after the same step (:class:`_StopSignal`).
+
 A non-finite loss stops the run with ``FloatingPointError`` naming the step and the offending
 losses. Metrics are flushed (and checked) before every checkpoint, so the last checkpoint on disk
 always holds a state whose losses were finite.
@@ -26,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from mrcnn_jax.training import checkpoint as ckpt_lib
+from mrcnn_jax.training import distributed as distributed_lib
 from mrcnn_jax.training import sharding as sharding_lib
 from mrcnn_jax.training import train_state as train_state_lib
 from mrcnn_jax.training import train_step as train_step_lib
@@ -36,13 +42,23 @@ PyTree = Any
 # ------------------------------------------------------------------------------------------ setup
 
 def make_run_mesh(config: ml_collections.ConfigDict):
-  """The data-parallel mesh over ``config.num_devices`` devices (0 = all of every host)."""
+  """The data-parallel mesh over ``config.num_devices`` devices (0 = all of every host).
+
+  With several processes, ``num_devices`` (a global count) is taken evenly from every process,
+  since each process feeds data to devices of its own.
+  """
   n = int(config.get("num_devices", 0) or 0)
   devices = jax.devices()
   if n:
     if n > len(devices):
       raise ValueError(f"config.num_devices={n} but only {len(devices)} devices exist")
-    devices = devices[:n]
+    num_p = jax.process_count()
+    if n % num_p:
+      raise ValueError(f"config.num_devices={n} must be a multiple of the process count {num_p}")
+    by_process: dict[int, list] = {}
+    for d in devices:
+      by_process.setdefault(d.process_index, []).append(d)
+    devices = [d for p in sorted(by_process) for d in by_process[p][:n // num_p]]
   return sharding_lib.make_mesh(devices)
 
 
@@ -91,6 +107,48 @@ class _SigtermFlag:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+class _StopSignal:
+  """SIGTERM -> "save and stop after this step", decided by every process at the same step.
+
+  One process: :class:`_SigtermFlag`, read after each step. Several: the hosts may get the
+  signal at different steps, or only one of them does, and a host that left the loop alone
+  would leave the others hanging in the next collective. So the decision is collective: with
+  JAX's preemption service (on by default after ``jax.distributed.initialize``; its notifier
+  owns SIGTERM) every process asks ``reached_preemption_sync_point(step)``, which costs nothing
+  until a notice arrives and then turns true everywhere at one step past every process's
+  current one; without the service, the flags are all-gathered after every step (a host sync
+  per step: slower, still correct).
+  """
+
+  def __init__(self):
+    self._multi = jax.process_count() > 1
+    self._service = self._multi and distributed_lib.preemption_sync_available()
+    self._flag = _SigtermFlag()
+    if self._multi and not self._service:
+      logging.warning("JAX's preemption service is off: SIGTERM is agreed on by an all-gather "
+                      "after every step")
+
+  def __enter__(self):
+    if not self._service:  # the service's notifier catches SIGTERM; a handler here would steal it
+      self._flag.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    if not self._service:
+      self._flag.__exit__(*exc)
+
+  def should_stop(self, step: int) -> bool:
+    """Called by every process after dispatching step ``step`` (increasing, every step)."""
+    if self._service:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    if self._multi:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      flags = multihost_utils.process_allgather(np.asarray([self._flag.received]))
+      return bool(np.any(flags))
+    return self._flag.received
 
 
 # ------------------------------------------------------------------------------------ logging
@@ -287,16 +345,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_metrics = None
   stopped = False
   iterator = iter(train_data)
-  with _SigtermFlag() as sigterm:
+  with _StopSignal() as stop_signal:
     for step in range(start_step, num_steps):
       host_batch = next(iterator)
       batch = data_lib.make_global_batch(host_batch, mesh)
+      if step == start_step:  # all processes start stepping together (a no-op on one)
+        step_fn = distributed_lib.compile_together(step_fn, state, batch, name="train_step")
       state, metrics = step_fn(state, batch)
       buffer.add(step, metrics)
       if (step + 1) % log_every == 0 or step + 1 == num_steps:
         flush_and_log(step + 1)
       save(step + 1)
-      if sigterm.received:
+      if stop_signal.should_stop(step):
         logging.warning("SIGTERM at step %d: saving a checkpoint and stopping", step + 1)
         save(step + 1, force=True)
         stopped = True

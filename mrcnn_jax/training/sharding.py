@@ -5,8 +5,9 @@ leading (batch) dimension over that axis; parameters, optimizer state and metric
 replicated. XLA (GSPMD) inserts the gradient all-reduce, so the step is written as if for one
 device holding the global batch.
 
-Multi-host: call ``jax.distributed.initialize()`` first; each host then feeds its own slice of
-the global batch to :func:`shard_batch`, which assembles the global ``jax.Array``.
+Multi-host: call :func:`mrcnn_jax.training.distributed.initialize` first (it runs
+``jax.distributed.initialize()``); each host then feeds its own slice of the global batch to
+:func:`shard_batch`, which assembles the global ``jax.Array``.
 """
 
 from __future__ import annotations
