@@ -203,3 +203,26 @@ def test_missing_data_path_names_the_field(tmp_path):
   c.data.train_annotations = str(tmp_path / "missing.json")
   with pytest.raises(FileNotFoundError, match=r"config.data.train_annotations not found"):
     loop.check_data_paths(c)
+
+
+def test_run_mesh_takes_num_devices():
+  c = config_lib.get_base_config()
+  c.num_devices = 3
+  mesh = loop.make_run_mesh(c)
+  assert mesh.size == 3 and list(mesh.devices) == jax.devices()[:3]
+  c.num_devices = 0
+  assert loop.make_run_mesh(c).size == jax.device_count()
+  c.num_devices = jax.device_count() + 1
+  with pytest.raises(ValueError, match="only .* devices exist"):
+    loop.make_run_mesh(c)
+
+
+def test_stop_signal_on_one_process_is_the_sigterm_flag():
+  """One process: SIGTERM is read after the step it arrives in; the old handler comes back."""
+  import signal  # pylint: disable=g-import-not-at-top
+  before = signal.getsignal(signal.SIGTERM)
+  with loop._StopSignal() as stop:  # pylint: disable=protected-access
+    assert not stop.should_stop(0)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.should_stop(1)
+  assert signal.getsignal(signal.SIGTERM) == before
