@@ -357,7 +357,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         flush_and_log(step + 1)
       save(step + 1)
       if stop_signal.should_stop(step):
-        logging.warning("SIGTERM at step %d: saving a checkpoint and stopping", step + 1)
+        logging.warning("SIGTERM%s: saving a checkpoint at step %d and stopping",
+                        " (to one or more processes; all stop here)" if jax.process_count() > 1
+                        else "", step + 1)
         save(step + 1, force=True)
         stopped = True
         break
