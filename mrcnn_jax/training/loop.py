@@ -62,6 +62,17 @@ def make_run_mesh(config: ml_collections.ConfigDict):
   return sharding_lib.make_mesh(devices)
 
 
+def check_local_path(name: str, path: str) -> None:
+  """Refuses a URL (``gs://...``): checkpoints, summaries and data are read as files.
+
+  Multi-host runs need a path that every host sees: an NFS / Filestore mount, or a bucket
+  mounted with Cloud Storage FUSE at the same place on every host.
+  """
+  if "://" in str(path):
+    raise ValueError(f"{name} {path!r} is a URL; use a filesystem path that every host sees "
+                     "(an NFS/Filestore mount, or the bucket mounted with gcsfuse)")
+
+
 def check_data_paths(config: ml_collections.ConfigDict, *, train: bool = True,
                      evaluate: bool = True) -> None:
   """Raises ``FileNotFoundError`` with one clear line when a configured data path is missing."""
@@ -74,6 +85,7 @@ def check_data_paths(config: ml_collections.ConfigDict, *, train: bool = True,
     path = d.get(key)
     if not path:
       raise FileNotFoundError(f"config.data.{key} is not set")
+    check_local_path(f"config.data.{key}", path)
     if not os.path.exists(path):
       raise FileNotFoundError(f"config.data.{key} not found: {path}")
 
@@ -250,6 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from mrcnn_jax import modeling  # pylint: disable=g-import-not-at-top
   from mrcnn_jax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
 
+  check_local_path("workdir", workdir)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   is_main = jax.process_index() == 0
   want_eval = bool(config.eval.every_steps) or bool(config.eval.at_end)
@@ -345,32 +358,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_metrics = None
   stopped = False
   iterator = iter(train_data)
-  with _StopSignal() as stop_signal:
-    for step in range(start_step, num_steps):
-      host_batch = next(iterator)
-      batch = data_lib.make_global_batch(host_batch, mesh)
-      if step == start_step:  # all processes start stepping together (a no-op on one)
-        step_fn = distributed_lib.compile_together(step_fn, state, batch, name="train_step")
-      state, metrics = step_fn(state, batch)
-      buffer.add(step, metrics)
-      if (step + 1) % log_every == 0 or step + 1 == num_steps:
-        flush_and_log(step + 1)
-      save(step + 1)
-      if stop_signal.should_stop(step):
-        logging.warning("SIGTERM%s: saving a checkpoint at step %d and stopping",
-                        " (to one or more processes; all stop here)" if jax.process_count() > 1
-                        else "", step + 1)
-        save(step + 1, force=True)
-        stopped = True
-        break
-      if evaluator is not None and config.eval.every_steps and (
-          (step + 1) % int(config.eval.every_steps) == 0) and step + 1 < num_steps:
-        eval_metrics = run_eval(step + 1)
-    final_step = int(jax.device_get(state.step))
-    flush_and_log(final_step)
-    if not stopped:
-      save(final_step, force=True)
-  checkpointer.close()
+  try:
+    with _StopSignal() as stop_signal:
+      for step in range(start_step, num_steps):
+        host_batch = next(iterator)
+        batch = data_lib.make_global_batch(host_batch, mesh)
+        if step == start_step:  # all processes start stepping together (a no-op on one)
+          step_fn = distributed_lib.compile_together(step_fn, state, batch, name="train_step")
+        state, metrics = step_fn(state, batch)
+        buffer.add(step + 1, metrics)  # steps count from 1, as in the progress line
+        if (step + 1) % log_every == 0 or step + 1 == num_steps:
+          flush_and_log(step + 1)
+        save(step + 1)
+        if stop_signal.should_stop(step):
+          logging.warning("SIGTERM%s: saving a checkpoint at step %d and stopping",
+                          " (to one or more processes; all stop here)" if jax.process_count() > 1
+                          else "", step + 1)
+          save(step + 1, force=True)
+          stopped = True
+          break
+        if evaluator is not None and config.eval.every_steps and (
+            (step + 1) % int(config.eval.every_steps) == 0) and step + 1 < num_steps:
+          eval_metrics = run_eval(step + 1)
+      final_step = int(jax.device_get(state.step))
+      flush_and_log(final_step)
+      if not stopped:
+        save(final_step, force=True)
+  finally:
+    # Also when the loop raises (a non-finite loss): the save in flight holds a state whose
+    # losses were seen finite, and an async save still pending at interpreter exit is lost.
+    checkpointer.close()
   if not stopped and evaluator is not None and config.eval.at_end:
     eval_metrics = run_eval(final_step)
   writer.flush()

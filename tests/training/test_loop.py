@@ -226,3 +226,14 @@ def test_stop_signal_on_one_process_is_the_sigterm_flag():
     os.kill(os.getpid(), signal.SIGTERM)
     assert stop.should_stop(1)
   assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_url_workdir_and_data_paths_are_refused():
+  from mrcnn_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.get_base_config()
+  with pytest.raises(ValueError, match="URL; use a filesystem path that every host sees"):
+    loop.train_and_evaluate(config, "gs://bucket/run")
+  config.data.source = "coco"
+  config.data.train_annotations = "gs://bucket/instances_train2017.json"
+  with pytest.raises(ValueError, match="config.data.train_annotations 'gs://"):
+    loop.check_data_paths(config, train=True, evaluate=False)
