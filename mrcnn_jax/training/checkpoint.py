@@ -243,7 +243,11 @@ def _restore_raw(path: str) -> dict:
   """A checkpoint's saved state as nested dicts of numpy arrays (no target structure)."""
   ckpt, step = _resolve_checkpoint(path)
   try:
-    args = ocp.args.Composite(state=ocp.args.StandardRestore())
+    # Onto this process's first device, whatever device layout wrote the checkpoint (a
+    # 2-process run's checkpoint read by 1 process, or the reverse); the default restores
+    # the saved layout and fails with "Topology mismatch" when it differs.
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(
+        fallback_sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])))
     restored = ckpt._manager.restore(step, args=args)  # pylint: disable=protected-access
   finally:
     ckpt.close()
