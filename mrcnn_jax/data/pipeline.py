@@ -184,7 +184,10 @@ def build_train_dataset(config, *, global_batch_size: Optional[int] = None,
   kwargs = _transform_kwargs(config, training=True)
 
   def element(k):
-    g = k * num_p + p  # global position in the run
+    # Global position in the run: host p holds rows [p*hb, (p+1)*hb) of each global batch, so
+    # the global batch is the same, row for row, whatever the number of hosts (and with it
+    # each row's augmentation and sampling randomness).
+    g = (k // hb) * gb + p * hb + k % hb
     epoch, i = g // n, g % n
     record = tf.random.experimental.index_shuffle(i, tf.stack([tf.cast(seed, tf.int64), epoch]),
                                                   n - 1)
@@ -203,8 +206,11 @@ def build_train_dataset(config, *, global_batch_size: Optional[int] = None,
 def eval_positions(num_examples: int, global_batch_size: int, process_index: int,
                    process_count: int) -> np.ndarray:
   """Record index of each host-local eval slot, in order (-1 = padding slot)."""
-  padded = math.ceil(num_examples / global_batch_size) * global_batch_size
-  g = np.arange(process_index, padded, process_count)
+  num_batches = math.ceil(num_examples / global_batch_size)
+  host = global_batch_size // process_count
+  # Host p's slots are rows [p*host, (p+1)*host) of every global batch, as in training.
+  g = (np.arange(num_batches)[:, None] * global_batch_size + process_index * host
+       + np.arange(host)[None, :]).reshape(-1)
   return np.where(g < num_examples, g, -1).astype(np.int64)
 
 

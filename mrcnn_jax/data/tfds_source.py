@@ -117,8 +117,9 @@ def build_tfds_train_dataset(config, *, global_batch_size: Optional[int] = None,
     raw = _to_raw(features, mode)
     if d.skip_empty_train:
       raw["ok"] = tf.shape(raw["classes"])[0] > 0
-    return transforms.transform_example(raw, tf.stack([tf.cast(seed, tf.int64) + 0x5EED,
-                                                       k * num_p + p]), **kwargs)
+    g = (k // hb) * gb + p * hb + k % hb  # as pipeline.build_train_dataset
+    return transforms.transform_example(raw, tf.stack([tf.cast(seed, tf.int64) + 0x5EED, g]),
+                                        **kwargs)
 
   ds = _read(builder, split, mode).repeat().shuffle(_SHUFFLE_BUFFER, seed=seed)
   ds = ds.enumerate().skip(int(start_step) * hb)

@@ -60,12 +60,21 @@ def test_train_epochs_are_permutations_over_two_hosts(shapes_dir):
   c = small_config(paths)
   n = len(data.build_train_dataset(c, process_index=0, process_count=1).source)
   seen = {}  # global position -> image id
+  hosts = []
   for p in range(2):
     pl = data.build_train_dataset(c, process_index=p, process_count=2)
     assert pl.host_batch_size == 2
-    for j, b in enumerate(_take(pl, (2 * n) // 4 + 1)):
+    hosts.append(_take(pl, (2 * n) // 4 + 1))
+    for j, b in enumerate(hosts[-1]):
       for e, image_id in enumerate(b["image_id"]):
-        seen[(j * 2 + e) * 2 + p] = int(image_id)
+        seen[j * 4 + p * 2 + e] = int(image_id)  # host p holds rows 2p, 2p+1 of batch j
+  # The two hosts' batches, stacked, are the one-host global batch row for row (images,
+  # augmentation and all), so a run does not depend on the number of hosts.
+  single = _take(data.build_train_dataset(c, process_index=0, process_count=1), 3)
+  for j in range(3):
+    for k in single[j]:
+      np.testing.assert_array_equal(
+          np.concatenate([hosts[0][j][k], hosts[1][j][k]]), single[j][k], err_msg=k)
   ids = [r.image_id for r in pl.source.records]
   epoch0 = [seen[g] for g in range(n)]
   epoch1 = [seen[g] for g in range(n, 2 * n)]
@@ -94,8 +103,9 @@ def test_eval_two_hosts_cover_every_image_once(shapes_dir, global_batch):
 
 def test_eval_positions():
   pos = [pipeline.eval_positions(5, 4, p, 2) for p in range(2)]
-  np.testing.assert_array_equal(pos[0], [0, 2, 4, -1])
-  np.testing.assert_array_equal(pos[1], [1, 3, -1, -1])
+  # Each host holds a contiguous half of every global batch of 4.
+  np.testing.assert_array_equal(pos[0], [0, 1, 4, -1])
+  np.testing.assert_array_equal(pos[1], [2, 3, -1, -1])
   with pytest.raises(ValueError):
     pipeline.host_batch_size(6, 4)
 

@@ -3,15 +3,13 @@
 Launched by ``tests/training/test_multiprocess.py`` (never imported by pytest as a test)::
 
   python tests/training/multiprocess_worker.py --script=train --record_dir=DIR \\
-      [--emulate_hosts=2] [--sigterm_at_step=K --sigterm_process=1] -- \\
+      [--sigterm_at_step=K --sigterm_process=1] -- \\
       --config=tests/training/multiprocess_worker.py:DATA_DIR --workdir=W \\
       --coordinator_address=localhost:PORT --num_processes=2 --process_id=0
 
 The real entry point runs unchanged; this wrapper only watches it and writes
 ``DIR/record_<process index>.json``: the run's result, the losses of every step, the image ids
-this process scored, and the metrics. ``--emulate_hosts=N`` makes a single process read the
-global batch exactly as N processes would (host 0's slice, then host 1's ...), so a 1-process
-run sees the same global batch, row for row, as an N-process one. ``--sigterm_at_step=K`` sends
+this process scored, and the metrics. ``--sigterm_at_step=K`` sends
 SIGTERM to this process (only where ``jax.process_index() == --sigterm_process``) right after
 it dispatches step ``K``: a deterministic stand-in for a preemption notice reaching one host.
 
@@ -63,25 +61,9 @@ def get_config(data_dir: str):
   return c
 
 
-class _EmulatedHosts:
-  """Yields the concatenation of ``n`` hosts' batches: one process sees an n-process batch."""
-
-  def __init__(self, pipelines):
-    self._pipelines = pipelines
-    self.categories = pipelines[0].categories
-    self.stats = pipelines[0].stats
-    self.source = pipelines[0].source
-
-  def __iter__(self):
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    for batches in zip(*self._pipelines):
-      yield {k: np.concatenate([b[k] for b in batches], axis=0) for k in batches[0]}
-
-
 def _instrument(args, record: dict) -> None:
   """Patches the library so the run reports what it did (the code paths stay the real ones)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mrcnn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from mrcnn_jax.evaluation import coco_eval  # pylint: disable=g-import-not-at-top
   from mrcnn_jax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
   from mrcnn_jax.training import loop  # pylint: disable=g-import-not-at-top
@@ -126,16 +108,6 @@ def _instrument(args, record: dict) -> None:
 
   evaluator_lib.evaluate_checkpoint = evaluate_checkpoint
 
-  if args.emulate_hosts > 1:
-    original_build = data_lib.build_train_dataset
-
-    def build_train_dataset(config, **kw):
-      return _EmulatedHosts([original_build(config, process_index=p,
-                                            process_count=args.emulate_hosts, **kw)
-                             for p in range(args.emulate_hosts)])
-
-    data_lib.build_train_dataset = build_train_dataset
-
 
 def _write(record: dict, record_dir: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
@@ -163,7 +135,6 @@ def main() -> int:
   parser = argparse.ArgumentParser()
   parser.add_argument("--script", choices=("train", "evaluate"), required=True)
   parser.add_argument("--record_dir", required=True)
-  parser.add_argument("--emulate_hosts", type=int, default=1)
   parser.add_argument("--sigterm_at_step", type=int, default=None)
   parser.add_argument("--sigterm_process", type=int, default=0)
   args, rest = parser.parse_known_args()

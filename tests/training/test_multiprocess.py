@@ -12,7 +12,7 @@ what earlier ones compiled):
 * A: 1 process x 4 devices, 4 steps + eval, reading each global batch as 2 hosts would;
 * B: 2 processes x 2 devices, 4 steps (same global batches, same initialisation);
 * C: ``evaluate.py`` in 2 processes on B's final checkpoint;
-* D: 2 processes, 8 steps, SIGTERM to process 1 only after its step 1; E: D's restart.
+* D: 2 processes, 8 steps, SIGTERM to process 1 only after its step 2 (steps count from 1); E: D's restart.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def phase1(root):
   jobs = []
   try:
     jobs.append(Job(root, "A", num_processes=1, devices_per_process=4, script="train",
-                    script_args=_train_args(root, "A"), worker_args=("--emulate_hosts=2",),
+                    script_args=_train_args(root, "A"),
                     cache_dir=cache))
     jobs.append(Job(root, "B", num_processes=2, devices_per_process=2, script="train",
                     script_args=_train_args(root, "B", "--config.eval.at_end=False"),
@@ -198,7 +198,7 @@ def phase2(root, phase1):
     jobs.append(c)
     d = Job(root, "D", num_processes=2, devices_per_process=2, script="train",
             script_args=sigterm_args, cache_dir=cache,
-            worker_args=("--sigterm_at_step=1", "--sigterm_process=1"))
+            worker_args=("--sigterm_at_step=2", "--sigterm_process=1"))
     jobs.append(d)
     records = {"D": d.finish()}
     records["D_checkpoints"] = sorted(int(s) for s in os.listdir(root / "D" / "checkpoints")
@@ -238,7 +238,7 @@ def test_two_processes_train_like_one(root, phase1):
   # The losses of every step: both processes see the same (replicated) values, and the same
   # as one process on the same global batch.
   assert b0["losses"] == b1["losses"]
-  assert sorted(ref["losses"]) == sorted(b0["losses"]) == ["0", "1", "2", "3"]
+  assert sorted(ref["losses"]) == sorted(b0["losses"]) == ["1", "2", "3", "4"]
   loss_diff = max(abs(ref["losses"][s][k] - b0["losses"][s][k])
                   for s in ref["losses"] for k in ref["losses"][s])
   for s in ref["losses"]:
@@ -302,7 +302,7 @@ def test_two_process_eval_scores_each_image_once_like_one_process(root, phase1, 
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step(root, phase2):
   d0, d1 = phase2["D"]
-  assert d1.get("sigterm_sent_at_step") == 1 and "sigterm_sent_at_step" not in d0
+  assert d1.get("sigterm_sent_at_step") == 2 and "sigterm_sent_at_step" not in d0
   stop = d0["result"]["step"]
   assert d1["result"]["step"] == stop  # the same step on both, both exited 0
   assert d0["result"]["stopped_by_sigterm"] and d1["result"]["stopped_by_sigterm"]
@@ -313,4 +313,4 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(root, phase2):
   for r in (e0, e1):
     assert r["result"]["source"] == f"workdir checkpoint at step {stop}"
     assert r["result"]["step"] == 8 and not r["result"]["stopped_by_sigterm"]
-    assert sorted(int(s) for s in r["losses"]) == list(range(stop, 8))  # resumed, not replayed
+    assert sorted(int(s) for s in r["losses"]) == list(range(stop + 1, 9))  # resumed, not replayed
