@@ -83,6 +83,7 @@ class Evaluator:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, model, mesh: Mesh):
+    from mrcnn_jax.modeling import batch_parallel  # pylint: disable=g-import-not-at-top
     from mrcnn_jax.training import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
 
     self.config = config
@@ -91,7 +92,10 @@ class Evaluator:
     batch_sh = sharding_lib.batch_sharding(mesh)
 
     def predict(variables, images, valid_size):
-      return model.apply(variables, images, valid_size, method=type(model).predict)
+      # Per-image parts (RoIAlign, proposals, detection) run shard-locally: no device
+      # gathers another's feature maps (modeling/batch_parallel.py).
+      with batch_parallel.data_parallel(mesh, sharding_lib.DATA_AXIS):
+        return model.apply(variables, images, valid_size, method=type(model).predict)
 
     self._predict = jax.jit(predict, in_shardings=(sharding_lib.replicated(mesh), batch_sh,
                                                     batch_sh), out_shardings=batch_sh)
