@@ -8,6 +8,8 @@ Launch::
 Hardware and time: 8x A100 or a TPU v3-8, about 1 day. Known results (box / mask AP on
 val2017): detectron2 ``mask_rcnn_R_50_FPN_3x`` 41.0 / 37.2. Scale jitter replaces detectron2's
 multi-scale shorter side (640-800) with a uniform factor on the fitted size.
+The global batch (16) is split over all hosts as in coco_r50_fpn_1x.py: 16 / process_count
+images per host (e.g. 8 per host on 2 hosts x 4 chips, 2 per device).
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ The same recipe stopped at 600 steps (decay at 450/550) reached mask AP 0.513, A
 The model is a narrow ResNet-FPN (same code paths as R50-FPN: all five FPN levels, RPN, box and
 mask branches) sized for 128-pixel images of 3 shape classes; anchors are scaled down with the
 images. ``get_config('DIR')`` points the data paths at another shapes folder.
+The global batch (4) is split over all processes and devices (4 / process_count per process);
+the README's multi-process example runs it as 2 processes on one machine.
 """
 
 from __future__ import annotations
