@@ -190,3 +190,19 @@ def test_rejects_bad_shapes():
     conv_lib.conv2d(x, kernel, (1, 2, 3))
   with pytest.raises(TypeError, match="kernel_size"):
     conv_lib.Conv(2, 3).init(jax.random.PRNGKey(0), x)
+
+
+@pytest.mark.parametrize("k,stride", [(1, 2), (3, 1), (3, 2)])
+def test_accelerator_branch_kernel_gradient_equals_per_tap(k, stride):
+  """GPU/TPU lowerings take the backend's own kernel gradient; both branches agree."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 9, 8, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, 5, 6)), jnp.float32)
+  pads = conv_lib.normalize_padding((k - 1) // 2, (k, k), (stride, stride), (9, 8))
+  out = conv_lib.conv2d(x, kernel, stride, (k - 1) // 2)
+  ct = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+  native = jax.jit(conv_lib.native_kernel_grad, static_argnums=(3, 4))(
+      x, ct, kernel, (stride, stride), pads)
+  per_tap = jax.jit(conv_lib.kernel_grad, static_argnums=(2, 3, 4))(
+      x, ct, (k, k), (stride, stride), pads)
+  np.testing.assert_allclose(native, per_tap, rtol=1e-5, atol=1e-4)
