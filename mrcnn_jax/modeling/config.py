@@ -101,6 +101,9 @@ def model_config() -> ml_collections.ConfigDict:
   # Foreground RoIs per image that get a mask loss: a fixed count so shapes stay static.
   # roi.batch_size_per_image * roi.positive_fraction (128) holds every sampled positive.
   c.mask.rois_per_image = 128
+  # The mask head runs in chunks of this many slots per image; chunks with no positive (no
+  # valid detection at inference) are skipped. Same results; 0 runs all slots.
+  c.mask.chunk_size = 32
   return c
 
 
@@ -126,5 +129,6 @@ def tiny_model_config(num_classes: int = 3) -> ml_collections.ConfigDict:
   c.roi.representation_size = 64
   c.mask.conv_channels = (32, 32)
   c.mask.rois_per_image = 16
+  c.mask.chunk_size = 8  # two chunks: the skipping path runs in the tests
   c.detections_per_image = 10
   return c

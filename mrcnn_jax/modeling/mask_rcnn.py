@@ -132,15 +132,43 @@ class MaskRCNN(nn.Module):
     pooled = self._pool(feats, rois, r.pooler_size, r.sampling_ratio)
     return self.box_predictor(self._head(self.box_head, pooled, train))
 
-  def _mask_branch(self, feats, rois, classes, train: bool = False):
-    """rois [B, M, 4], classes [B, M] -> [B, M, 28, 28] float32 logits of those classes."""
+  def _mask_branch(self, feats, rois, classes, train: bool = False, valid=None):
+    """rois [B, M, 4], classes [B, M] -> [B, M, 28, 28] float32 logits of those classes.
+
+    ``valid`` [B, M] bool (optional) marks the slots whose logits are used. The slots come
+    valid-first (the sampler puts positives first, detections are sorted), so with
+    ``config.mask.chunk_size`` = c the M slots are run as M / c chunks and a chunk with no
+    valid slot in any image is skipped (``lax.cond``; its logits are zero). The values that are
+    used, and every gradient, are the same; the cost follows the actual positives (a few per
+    image early in training, or on sparse images) instead of always M.
+    """
     m = self.config.mask
     pooled = self._pool(feats, rois, m.pooler_size, m.sampling_ratio)
     b, n = pooled.shape[:2]
-    # Only each RoI's own class channel is computed (not all K+1, then a gather).
-    heads = self._head(self.mask_head, pooled.reshape((b * n,) + pooled.shape[2:]), train)
-    logits = self.mask_predictor(heads, classes.reshape(b * n).astype(jnp.int32))
-    return logits.reshape((b, n) + logits.shape[1:])  # [B, M, 28, 28]
+    classes = classes.astype(jnp.int32)
+
+    def run(module, x, cls):
+      # Only each RoI's own class channel is computed (not all K+1, then a gather).
+      k = x.shape[1]
+      heads = module._head(module.mask_head, x.reshape((b * k,) + x.shape[2:]), train)
+      logits = module.mask_predictor(heads, cls.reshape(b * k))
+      return logits.reshape((b, k) + logits.shape[1:])  # [B, k, 28, 28]
+
+    chunk = int(m.get("chunk_size", 0) or 0)
+    # Trainable BatchNorm in the mask head (v2 'bn') updates statistics, which a skipped
+    # branch could not; initialisation must create the parameters.
+    mutable_stats = train and m.get("norm", "none") == "bn"
+    if (valid is None or not chunk or n <= chunk or n % chunk or mutable_stats
+        or self.is_initializing()):
+      return run(self, pooled, classes)
+    res = 2 * m.pooler_size  # the predictor's 2x2 stride-2 transposed conv: 14 -> 28
+    zero = lambda module, x, cls: jnp.zeros((b, chunk, res, res), jnp.float32)
+    outs = []
+    for j in range(n // chunk):
+      part = slice(j * chunk, (j + 1) * chunk)
+      outs.append(nn.cond(jnp.any(valid[:, part]), run, zero, self, pooled[:, part],
+                          classes[:, part]))
+    return jnp.concatenate(outs, axis=1)
 
   @staticmethod
   def _valid_size(images, valid_size):
@@ -211,7 +239,7 @@ class MaskRCNN(nn.Module):
     m_valid = s["valid"][:, :m] & (m_labels > 0)
     # A trainable-BatchNorm mask head (v2 with 'bn') takes its batch statistics over all m
     # slots, background and padding included; torchvision's sees the positives only.
-    m_logits = self._mask_branch(feats, m_rois, m_labels, train=True)
+    m_logits = self._mask_branch(feats, m_rois, m_labels, train=True, valid=m_valid)
     resolution = m_logits.shape[-1]
     m_targets = batch_parallel.vmap(functools.partial(mask_targets, size=resolution))(
         jnp.asarray(batch["gt_masks"], jnp.float32), gt_boxes, m_rois, m_matched)
@@ -258,7 +286,7 @@ class MaskRCNN(nn.Module):
         nms_threshold=ro.nms_threshold, min_size=ro.min_size,
         detections=cfg.detections_per_image, pre_nms_top_k=ro.pre_nms_top_k))(
             class_logits, box_deltas, proposals, proposal_valid, valid_size)
-    mask_logits = self._mask_branch(feats, det["boxes"], det["classes"])
+    mask_logits = self._mask_branch(feats, det["boxes"], det["classes"], valid=det["valid"])
     masks = jnp.where(det["valid"][:, :, None, None], jax.nn.sigmoid(mask_logits), 0.0)
     return dict(boxes=det["boxes"], scores=det["scores"], classes=det["classes"], masks=masks,
                 valid=det["valid"])

@@ -291,3 +291,58 @@ def test_full_model_parameter_counts_match_torchvision():
   # Our FrozenBatchNorm keeps its four arrays in params, torchvision's are buffers.
   assert sum(size(k) for k in params) == tv_total + tv_frozen_bn
   assert tv_trainable < tv_total
+
+
+def _with_chunk(cfg, chunk):
+  cfg = cfg.copy_and_resolve_references()
+  cfg.mask.chunk_size = chunk
+  return MaskRCNN(cfg)
+
+
+def test_mask_chunks_without_positives_are_skipped_with_the_same_losses_and_gradients(tiny):
+  cfg, _, variables = tiny
+  batch = make_batch(seed=3, num_valid=(2, 0))
+  key = jax.random.key(7)
+
+  def loss_and_grads(model):
+    def f(params):
+      losses, stats = model.apply(dict(variables, params=params), batch,
+                                  method=MaskRCNN.losses, rngs={"sampling": key})
+      return sum(losses.values()), (losses, stats)
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(variables["params"])
+
+  (total_c, (losses_c, stats)), grads_c = loss_and_grads(_with_chunk(cfg, 8))
+  (total_p, (losses_p, _)), grads_p = loss_and_grads(_with_chunk(cfg, 0))
+  # Fewer than 8 positives per image: slots 8-15 of both images form a skipped chunk.
+  assert 0 < float(stats["roi_num_fg"]) * 2 < 8, stats
+  assert float(losses_p["roi_mask"]) > 0
+  for k in losses_p:
+    np.testing.assert_allclose(losses_c[k], losses_p[k], rtol=1e-6, err_msg=k)
+  mask_grads = jax.tree.leaves(grads_p["mask_head"])
+  assert any(float(jnp.abs(g).max()) > 0 for g in mask_grads)
+  for gc, gp in zip(jax.tree.leaves(grads_c), jax.tree.leaves(grads_p)):
+    np.testing.assert_allclose(gc, gp, rtol=1e-5, atol=1e-7)
+
+
+def test_mask_chunks_at_inference_give_the_same_detections(tiny):
+  cfg, _, variables = tiny
+  batch = make_batch(seed=4, num_valid=(3, 1))
+
+  def run(chunk, threshold):
+    cfg2 = cfg.copy_and_resolve_references()
+    cfg2.mask.chunk_size = chunk
+    cfg2.detections_per_image = 16
+    cfg2.roi.score_threshold = threshold
+    model = MaskRCNN(cfg2)
+    return jax.jit(lambda v, x, s: model.apply(v, x, s, method=MaskRCNN.predict))(
+        variables, batch["image"], batch["valid_size"])
+
+  # A threshold that keeps about a quarter of the random model's detections, so the second
+  # chunk of 8 holds padding only (the skipped path) in at least one image.
+  scores = np.sort(np.asarray(run(0, 0.05)["scores"]).ravel())
+  threshold = float(scores[int(0.75 * scores.size)])
+  plain, chunked = run(0, threshold), run(8, threshold)
+  per_image = np.asarray(plain["valid"]).sum(1)
+  assert per_image.sum() > 0 and per_image.min() <= 8, per_image
+  for k in plain:
+    np.testing.assert_allclose(chunked[k], plain[k], rtol=1e-6, atol=1e-7, err_msg=k)
