@@ -158,14 +158,14 @@ class MaskRCNN(nn.Module):
     # Trainable BatchNorm in the mask head (v2 'bn') updates statistics, which a skipped
     # branch could not; initialisation must create the parameters.
     mutable_stats = train and m.get("norm", "none") == "bn"
-    if (valid is None or not chunk or n <= chunk or n % chunk or mutable_stats
-        or self.is_initializing()):
+    if valid is None or not chunk or n <= chunk or mutable_stats or self.is_initializing():
       return run(self, pooled, classes)
     res = 2 * m.pooler_size  # the predictor's 2x2 stride-2 transposed conv: 14 -> 28
-    zero = lambda module, x, cls: jnp.zeros((b, chunk, res, res), jnp.float32)
     outs = []
-    for j in range(n // chunk):
-      part = slice(j * chunk, (j + 1) * chunk)
+    for start in range(0, n, chunk):  # the last chunk may be shorter (100 detections: 32*3+4)
+      part = slice(start, min(start + chunk, n))
+      k = part.stop - part.start
+      zero = lambda module, x, cls, k=k: jnp.zeros((b, k, res, res), jnp.float32)
       outs.append(nn.cond(jnp.any(valid[:, part]), run, zero, self, pooled[:, part],
                           classes[:, part]))
     return jnp.concatenate(outs, axis=1)
