@@ -8,8 +8,8 @@ Launch (the README's main job runs this, after generating the data set)::
   python scripts/main_job.py --workdir workdirs/shapes
 
 Hardware: any CPU. Measured (``make demo`` in a fresh clone, idle 2-core VM): 1000 steps at
-0.21-0.38 s/step, 4.8 min end to end (data, training, evaluation, drawing).
-Result (50-image val split): mask AP 0.712, AP50 0.909, AP75 0.824; box AP 0.723, AP50 0.918.
+0.21-0.38 s/step, 5.0 min end to end (data, training, evaluation, drawing).
+Result (50-image val split): mask AP 0.717, AP50 0.918, AP75 0.823; box AP 0.723, AP50 0.927.
 The same recipe stopped at 600 steps (decay at 450/550) reached mask AP 0.513, AP50 0.701.
 
 The model is a narrow ResNet-FPN (same code paths as R50-FPN: all five FPN levels, RPN, box and
