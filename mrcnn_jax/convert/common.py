@@ -366,3 +366,38 @@ def apply_table(table: Sequence[Tuple[Path, str, Callable[[np.ndarray], np.ndarr
     if w is not None:
       out[path] = np.asarray(fn(w), np.float32)
   return out
+
+
+def convert_table(src: SourceWeights, config: ml_collections.ConfigDict, expected: Flat,
+                  table_fn: Callable[[Flat], Sequence[Tuple[Path, str, Callable]]],
+                  class_patterns: Sequence[str], key: Optional[jax.Array]) -> Dict[str, Any]:
+  """The shared end of every Mask R-CNN converter: fill ``expected`` from ``src``.
+
+  When the source's class count (``roi_heads.box_predictor.cls_score.weight``) differs from
+  ``config.num_classes``, the source keys matching ``class_patterns`` are ignored (logged) and
+  the class-dependent layers re-initialised with ``key`` (default ``jax.random.key(0)``).
+
+  Args:
+    src: the source weights (unknown keys are reported by name at the end).
+    config: the model config converted into; expected: its flat variables (shapes).
+    table_fn: ``expected -> [(our path, source name, transform)]``.
+    class_patterns: regexes of the source's class-dependent keys.
+    key: PRNG key for re-initialised layers.
+
+  Returns:
+    The nested variables, checked against ``expected``.
+  """
+  logits = src.arrays.get("roi_heads.box_predictor.cls_score.weight")
+  source_classes = config.num_classes if logits is None else int(logits.shape[0])
+  reinit = source_classes != config.num_classes
+  rows = table_fn(expected)
+  if reinit:
+    src.ignore(list(class_patterns), f"class-dependent ({source_classes} classes)")
+    rows = [r for r in rows if r[0][:3] not in CLASS_DEPENDENT]
+  flat = apply_table(rows, src)
+  if reinit:
+    flat = reinit_class_layers(flat, config, jax.random.key(0) if key is None else key,
+                               source_classes)
+  check_against_expected(flat, expected, src)
+  return unflatten(flat)
+

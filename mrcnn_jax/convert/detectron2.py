@@ -270,19 +270,8 @@ def convert_detectron2(
       src.arrays[base + "running_mean"] = np.zeros((c,), np.float32)
       src.arrays[base + "running_var"] = np.ones((c,), np.float32)
       logging.info("Detectron2 checkpoint: %s has no running statistics, using (0, 1)", base)
-  source_classes = int(state.get("roi_heads.box_predictor.cls_score.weight",
-                                 np.zeros((config.num_classes,))).shape[0])
-  expected = common.expected_variables(config)
-  reinit = source_classes != config.num_classes
-  if reinit:
-    src.ignore([r"roi_heads\.box_predictor\..*", r"roi_heads\.mask_head\.predictor\..*"],
-               f"class-dependent ({source_classes} classes)")
-  rows = _table(expected, config, input_format == "BGR")
-  if reinit:
-    rows = [r for r in rows if r[0][:3] not in common.CLASS_DEPENDENT]
-  flat = common.apply_table(rows, src)
-  if reinit:
-    flat = common.reinit_class_layers(flat, config, jax.random.key(0) if key is None else key,
-                                      source_classes)
-  common.check_against_expected(flat, expected, src)
-  return common.unflatten(flat), config
+  variables = common.convert_table(
+      src, config, common.expected_variables(config),
+      lambda e: _table(e, config, input_format == "BGR"),
+      (r"roi_heads\.box_predictor\..*", r"roi_heads\.mask_head\.predictor\..*"), key)
+  return variables, config

@@ -191,6 +191,10 @@ def heads_table(expected: common.Flat, pooled: int):
 
 # ---------------------------------------------------------------------------- converters
 
+# torchvision's class-dependent layers (skipped when fine-tuning to another class count).
+_CLASS_KEYS = (r"roi_heads\.box_predictor\..*", r"roi_heads\.mask_predictor\.mask_fcn_logits\..*")
+
+
 
 def convert_torchvision_maskrcnn(
     state: Mapping[str, Any],
@@ -227,22 +231,11 @@ def convert_torchvision_maskrcnn(
   elif num_classes is not None:
     config = ml_collections.ConfigDict(config.to_dict())
     config.num_classes = int(num_classes)
-  source_classes = int(state.get("roi_heads.box_predictor.cls_score.weight",
-                                 np.zeros((config.num_classes,))).shape[0])
-  expected = common.expected_variables(config)
-  reinit = source_classes != config.num_classes
-  if reinit:
-    src.ignore([r"roi_heads\.box_predictor\..*", r"roi_heads\.mask_predictor\.mask_fcn_logits\..*"],
-               f"class-dependent ({source_classes} classes)")
-  rows = backbone_table(expected, _BODY) + heads_table(expected, config.roi.pooler_size)
-  if reinit:
-    rows = [r for r in rows if r[0][:3] not in common.CLASS_DEPENDENT]
-  flat = common.apply_table(rows, src)
-  if reinit:
-    flat = common.reinit_class_layers(flat, config, jax.random.key(0) if key is None else key,
-                                      source_classes)
-  common.check_against_expected(flat, expected, src)
-  return common.unflatten(flat), config
+  variables = common.convert_table(
+      src, config, common.expected_variables(config),
+      lambda e: backbone_table(e, _BODY) + heads_table(e, config.roi.pooler_size),
+      _CLASS_KEYS, key)
+  return variables, config
 
 
 def convert_torchvision_resnet(
@@ -380,23 +373,11 @@ def convert_torchvision_maskrcnn_v2(
   elif num_classes is not None:
     config = ml_collections.ConfigDict(config.to_dict())
     config.num_classes = int(num_classes)
-  source_classes = int(state.get("roi_heads.box_predictor.cls_score.weight",
-                                 np.zeros((config.num_classes,))).shape[0])
-  expected = expected_variables_v2(config)
-  reinit = source_classes != config.num_classes
-  if reinit:
-    src.ignore([r"roi_heads\.box_predictor\..*",
-                r"roi_heads\.mask_predictor\.mask_fcn_logits\..*"],
-               f"class-dependent ({source_classes} classes)")
-  rows = backbone_table(expected, _BODY) + heads_table_v2(expected, config.roi.pooler_size)
-  if reinit:
-    rows = [r for r in rows if r[0][:3] not in common.CLASS_DEPENDENT]
-  flat = common.apply_table(rows, src)
-  if reinit:
-    flat = common.reinit_class_layers(flat, config, jax.random.key(0) if key is None else key,
-                                      source_classes)
-  common.check_against_expected(flat, expected, src)
-  return common.unflatten(flat), config
+  variables = common.convert_table(
+      src, config, expected_variables_v2(config),
+      lambda e: backbone_table(e, _BODY) + heads_table_v2(e, config.roi.pooler_size),
+      _CLASS_KEYS, key)
+  return variables, config
 
 
 def log_summary(variables: Mapping[str, Any], what: str) -> None:
