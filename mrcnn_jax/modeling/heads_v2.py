@@ -32,7 +32,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling import conv as conv_lib
 from mrcnn_jax.modeling import resnet as resnet_lib
+from mrcnn_jax.modeling import rpn as rpn_lib
 
 NORMS = ("none", "frozen_bn", "bn", "gn")
 # torchvision's RPNHead init: normal(std=0.01), bias 0.
@@ -70,9 +72,11 @@ class ConvNormAct(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: [N, H, W, C] -> [N, H, W, features]; ``train`` selects BatchNorm batch statistics."""
     _check_norm(self.norm)
-    x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=self.norm == "none",
-                kernel_init=resnet_lib.conv_init, bias_init=nn.initializers.zeros,
-                dtype=self.dtype, param_dtype=jnp.float32, name="0")(x)
+    # conv_lib.Conv: nn.Conv's parameters with a matmul kernel gradient (XLA CPU's is slow).
+    x = conv_lib.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)),
+                      use_bias=self.norm == "none", kernel_init=resnet_lib.conv_init,
+                      bias_init=nn.initializers.zeros, dtype=self.dtype,
+                      param_dtype=jnp.float32, name="0")(x)
     if self.norm != "none":
       x = resnet_lib.make_norm(self.norm, train=train, frozen=False, epsilon=1e-5, momentum=0.9,
                                gn_groups=32, dtype=self.dtype, name="1")(x)
@@ -108,19 +112,17 @@ class RPNHeadV2(nn.Module):
     a = self.num_anchors
     kw = dict(kernel_init=_rpn_init, bias_init=nn.initializers.zeros, dtype=self.dtype,
               param_dtype=jnp.float32)
-    convs = [nn.Conv(c, (3, 3), padding=((1, 1), (1, 1)), name=f"conv_{i}", **kw)
+    convs = [conv_lib.Conv(c, (3, 3), padding=((1, 1), (1, 1)), name=f"conv_{i}", **kw)
              for i in range(self.num_convs)]
-    cls = nn.Conv(a, (1, 1), name="cls_logits", **kw)
-    bbox = nn.Conv(4 * a, (1, 1), name="bbox_pred", **kw)
-    logits, deltas = [], []
-    for f in feats:
-      t = f
+    cls = conv_lib.Conv(a, (1, 1), name="cls_logits", **kw)
+    bbox = conv_lib.Conv(4 * a, (1, 1), name="bbox_pred", **kw)
+
+    def trunk(t):
       for conv in convs:
         t = nn.relu(conv(t))
-      b, h, w = f.shape[:3]
-      logits.append(cls(t).astype(jnp.float32).reshape(b, h * w * a))
-      deltas.append(bbox(t).astype(jnp.float32).reshape(b, h * w * a, 4))
-    return jnp.concatenate(logits, axis=1), jnp.concatenate(deltas, axis=1)
+      return t
+
+    return rpn_lib.predict_levels(feats, trunk, cls, bbox, a)
 
 
 class FastRCNNConvFCHead(nn.Module):

@@ -60,13 +60,24 @@ class RPNHead(nn.Module):
     conv = conv_lib.Conv(c, (3, 3), padding=((1, 1), (1, 1)), name="conv", **kw)
     cls = conv_lib.Conv(a, (1, 1), name="cls_logits", **kw)
     bbox = conv_lib.Conv(4 * a, (1, 1), name="bbox_pred", **kw)
-    logits, deltas = [], []
-    for f in feats:
-      t = nn.relu(conv(f))
-      b, h, w = f.shape[:3]
-      logits.append(cls(t).astype(jnp.float32).reshape(b, h * w * a))
-      deltas.append(bbox(t).astype(jnp.float32).reshape(b, h * w * a, 4))
-    return jnp.concatenate(logits, axis=1), jnp.concatenate(deltas, axis=1)
+    return predict_levels(feats, lambda f: nn.relu(conv(f)), cls, bbox, a)
+
+
+def predict_levels(feats: Sequence[jax.Array], trunk, cls, bbox,
+                   num_anchors: int) -> Tuple[jax.Array, jax.Array]:
+  """The RPN heads' shared output layout: per level ``trunk``, then ``cls`` / ``bbox``.
+
+  Returns ``objectness`` [B, N] and ``deltas`` [B, N, 4] float32 over the levels in order,
+  N = sum_l Hl * Wl * A (torchvision's anchor order: row-major pixels, then anchors).
+  """
+  a = num_anchors
+  logits, deltas = [], []
+  for f in feats:
+    t = trunk(f)
+    b, h, w = f.shape[:3]
+    logits.append(cls(t).astype(jnp.float32).reshape(b, h * w * a))
+    deltas.append(bbox(t).astype(jnp.float32).reshape(b, h * w * a, 4))
+  return jnp.concatenate(logits, axis=1), jnp.concatenate(deltas, axis=1)
 
 
 def level_sizes(anchors: Sequence[np.ndarray]) -> Tuple[int, ...]:
