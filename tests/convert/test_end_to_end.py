@@ -13,9 +13,6 @@ PNG files -> COCO-results JSON).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +31,6 @@ _SIZE = 128
 _CLASSES = 4  # background, rectangle, ellipse, triangle
 _STEPS = 12
 _SCORE_THRESHOLD = 0.01
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _shape_mask(rng, kind, size):
@@ -108,18 +104,6 @@ def trained():
   return model
 
 
-def _mask_iou(a, b):
-  union = np.logical_or(a, b).sum()
-  return 1.0 if union == 0 else np.logical_and(a, b).sum() / union
-
-
-def _box_iou(a, b):
-  lt, rb = np.maximum(a[:2], b[:2]), np.minimum(a[2:], b[2:])
-  inter = np.prod(np.clip(rb - lt, 0, None))
-  area = lambda x: np.prod(x[2:] - x[:2])  # noqa: E731
-  return inter / (area(a) + area(b) - inter)
-
-
 class _Worst:
   """Pairs detections and asserts the issue's tolerances, keeping the worst of each figure."""
 
@@ -128,7 +112,7 @@ class _Worst:
     self.box_iou, self.score_diff, self.mask_iou = 1.0, 0.0, 1.0
 
   def check(self, where, box, tv_box, cls, tv_cls, score, tv_score, mask, tv_mask):
-    box_iou, score_diff, mask_iou = _box_iou(box, tv_box), abs(score - tv_score), _mask_iou(
+    box_iou, score_diff, mask_iou = tm.box_iou(box, tv_box), abs(score - tv_score), tm.mask_iou(
         mask, tv_mask)
     assert box_iou >= 0.99, (where, box, tv_box)
     assert cls == tv_cls, (where, cls, tv_cls)
@@ -144,15 +128,6 @@ class _Worst:
             f"{self.box_iou:.4f}, score diff {self.score_diff:.2e}, mask IoU {self.mask_iou:.4f}")
 
 
-def _run(script, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # one CPU device is enough; no fake devices
-  proc = subprocess.run([sys.executable, os.path.join(_REPO, "scripts", script), *args],
-                        capture_output=True, text=True, env=env, cwd=_REPO, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
-
-
 @pytest.mark.slow
 def test_convert_weights_then_predict_script_gives_torchvision_detections(trained, tmp_path):
   """The user's path: ``torch.save`` -> ``convert_weights.py`` -> ``predict.py`` on PNG files
@@ -165,9 +140,9 @@ def test_convert_weights_then_predict_script_gives_torchvision_detections(traine
     Image.fromarray(image).save(folder / f"img{i}.png")
   pth, out, pred = tmp_path / "tv.pth", tmp_path / "converted", tmp_path / "pred"
   torch.save(trained.state_dict(), pth)
-  _run("convert_weights.py", "--source", "torchvision", "--input", str(pth), "--output",
+  tm.run_script("convert_weights.py", "--source", "torchvision", "--input", str(pth), "--output",
        str(out))
-  _run("predict.py", "--config", f"{out}/config.py:{_SIZE},{_SIZE}", "--checkpoint", str(out),
+  tm.run_script("predict.py", "--config", f"{out}/config.py:{_SIZE},{_SIZE}", "--checkpoint", str(out),
        "--images", str(folder), "--out", str(pred), f"--score_threshold={_SCORE_THRESHOLD}",
        f"--config.model.roi.score_threshold={_SCORE_THRESHOLD}")
   with open(pred / "results.json") as f:

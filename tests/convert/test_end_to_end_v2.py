@@ -23,9 +23,6 @@ dominate the CPU time.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +47,6 @@ _CLASSES = 4
 _PROPOSALS = 100
 _DETECTIONS = 20
 _TOL = 1e-4
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Our modules whose outputs the stage tests read (top-level children of MaskRCNN).
 _CAPTURED = ("fpn", "rpn_head", "box_predictor", "mask_predictor")
 
@@ -225,23 +221,11 @@ def test_mask_logits(run):
   assert tm.rel_err(np.stack(got), np.stack(want)) < _TOL
 
 
-def _mask_iou(a, b):
-  union = np.logical_or(a, b).sum()
-  return 1.0 if union == 0 else np.logical_and(a, b).sum() / union
-
-
-def _box_iou(a, b):
-  lt, rb = np.maximum(a[:2], b[:2]), np.minimum(a[2:], b[2:])
-  inter = np.prod(np.clip(rb - lt, 0, None))
-  area = lambda x: np.prod(x[2:] - x[:2])  # noqa: E731
-  return inter / (area(a) + area(b) - inter)
-
-
 def _check_detection(where, box, tv_box, cls, tv_cls, score, tv_score, mask, tv_mask):
-  assert _box_iou(box, tv_box) >= 0.99, (where, box, tv_box)
+  assert tm.box_iou(box, tv_box) >= 0.99, (where, box, tv_box)
   assert cls == tv_cls, (where, cls, tv_cls)
   assert abs(score - tv_score) <= 1e-3, (where, score, tv_score)
-  assert _mask_iou(mask, tv_mask) >= 0.98, (where, _mask_iou(mask, tv_mask))
+  assert tm.mask_iou(mask, tv_mask) >= 0.98, (where, tm.mask_iou(mask, tv_mask))
 
 
 def _check_non_trivial(labels, scores, masks):
@@ -283,14 +267,6 @@ def test_class_count_change_reinitialises_only_class_layers(v2_model, run):
       np.testing.assert_array_equal(v, ref[k], err_msg=k)
 
 
-def _script(script, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # one CPU device is enough; no fake devices
-  proc = subprocess.run([sys.executable, os.path.join(_REPO, "scripts", script), *args],
-                        capture_output=True, text=True, env=env, cwd=_REPO, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 def test_convert_weights_then_predict_script(v2_model, run, tmp_path):
   """``torch.save`` -> ``convert_weights.py --source torchvision-v2`` -> ``predict.py`` on PNG
   files -> COCO-results JSON == torchvision's detections on the same images."""
@@ -300,13 +276,13 @@ def test_convert_weights_then_predict_script(v2_model, run, tmp_path):
   for i, image in enumerate(run["images"]):
     Image.fromarray(image).save(folder / f"img{i}.png")
   torch.save(v2_model.state_dict(), pth)
-  _script("convert_weights.py", "--source", "torchvision-v2", "--input", str(pth), "--output",
+  tm.run_script("convert_weights.py", "--source", "torchvision-v2", "--input", str(pth), "--output",
           str(out))
   with open(out / common.CONFIG_FILE) as f:
     config = common.config_from_json(f.read())
   assert (config.rpn.head_convs, config.roi.box_head_convs, config.mask.norm) == (
       2, 4, "frozen_bn")
-  _script("predict.py", "--config", f"{out}/config.py:{_H},{_W}", "--checkpoint", str(out),
+  tm.run_script("predict.py", "--config", f"{out}/config.py:{_H},{_W}", "--checkpoint", str(out),
           "--images", str(folder), "--out", str(pred), "--score_threshold=0.0",
           f"--config.model.rpn.post_nms_top_k_test={_PROPOSALS}",
           f"--config.model.detections_per_image={_DETECTIONS}")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import torch
 import torchvision
@@ -139,3 +143,31 @@ def nchw(x: np.ndarray) -> torch.Tensor:
 
 def nhwc(t: torch.Tensor) -> np.ndarray:
   return np.transpose(t.detach().numpy(), (0, 2, 3, 1))
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+  """Runs ``scripts/<script>`` on one CPU device (no fake devices); asserts exit status 0."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", script), *args],
+                        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+  """IoU of two boolean masks (1 when both are empty)."""
+  union = np.logical_or(a, b).sum()
+  return 1.0 if union == 0 else np.logical_and(a, b).sum() / union
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+  """IoU of two xyxy boxes."""
+  lt, rb = np.maximum(a[:2], b[:2]), np.minimum(a[2:], b[2:])
+  inter = np.prod(np.clip(rb - lt, 0, None))
+  area = lambda x: np.prod(x[2:] - x[:2])  # noqa: E731
+  return inter / (area(a) + area(b) - inter)
+
