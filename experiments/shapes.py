@@ -21,25 +21,16 @@ the README's multi-process example runs it as 2 processes on one machine.
 
 from __future__ import annotations
 
-import os
-
 from mrcnn_jax.config import get_base_config
+from mrcnn_jax.data import shapes
 from mrcnn_jax.modeling.config import tiny_model_config
 
 DEFAULT_DATA_DIR = "data_cache/shapes"
 
 
-def data_paths(data_dir: str) -> dict:
-  """The ``config.data`` paths of a shapes folder written by ``mrcnn_jax.data.shapes``."""
-  return {"train_annotations": os.path.join(data_dir, "annotations", "instances_train.json"),
-          "train_images": os.path.join(data_dir, "train"),
-          "eval_annotations": os.path.join(data_dir, "annotations", "instances_val.json"),
-          "eval_images": os.path.join(data_dir, "val")}
-
-
 def get_config(arg: str | None = None):
   config = get_base_config()
-  config.data.update(data_paths(arg or DEFAULT_DATA_DIR))
+  config.data.update(shapes.data_paths(arg or DEFAULT_DATA_DIR))
   config.data.image_size = (128, 128)
   config.data.max_instances = 16
   config.data.mask_size = 56

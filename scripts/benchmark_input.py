@@ -31,14 +31,12 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 1024, "padded network input sid
 def main(argv):
   del argv
   out = _DATA_DIR.value or tempfile.mkdtemp(prefix="shapes_bench_")
-  if not os.path.exists(os.path.join(out, "annotations", "instances_train.json")):
+  if not os.path.exists(data.shapes_data_paths(out)["train_annotations"]):
     t0 = time.time()
     data.generate_shapes(out, num_train=_NUM_IMAGES.value, num_val=1, size=_SIZE.value, seed=0)
     print(f"generated {_NUM_IMAGES.value} images of {_SIZE.value} px in {time.time() - t0:.1f} s")
   config = get_base_config()
-  config.data.update({
-      "train_annotations": os.path.join(out, "annotations", "instances_train.json"),
-      "train_images": os.path.join(out, "train")})
+  config.data.update(data.shapes_data_paths(out))
   config.data.image_size = (_IMAGE_SIZE.value, _IMAGE_SIZE.value)
   config.train.batch_size = _BATCH.value
   pipeline = data.build_train_dataset(config, process_index=0, process_count=1)

@@ -37,13 +37,10 @@ def _run(config) -> None:
 
   start = time.time()
   data_dir = _DATA_DIR.value
-  if not os.path.exists(os.path.join(data_dir, "annotations", "instances_val.json")):
+  paths = data_lib.shapes_data_paths(data_dir)
+  if not os.path.exists(paths["eval_annotations"]):
     print(f"[1/4] generating the shapes data set in {data_dir}", flush=True)
     data_lib.generate_shapes(data_dir, num_train=200, num_val=50, size=128, seed=0)
-  paths = {"train_annotations": os.path.join(data_dir, "annotations", "instances_train.json"),
-           "train_images": os.path.join(data_dir, "train"),
-           "eval_annotations": os.path.join(data_dir, "annotations", "instances_val.json"),
-           "eval_images": os.path.join(data_dir, "val")}
   with config.unlocked():
     config.data.update(paths)
     config.eval.at_end = True

@@ -9,6 +9,7 @@ Public API::
   make_global_batch(host_batch, mesh, axis='data') -> dict of jax.Array
   generate_shapes(out_dir, num_train=200, num_val=50, size=128, seed=0,
                   image_format='mixed') -> dict of config.data paths
+  shapes_data_paths(out_dir) -> the same paths, for a folder already written
   CocoSource, CategoryMap, DataStats, BadExampleError, data_config
 
 Iterating an :class:`InputPipeline` yields host batches in the format of the batch contract
@@ -23,7 +24,7 @@ _EXPORTS = {
     "BadExampleError": "coco", "CategoryMap": "coco", "CocoSource": "coco", "DataStats": "coco",
     "data_config": "config", "build_eval_dataset": "pipeline", "build_train_dataset": "pipeline",
     "InputPipeline": "pipeline", "batch_sharding": "sharding", "make_global_batch": "sharding",
-    "generate_shapes": "shapes",
+    "generate_shapes": "shapes", "shapes_data_paths": "shapes",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -33,7 +34,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'mrcnn_jax.data' has no attribute {name!r}")
   import importlib  # pylint: disable=g-import-not-at-top
   module = importlib.import_module(f"mrcnn_jax.data.{_EXPORTS[name]}")
-  value = getattr(module, "generate" if name == "generate_shapes" else name)
+  value = getattr(module, {"generate_shapes": "generate",
+                           "shapes_data_paths": "data_paths"}.get(name, name))
   globals()[name] = value
   return value
 

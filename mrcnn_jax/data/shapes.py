@@ -211,11 +211,17 @@ def generate(out_dir: str, num_train: int = 200, num_val: int = 50, size: int = 
     ``{'train_annotations', 'train_images', 'eval_annotations', 'eval_images'}``, ready for
     ``config.data.update(...)``.
   """
-  train_json = generate_split(out_dir, "train", num_train, size, seed, image_format)
-  val_json = generate_split(out_dir, "val", num_val, size, seed, image_format,
-                            first_ann_id=10_000_000)
-  return {"train_annotations": train_json, "train_images": os.path.join(out_dir, "train"),
-          "eval_annotations": val_json, "eval_images": os.path.join(out_dir, "val")}
+  generate_split(out_dir, "train", num_train, size, seed, image_format)
+  generate_split(out_dir, "val", num_val, size, seed, image_format, first_ann_id=10_000_000)
+  return data_paths(out_dir)
+
+
+def data_paths(out_dir: str) -> Dict[str, str]:
+  """The ``config.data`` paths of a folder :func:`generate` wrote (it need not exist yet)."""
+  return {"train_annotations": os.path.join(out_dir, "annotations", "instances_train.json"),
+          "train_images": os.path.join(out_dir, "train"),
+          "eval_annotations": os.path.join(out_dir, "annotations", "instances_val.json"),
+          "eval_images": os.path.join(out_dir, "val")}
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -33,13 +33,11 @@ LOSS_KEYS = ("total_loss", "rpn_objectness", "rpn_box", "roi_class", "roi_box", 
 def get_config(data_dir: str):
   """The tiny experiment on a shapes folder (``python -m mrcnn_jax.data.shapes`` layout)."""
   from mrcnn_jax.config import get_base_config  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.data import shapes_data_paths  # pylint: disable=g-import-not-at-top
   from mrcnn_jax.modeling.config import tiny_model_config  # pylint: disable=g-import-not-at-top
 
   c = get_base_config()
-  c.data.update({"train_annotations": f"{data_dir}/annotations/instances_train.json",
-                 "train_images": f"{data_dir}/train",
-                 "eval_annotations": f"{data_dir}/annotations/instances_val.json",
-                 "eval_images": f"{data_dir}/val"})
+  c.data.update(shapes_data_paths(data_dir))
   c.data.image_size = (64, 64)
   c.data.max_instances = 8
   c.data.mask_size = 16

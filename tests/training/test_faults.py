@@ -49,16 +49,14 @@ pytestmark = pytest.mark.slow
 
 CONFIG = '''
 from mrcnn_jax import config as config_lib
+from mrcnn_jax.data import shapes_data_paths
 from mrcnn_jax.modeling.config import tiny_model_config
 
 
 def get_config(arg=None):
   data = {data!r}
   c = config_lib.get_base_config()
-  c.data.update({{"train_annotations": f"{{data}}/annotations/instances_train.json",
-                 "train_images": f"{{data}}/train",
-                 "eval_annotations": f"{{data}}/annotations/instances_val.json",
-                 "eval_images": f"{{data}}/val"}})
+  c.data.update(shapes_data_paths(data))
   c.data.image_size = (64, 64)
   c.data.max_instances = 8
   c.data.mask_size = 16

@@ -42,10 +42,7 @@ def compilation_cache(tmp_path_factory):
 def tiny_config(data_dir: str, num_steps: int):
   c = config_lib.get_base_config()
   c.num_devices = 2  # data-parallel over 2 of the 8 fake CPU devices
-  c.data.update({"train_annotations": f"{data_dir}/annotations/instances_train.json",
-                 "train_images": f"{data_dir}/train",
-                 "eval_annotations": f"{data_dir}/annotations/instances_val.json",
-                 "eval_images": f"{data_dir}/val"})
+  c.data.update(data_lib.shapes_data_paths(data_dir))
   c.data.image_size = (64, 64)
   c.data.max_instances = 8
   c.data.mask_size = 16
