@@ -42,8 +42,8 @@ _DEVICES = flags.DEFINE_integer("devices", 8, "devices for the collective count 
 _HLO_SIZE = flags.DEFINE_integer("hlo_image_size", 256,
                                  "image side for the compiled multi-device step")
 
-def abstract_batch(config, batch: int, height: int, width: int) -> dict:
-  """``jax.ShapeDtypeStruct``s of one batch per the batch contract."""
+def abstract_batch(config, batch: int, height: int, width: int, mesh) -> dict:
+  """``jax.ShapeDtypeStruct``s of one batch per the batch contract, split over ``mesh``."""
   g, s = int(config.data.max_instances), int(config.data.mask_size)
   spec = {
       "image": ((batch, height, width, 3), jnp.uint8),
@@ -57,7 +57,9 @@ def abstract_batch(config, batch: int, height: int, width: int) -> dict:
       "valid_size": ((batch, 2), jnp.int32),
       "example_valid": ((batch,), jnp.bool_),
   }
-  return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in spec.items()}
+  sharding = training.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+          for k, (shape, dtype) in spec.items()}
 
 
 def count_parameters(config) -> dict:
@@ -90,9 +92,7 @@ def step_flops_per_image(config) -> float:
   mesh = training.make_mesh(jax.devices()[:1])
   step_fn, state = _step_and_state(config, mesh)
   h, w = config.data.image_size
-  batch = abstract_batch(config, 1, h, w)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                     sharding=training.batch_sharding(mesh)) for k, v in batch.items()}
+  batch = abstract_batch(config, 1, h, w, mesh)
   lowered = step_fn.lower(state, batch)
   return float(lowered.cost_analysis()["flops"])
 
@@ -104,9 +104,7 @@ def collectives(config, num_devices: int, image_size: int) -> dict:
   config.train.batch_size = num_devices
   mesh = training.make_mesh(jax.devices()[:num_devices])
   step_fn, state = _step_and_state(config, mesh)
-  batch = abstract_batch(config, num_devices, image_size, image_size)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                     sharding=training.batch_sharding(mesh)) for k, v in batch.items()}
+  batch = abstract_batch(config, num_devices, image_size, image_size, mesh)
   t0 = time.perf_counter()
   hlo = step_fn.lower(state, batch).compile().as_text()
   compile_s = time.perf_counter() - t0
