@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling import winograd
 from mrcnn_jax.ops._checks import check_shape
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
@@ -128,13 +129,32 @@ def _conv_mm_bwd(strides, pads, residuals, ct):
 _conv_mm.defvjp(_conv_mm_fwd, _conv_mm_bwd)
 
 
+def conv1x1(x: jax.Array, kernel: jax.Array, strides: Tuple[int, int] = (1, 1)) -> jax.Array:
+  """Unpadded 1x1 convolution as one matmul: x [N, H, W, C], kernel [1, 1, C, O] -> [N, Ho, Wo, O].
+
+  A strided 1x1 convolution reads every ``s``-th pixel, so it is a strided slice and then
+  ``[N*Ho*Wo, C] x [C, O]``. XLA:CPU runs that matmul 2-3.5x faster than its 1x1 convolution
+  at the ResNet/FPN shapes (measured 36 -> 83 GFLOP/s of multiply-adds for 256->128 at
+  128x128), and its gradients are matmuls too. Accelerators lower both forms to the same
+  matmul.
+  """
+  sh, sw = strides
+  if (sh, sw) != (1, 1):
+    x = x[:, ::sh, ::sw]
+  n, h, w, c = x.shape
+  y = jnp.dot(x.reshape(n * h * w, c), kernel.reshape(c, kernel.shape[3]))
+  return y.reshape(n, h, w, kernel.shape[3])
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, stride: Union[int, Sequence[int]] = 1,
            padding: PaddingLike = 0) -> jax.Array:
   """Cross-correlation ``x`` [N, H, W, C] * ``kernel`` [kh, kw, C, O] -> [N, Ho, Wo, O].
 
   The same values and gradients as ``jax.lax.conv_general_dilated`` with NHWC/HWIO/NHWC
-  dimension numbers; the kernel gradient is computed as per-tap matmuls (see the module
-  docstring for why). ``padding`` is as in :func:`normalize_padding` (an int is torch's
+  dimension numbers, computed the fastest way we measured on each platform: unpadded 1x1
+  convolutions as a matmul (:func:`conv1x1`); on CPU, large float32 3x3 stride-1 convolutions
+  by Winograd (:mod:`mrcnn_jax.modeling.winograd`); the rest with XLA's convolution and, on
+  CPU, a per-tap matmul kernel gradient (see the module docstring for why). ``padding`` is as in :func:`normalize_padding` (an int is torch's
   symmetric padding, e.g. ``(k - 1) // 2``). Both operands should share a dtype.
   """
   check_shape("x", x, 4)
@@ -144,6 +164,15 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: Union[int, Sequence[int]] = 
                      f"(x {x.shape}, kernel {kernel.shape})")
   strides = _pair(stride, "stride")
   pads = normalize_padding(padding, kernel.shape[:2], strides, x.shape[1:3])
+  if kernel.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)):
+    return conv1x1(x, kernel, strides)
+  if strides == (1, 1) and winograd.is_profitable(x.shape, kernel.shape, pads, x.dtype):
+    # XLA:CPU's 3x3 convolutions already run near the CPU's peak; Winograd does 4x fewer
+    # multiply-adds (see winograd.py). Accelerators keep their own convolution algorithms.
+    return jax.lax.platform_dependent(
+        x, kernel,
+        cpu=lambda x, k: winograd.conv3x3(x, k, pads),
+        default=lambda x, k: _conv_mm(x, k, strides, pads))
   return _conv_mm(x, kernel, strides, pads)
 
 

@@ -92,7 +92,9 @@ def test_fpn_matches_torchvision():
   for g, w in zip(got, want):
     w = w.numpy().transpose(0, 2, 3, 1)
     assert g.shape == w.shape
-    np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-4)
+    # Scaled to the output's magnitude (N(0, 1) weights make it ~40): on CPU the 3x3 convs
+    # run as Winograd, whose float32 rounding is ~1e-5 of that.
+    np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=3e-5 * np.abs(w).max())
 
 
 @pytest.mark.parametrize("in_hw,out_hw", [((3, 4), (6, 8)), ((4, 3), (7, 5)), ((2, 2), (5, 3))])

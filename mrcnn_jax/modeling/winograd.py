@@ -1,0 +1,252 @@
+"""3x3 stride-1 convolution by Winograd's minimal filtering F(4x4, 3x3), for XLA:CPU.
+
+A 3x3 convolution computes each 4x4 block of output pixels from a 6x6 block of input pixels
+with 144 multiply-adds per (input, output) channel pair. Winograd's algorithm (Lavin & Gray,
+"Fast Algorithms for Convolutional Neural Networks", 2016) computes the same block with 36:
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A          (* elementwise, per channel pair)
+
+where ``d`` is the 6x6 input tile, ``g`` the 3x3 kernel and ``B^T`` [6, 6], ``G`` [6, 3],
+``A^T`` [4, 6] are the fixed matrices below (interpolation points 0, +-1, +-2, infinity).
+Summed over input channels, the elementwise product becomes 36 independent matmuls
+``[tiles, C] x [C, O]`` -- one per position of the transformed 6x6 tile -- so the whole
+convolution is: an input transform, one batched matmul with 4x fewer multiply-adds than the
+direct convolution, and an output transform.
+
+Why it exists: XLA:CPU's convolutions already run near this machine's peak (about 80 GFLOP/s
+of multiply-adds on 2 AVX2 cores for the FPN and mask-head 3x3 convs), so the only way to make
+them faster is to do less arithmetic. Measured on 2 cores (forward, ms, XLA conv -> Winograd):
+FPN P2 output conv 256->256 at 128x128: 121 -> 76; one 32-RoI chunk of the mask head,
+256->256 at 14x14: 48 -> 26. The gradients are Winograd too (:func:`conv3x3`'s VJP), and
+save more, because XLA:CPU's own convolution gradients are slower still. For small images
+with many channels (ResNet stage 5, 16x16x512 at 512 px) the matmuls are too small to win;
+:func:`is_profitable` keeps XLA's convolution there.
+
+Accuracy: the transforms scale values by up to ~10, so float32 results differ from the direct
+convolution by about 1e-5 of the output's magnitude (tests check this); bfloat16 inputs are
+not routed here (see :func:`is_profitable`). On GPU and TPU, whose libraries pick their own
+algorithms, :mod:`mrcnn_jax.modeling.conv` never calls this module.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mrcnn_jax.ops._checks import check_shape
+
+# F(4x4, 3x3) at the points (0, 1, -1, 2, -2, infinity).
+_BT = np.array([[4, 0, -5, 0, 1, 0],
+                [0, -4, -4, 1, 1, 0],
+                [0, 4, -4, -1, 1, 0],
+                [0, -2, -1, 2, 1, 0],
+                [0, 2, -1, -2, 1, 0],
+                [0, 4, 0, -5, 0, 1]], np.float64)
+_G = np.array([[1 / 4, 0, 0],
+               [-1 / 6, -1 / 6, -1 / 6],
+               [-1 / 6, 1 / 6, -1 / 6],
+               [1 / 24, 1 / 12, 1 / 6],
+               [1 / 24, -1 / 12, 1 / 6],
+               [0, 0, 1]], np.float64)
+_AT = np.array([[1, 1, 1, 1, 1, 0],
+                [0, 1, -1, 2, -2, 0],
+                [0, 1, 1, 4, 4, 0],
+                [0, 1, -1, 8, -8, 1]], np.float64)
+
+Pads = Tuple[Tuple[int, int], Tuple[int, int]]
+
+TILE = 4  # output pixels per tile side
+_IN_TILE = TILE + 2  # input pixels per tile side
+
+# Below this many tiles per matmul (N * tiles_h * tiles_w), the 36 small matmuls and the
+# transforms cost more than XLA's direct convolution (measured: 2 x 16 x 16 x 512 at 32 tiles
+# is 5x slower; 2 x 32 x 32 x 256 at 128 tiles about even; 1 x 32 x 32 x 256 at 64 tiles 1.4x
+# faster with gradients).
+MIN_TILES = 64
+
+
+def tile_counts(out_h: int, out_w: int) -> Tuple[int, int]:
+  """Tiles per axis covering an ``out_h`` x ``out_w`` output (the last ones may overhang)."""
+  return -(-out_h // TILE), -(-out_w // TILE)
+
+
+def is_profitable(x_shape: Sequence[int], kernel_shape: Sequence[int], pads: Pads,
+                  dtype) -> bool:
+  """Whether a stride-1 conv of ``x_shape`` [N, H, W, C] should use Winograd on CPU.
+
+  float32 only (the transforms' growth would cost bfloat16 most of its 8 mantissa bits), 3x3
+  kernels, pads in [0, 2], and enough tiles for the matmuls to be efficient.
+  """
+  if tuple(kernel_shape[:2]) != (3, 3) or jnp.dtype(dtype) != jnp.float32:
+    return False
+  if any(not 0 <= p <= 2 for pair in pads for p in pair):
+    return False
+  out_h, out_w = _out_size(x_shape, pads)
+  if out_h < 1 or out_w < 1:
+    return False
+  th, tw = tile_counts(out_h, out_w)
+  return x_shape[0] * th * tw >= MIN_TILES
+
+
+def _combine(matrix: np.ndarray, parts):
+  """``[sum_i matrix[j, i] * parts[i] for j]`` with the zero terms left out (fusable adds)."""
+  out = []
+  for row in matrix:
+    acc = None
+    for coeff, part in zip(row, parts):
+      if coeff == 0:
+        continue
+      term = part if coeff == 1 else (-part if coeff == -1 else part * float(coeff))
+      acc = term if acc is None else acc + term
+    out.append(acc)
+  return out
+
+
+def input_transform(x: jax.Array, pads: Pads, th: int, tw: int) -> jax.Array:
+  """``B^T d B`` for every tile: x [N, H, W, C] -> [36, N * th * tw, C].
+
+  ``x`` is zero-padded by ``pads`` ((top, bottom), (left, right)) and then on the bottom and
+  right as far as the last tile needs.
+
+  Row offset ``i`` of every tile is one strided slice ``x[:, i::4]``; the transform along H
+  combines those six, then the same along W. XLA:CPU fuses these slices and adds into a few
+  passes over memory (measured 2x faster than gathering 6x6 tiles by reshapes and then
+  combining, and than a dense [36, 36] matmul with ``B^T (x) B^T``).
+  """
+  n, h, w, c = x.shape
+  (top, _), (left, _) = pads
+  x = jnp.pad(x, ((0, 0), (top, TILE * th + 2 - h - top), (left, TILE * tw + 2 - w - left),
+                  (0, 0)))
+  rows = [jax.lax.slice_in_dim(x, i, i + TILE * (th - 1) + 1, TILE, axis=1)
+          for i in range(_IN_TILE)]  # 6 x [N, th, W', C]
+  v = []
+  for r in _combine(_BT, rows):
+    cols = [jax.lax.slice_in_dim(r, j, j + TILE * (tw - 1) + 1, TILE, axis=2)
+            for j in range(_IN_TILE)]  # 6 x [N, th, tw, C]
+    v.append(jnp.stack(_combine(_BT, cols)))
+  return jnp.stack(v).reshape(_IN_TILE * _IN_TILE, n * th * tw, c)
+
+
+def kernel_transform(kernel: jax.Array) -> jax.Array:
+  """``G g G^T``: kernel [3, 3, C, O] -> [36, C, O] (elementwise adds; an einsum was 10 ms)."""
+  rows = _combine(_G, [kernel[i] for i in range(3)])  # 6 x [3, C, O]
+  u = [jnp.stack(_combine(_G, [r[j] for j in range(3)])) for r in rows]
+  return jnp.stack(u).reshape(_IN_TILE * _IN_TILE, kernel.shape[2], kernel.shape[3])
+
+
+def _kernel_transform_transpose(du: jax.Array) -> jax.Array:
+  """Transpose of :func:`kernel_transform`: [36, C, O] -> [3, 3, C, O]."""
+  du = du.reshape(_IN_TILE, _IN_TILE, du.shape[1], du.shape[2])
+  rows = _combine(_G.T, [du[a] for a in range(_IN_TILE)])  # 3 x [6, C, O]
+  return jnp.stack([jnp.stack(_combine(_G.T, [r[b] for b in range(_IN_TILE)])) for r in rows])
+
+
+# The output transform and its transpose are small dense matmuls with A^T (x) A^T: one pass
+# over the matmul's output, which XLA runs faster than the equivalent chain of fused adds.
+_AA = np.kron(_AT, _AT)  # [16, 36]
+
+
+def output_transform(m: jax.Array, n: int, th: int, tw: int, out_h: int,
+                     out_w: int) -> jax.Array:
+  """``A^T m A`` per tile, tiles stitched and cropped: [36, N*th*tw, O] -> [N, out_h, out_w, O]."""
+  o = m.shape[-1]
+  y = jnp.dot(jnp.asarray(_AA, m.dtype), m.reshape(_IN_TILE * _IN_TILE, -1))
+  y = y.reshape(TILE, TILE, n, th, tw, o).transpose(2, 3, 0, 4, 1, 5)
+  return y.reshape(n, TILE * th, TILE * tw, o)[:, :out_h, :out_w]
+
+
+def _output_transform_transpose(ct: jax.Array, th: int, tw: int) -> jax.Array:
+  """Transpose of :func:`output_transform`: ct [N, out_h, out_w, O] -> [36, N*th*tw, O]."""
+  n, out_h, out_w, o = ct.shape
+  ct = jnp.pad(ct, ((0, 0), (0, TILE * th - out_h), (0, TILE * tw - out_w), (0, 0)))
+  ct = ct.reshape(n, th, TILE, tw, TILE, o).transpose(2, 4, 0, 1, 3, 5)
+  dm = jnp.dot(jnp.asarray(_AA.T, ct.dtype), ct.reshape(TILE * TILE, -1))
+  return dm.reshape(_IN_TILE * _IN_TILE, n * th * tw, o)
+
+
+def _batched_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  """[36, P, K] x [36, K, M] -> [36, P, M]."""
+  return jax.lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))))
+
+
+def _out_size(x_shape: Sequence[int], pads: Pads) -> Tuple[int, int]:
+  (top, bottom), (left, right) = pads
+  return x_shape[1] + top + bottom - 2, x_shape[2] + left + right - 2
+
+
+def _forward(x: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
+  out_h, out_w = _out_size(x.shape, pads)
+  th, tw = tile_counts(out_h, out_w)
+  m = _batched_matmul(input_transform(x, pads, th, tw), kernel_transform(kernel))
+  return output_transform(m, x.shape[0], th, tw, out_h, out_w)
+
+
+def check_pads(pads: Pads) -> Pads:
+  """``pads`` as a tuple of int pairs, each in [0, 2] (what a 3x3 kernel can use)."""
+  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+  if len(pads) != 2 or any(not 0 <= p <= 2 for pair in pads for p in pair):
+    raise ValueError(f"pads must be ((top, bottom), (left, right)) with each in [0, 2], got {pads}")
+  return pads  # type: ignore[return-value]
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array, pads: Pads = ((1, 1), (1, 1))) -> jax.Array:
+  """3x3 stride-1 cross-correlation with zero padding, by Winograd F(4x4, 3x3).
+
+  Args:
+    x: [N, H, W, C] float32.
+    kernel: [3, 3, C, O] float32, HWIO.
+    pads: ((top, bottom), (left, right)), each in [0, 2]; the default is torch's ``padding=1``
+      ('SAME').
+
+  Returns:
+    [N, H + top + bottom - 2, W + left + right - 2, O], equal to ``lax.conv_general_dilated(x,
+    kernel, (1, 1), pads)`` up to float32 rounding (~1e-5 of the output's magnitude). The VJP
+    is Winograd as well: the input gradient is this function applied to the cotangent with
+    the flipped kernel (pads ``2 - p``), and the kernel gradient is one ``[C, tiles] x
+    [tiles, O]`` matmul per transformed tile position.
+  """
+  check_shape("x", x, 4)
+  check_shape("kernel", kernel, 4)
+  if kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[3]:
+    raise ValueError(f"kernel must be [3, 3, {x.shape[3]}, O], got {kernel.shape}")
+  pads = check_pads(pads)
+  out_h, out_w = _out_size(x.shape, pads)
+  if out_h < 1 or out_w < 1:
+    raise ValueError(f"input {x.shape[1:3]} with pads {pads} is smaller than the 3x3 kernel")
+  return _conv3x3(x, kernel, pads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv3x3(x, kernel, pads):
+  return _forward(x, kernel, pads)
+
+
+def _conv3x3_fwd(x, kernel, pads):
+  return _forward(x, kernel, pads), (x, kernel)
+
+
+def _conv3x3_bwd(pads, residuals, ct):
+  x, kernel = residuals
+  (top, bottom), (left, right) = pads
+  th, tw = tile_counts(ct.shape[1], ct.shape[2])
+  # d/dx: the "full" correlation of ct with the spatially flipped kernel (in/out swapped),
+  # cropped to x: padding ct by 2 - p on each side gives exactly x's rows and columns.
+  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+  back_pads = ((2 - top, 2 - bottom), (2 - left, 2 - right))
+  if is_profitable(ct.shape, flipped.shape, back_pads, ct.dtype):
+    dx = _conv3x3(ct, flipped, back_pads)
+  else:
+    dx = jax.lax.conv_general_dilated(ct, flipped, (1, 1), back_pads,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  # d/dkernel: per transformed position, V^T [C, tiles] x dM [tiles, O]; then G^T . G.
+  v = input_transform(x, pads, th, tw)
+  dm = _output_transform_transpose(ct, th, tw)
+  du = jax.lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))))  # [36, C, O]
+  return dx.astype(x.dtype), _kernel_transform_transpose(du).astype(kernel.dtype)
+
+
+_conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)

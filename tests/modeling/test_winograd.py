@@ -1,0 +1,183 @@
+"""Winograd F(4x4, 3x3) conv and the 1x1-as-matmul conv against lax.conv_general_dilated."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from mrcnn_jax.modeling import conv as conv_lib
+from mrcnn_jax.modeling import winograd
+
+
+def _lax_conv(x, kernel, stride, pads):
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pads,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _inputs(seed, shape, out_channels, k=3):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal(shape).astype(np.float32)
+  kernel = (rng.standard_normal((k, k, shape[3], out_channels)) /
+            np.sqrt(k * k * shape[3])).astype(np.float32)
+  return jnp.asarray(x), jnp.asarray(kernel)
+
+
+def _value_and_grads(conv, x, kernel, seed):
+  """Output and (d/dx, d/dkernel) of sum(conv(x, k) * w), jitted, for a random cotangent w."""
+  out_shape = jax.eval_shape(conv, x, kernel).shape
+  w = jnp.asarray(np.random.default_rng(seed + 100).standard_normal(out_shape), jnp.float32)
+
+  def loss(a, b):
+    y = conv(a, b)
+    return jnp.sum(y * w), y
+
+  (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, kernel)
+  return y, grads
+
+
+def _assert_close(got, want, rel):
+  """|got - want| <= rel * max|want|: Winograd's rounding error scales with the magnitudes."""
+  got, want = np.asarray(got), np.asarray(want)
+  assert got.shape == want.shape
+  err = float(np.abs(got - want).max())
+  scale = float(np.abs(want).max())
+  assert err <= rel * scale, (err, scale)
+
+
+@pytest.fixture
+def always_winograd(monkeypatch):
+  """Route every eligible conv to Winograd, also the small ones the tests can afford."""
+  monkeypatch.setattr(winograd, "MIN_TILES", 1)
+
+
+# Sizes that are and are not multiples of the 4x4 output tile, every padding 0..2, N > 1.
+_CASES = [
+    ((2, 9, 9, 5), 6, ((1, 1), (1, 1))),
+    ((1, 14, 14, 8), 8, ((1, 1), (1, 1))),  # the mask head's 14x14
+    ((3, 8, 13, 4), 3, ((0, 0), (0, 0))),
+    ((1, 11, 6, 7), 5, ((2, 0), (0, 2))),
+    ((2, 3, 3, 2), 4, ((0, 0), (0, 0))),  # one output pixel
+    ((1, 1, 2, 3), 2, ((1, 1), (2, 1))),  # input smaller than the kernel, padding makes it fit
+]
+
+
+@pytest.mark.parametrize("shape,out_channels,pads", _CASES)
+def test_conv3x3_matches_lax_values_and_grads(shape, out_channels, pads, always_winograd):
+  for seed in (0, 1):
+    x, kernel = _inputs(seed, shape, out_channels)
+    y0, (gx0, gk0) = _value_and_grads(lambda a, b: _lax_conv(a, b, 1, pads), x, kernel, seed)
+    y1, (gx1, gk1) = _value_and_grads(lambda a, b: winograd.conv3x3(a, b, pads), x, kernel, seed)
+    _assert_close(y1, y0, 2e-5)
+    _assert_close(gx1, gx0, 2e-5)
+    _assert_close(gk1, gk0, 2e-5)
+
+
+def test_conv3x3_at_model_scale():
+  """256 channels, a P3-sized map: the rounding error stays ~1e-5 of the output's magnitude."""
+  x, kernel = _inputs(3, (1, 32, 40, 256), 256)
+  y0, (gx0, gk0) = _value_and_grads(lambda a, b: _lax_conv(a, b, 1, ((1, 1), (1, 1))), x,
+                                    kernel, 3)
+  y1, (gx1, gk1) = _value_and_grads(winograd.conv3x3, x, kernel, 3)
+  _assert_close(y1, y0, 5e-5)
+  _assert_close(gx1, gx0, 5e-5)
+  _assert_close(gk1, gk0, 5e-5)
+
+
+def test_conv3x3_check_grads_numerically(always_winograd):
+  """Finite differences: catches a VJP that is self-consistent but wrong."""
+  x, kernel = _inputs(4, (1, 6, 5, 2), 3)
+  check_grads(lambda a, b: winograd.conv3x3(a, b, ((1, 2), (0, 1))), (x, kernel), order=1,
+              modes=["rev"], atol=1e-2, rtol=1e-2, eps=1e-2)
+
+
+def test_conv3x3_second_call_of_the_vjp_under_vmap(always_winograd):
+  x, kernel = _inputs(5, (2, 7, 9, 3), 4)
+  xs = jnp.stack([x, -0.5 * x])
+
+  def grads(conv):
+    loss = lambda xs, k: jnp.sum(jax.vmap(lambda v: conv(v, k))(xs) ** 2)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(xs, kernel)
+
+  for got, want in zip(grads(winograd.conv3x3),
+                       grads(lambda a, b: _lax_conv(a, b, 1, ((1, 1), (1, 1))))):
+    _assert_close(got, want, 2e-5)
+
+
+def test_transforms_are_each_others_transposes():
+  """<output_transform(m), y> == <m, output_transform^T(y)>, and the same for the kernel."""
+  rng = np.random.default_rng(6)
+  n, th, tw, o = 2, 3, 2, 5
+  m = jnp.asarray(rng.standard_normal((36, n * th * tw, o)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((n, 10, 7, o)), jnp.float32)
+  lhs = jnp.sum(winograd.output_transform(m, n, th, tw, 10, 7) * y)
+  rhs = jnp.sum(m * winograd._output_transform_transpose(y, th, tw))
+  np.testing.assert_allclose(lhs, rhs, rtol=1e-5)
+  g = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
+  u = jnp.asarray(rng.standard_normal((36, 4, 5)), jnp.float32)
+  lhs = jnp.sum(winograd.kernel_transform(g) * u)
+  rhs = jnp.sum(g * winograd._kernel_transform_transpose(u))
+  np.testing.assert_allclose(lhs, rhs, rtol=1e-5)
+
+
+def test_conv3x3_rejects_bad_inputs():
+  x, kernel = _inputs(0, (1, 8, 8, 4), 4)
+  with pytest.raises(ValueError, match="kernel must be"):
+    winograd.conv3x3(x, kernel[:, :, :3])
+  with pytest.raises(ValueError, match="kernel must be"):
+    winograd.conv3x3(x, jnp.zeros((5, 5, 4, 4)))
+  with pytest.raises(ValueError, match="pads"):
+    winograd.conv3x3(x, kernel, ((3, 3), (1, 1)))
+  with pytest.raises(ValueError, match="smaller than"):
+    winograd.conv3x3(x[:, :1], kernel, ((0, 0), (1, 1)))
+  with pytest.raises(ValueError, match="rank"):
+    winograd.conv3x3(x[0], kernel)
+
+
+def test_is_profitable():
+  f32 = jnp.float32
+  # The FPN P2 output conv at 512 px: many tiles.
+  assert winograd.is_profitable((1, 128, 128, 256), (3, 3, 256, 256), ((1, 1), (1, 1)), f32)
+  # ResNet stage 5 at 512 px: 16 tiles, too few.
+  assert not winograd.is_profitable((1, 16, 16, 512), (3, 3, 512, 512), ((1, 1), (1, 1)), f32)
+  # bfloat16, non-3x3 kernels and pads Winograd cannot take stay on XLA's convolution.
+  assert not winograd.is_profitable((1, 128, 128, 256), (3, 3, 256, 256), ((1, 1), (1, 1)),
+                                    jnp.bfloat16)
+  assert not winograd.is_profitable((1, 128, 128, 256), (5, 5, 256, 256), ((2, 2), (2, 2)), f32)
+  assert not winograd.is_profitable((1, 128, 128, 256), (3, 3, 256, 256), ((3, 3), (1, 1)), f32)
+
+
+def _n_convolutions(fn, *args):
+  return jax.jit(fn).lower(*args).compile().as_text().count("convolution(")
+
+
+def test_conv2d_routes_large_float32_3x3_to_winograd_on_cpu():
+  """On CPU the compiled model conv has no XLA convolution, forward or backward."""
+  assert jax.default_backend() == "cpu"
+  x, kernel = _inputs(2, (1, 40, 40, 16), 16)  # 100 tiles >= MIN_TILES
+  loss = lambda a, b: jnp.sum(conv_lib.conv2d(a, b, 1, 1) ** 2)
+  assert _n_convolutions(jax.grad(loss, argnums=(0, 1)), x, kernel) == 0
+  # ...and still gives XLA's values and gradients.
+  y0, g0 = _value_and_grads(lambda a, b: _lax_conv(a, b, 1, ((1, 1), (1, 1))), x, kernel, 2)
+  y1, g1 = _value_and_grads(lambda a, b: conv_lib.conv2d(a, b, 1, 1), x, kernel, 2)
+  for got, want in zip((y1,) + tuple(g1), (y0,) + tuple(g0)):
+    _assert_close(got, want, 2e-5)
+  # bfloat16 and strided 3x3 convs keep XLA's forward convolution.
+  xb, kb = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+  assert _n_convolutions(lambda a, b: conv_lib.conv2d(a, b, 1, 1), xb, kb) == 1
+  assert _n_convolutions(lambda a, b: conv_lib.conv2d(a, b, 2, 1), x, kernel) == 1
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("hw", [(8, 8), (9, 7)])
+def test_conv1x1_matches_lax_values_and_grads(stride, hw):
+  x, kernel = _inputs(stride, (2,) + hw + (6,), 5, k=1)
+  y0, (gx0, gk0) = _value_and_grads(lambda a, b: _lax_conv(a, b, stride, ((0, 0), (0, 0))), x,
+                                    kernel, 0)
+  y1, (gx1, gk1) = _value_and_grads(lambda a, b: conv_lib.conv2d(a, b, stride, 0), x, kernel, 0)
+  _assert_close(y1, y0, 1e-6)
+  _assert_close(gx1, gx0, 1e-6)
+  _assert_close(gk1, gk0, 1e-6)
+  assert _n_convolutions(lambda a, b: conv_lib.conv2d(a, b, stride, 0), x, kernel) == 0
