@@ -65,6 +65,12 @@ def _active(batch_size: int) -> Optional[tuple]:
   return current
 
 
+def is_sharded() -> bool:
+  """Whether a :func:`data_parallel` mesh with more than one device is active (while tracing)."""
+  current = _CURRENT.get()
+  return current is not None and current[0].shape[current[1]] > 1
+
+
 def _batch_size(args: Sequence[Any], axes: Sequence[Optional[int]]) -> int:
   for a, ax in zip(args, axes):
     if ax is not None:

@@ -101,9 +101,10 @@ def model_config() -> ml_collections.ConfigDict:
   # Foreground RoIs per image that get a mask loss: a fixed count so shapes stay static.
   # roi.batch_size_per_image * roi.positive_fraction (128) holds every sampled positive.
   c.mask.rois_per_image = 128
-  # The mask head runs in chunks of this many slots per image; chunks with no positive (no
-  # valid detection at inference) are skipped. Same results; 0 runs all slots.
-  c.mask.chunk_size = 32
+  # The mask head runs in chunks of slots per image whose sizes double from this one
+  # (8, 8, 16, 32, 64 for 128 slots); chunks with no positive (no valid detection at
+  # inference) are skipped. Same results; 0 runs all slots at once.
+  c.mask.chunk_size = 8
   return c
 
 

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling import batch_parallel
 from mrcnn_jax.modeling import winograd
 from mrcnn_jax.ops._checks import check_shape
 
@@ -166,9 +167,12 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: Union[int, Sequence[int]] = 
   pads = normalize_padding(padding, kernel.shape[:2], strides, x.shape[1:3])
   if kernel.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)):
     return conv1x1(x, kernel, strides)
-  if strides == (1, 1) and winograd.is_profitable(x.shape, kernel.shape, pads, x.dtype):
+  if (strides == (1, 1) and winograd.is_profitable(x.shape, kernel.shape, pads, x.dtype)
+      and not batch_parallel.is_sharded()):
     # XLA:CPU's 3x3 convolutions already run near the CPU's peak; Winograd does 4x fewer
     # multiply-adds (see winograd.py). Accelerators keep their own convolution algorithms.
+    # Not under a data-parallel mesh: there XLA would all-reduce the kernel gradient in the
+    # Winograd domain, [36, C, O], 4x the kernel's bytes (CPU meshes are for tests anyway).
     return jax.lax.platform_dependent(
         x, kernel,
         cpu=lambda x, k: winograd.conv3x3(x, k, pads),

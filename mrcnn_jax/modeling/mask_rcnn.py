@@ -19,7 +19,7 @@ Sub-module names follow torchvision's ``MaskRCNN`` (``backbone`` is torchvision'
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -39,6 +39,23 @@ from mrcnn_jax.ops.roi_align import multilevel_roi_align
 
 Batch = Dict[str, jax.Array]
 NUM_POOLED_LEVELS = 4  # the RoI heads pool from P2..P5; P6 feeds only the RPN
+
+
+def mask_chunk_bounds(num_slots: int, first: int) -> List[Tuple[int, int]]:
+  """Slot ranges ``[start, stop)`` of the mask head's chunks: sizes first, first, 2 first, ...
+
+  The chunks end at ``first * 2**k``, so running the chunks up to the one holding the last
+  valid slot costs less than twice the valid slots (or ``first``), and 128 slots take 5 chunks
+  at ``first`` = 8 (8, 8, 16, 32, 64): few enough that the per-chunk overhead (and, on a mesh,
+  one gradient partial per chunk) stays small. The last chunk is cut at ``num_slots``.
+  """
+  if first < 1:
+    raise ValueError(f"first chunk size must be >= 1, got {first}")
+  bounds, start, stop = [], 0, first
+  while start < num_slots:
+    bounds.append((start, min(stop, num_slots)))
+    start, stop = stop, 2 * stop
+  return bounds
 
 
 class MaskRCNN(nn.Module):
@@ -136,11 +153,12 @@ class MaskRCNN(nn.Module):
     """rois [B, M, 4], classes [B, M] -> [B, M, 28, 28] float32 logits of those classes.
 
     ``valid`` [B, M] bool (optional) marks the slots whose logits are used. The slots come
-    valid-first (the sampler puts positives first, detections are sorted), so with
-    ``config.mask.chunk_size`` = c the M slots are run as M / c chunks and a chunk with no
-    valid slot in any image is skipped (``lax.cond``; its logits are zero). The values that are
-    used, and every gradient, are the same; the cost follows the actual positives (a few per
-    image early in training, or on sparse images) instead of always M.
+    valid-first (the sampler puts positives first, detections are sorted), so the M slots are
+    run in chunks (:func:`mask_chunk_bounds`: c, c, 2c, 4c, ... slots for
+    ``config.mask.chunk_size`` = c) and a chunk with no valid slot in any image is skipped
+    (``lax.cond``; its logits are zero). The values that are used, and every gradient, are the
+    same; the cost follows the actual positives (a few per image early in training, or on
+    sparse images) instead of always M: at most about twice them, in log2(M / c) + 1 chunks.
     """
     m = self.config.mask
     pooled = self._pool(feats, rois, m.pooler_size, m.sampling_ratio)
@@ -162,9 +180,9 @@ class MaskRCNN(nn.Module):
       return run(self, pooled, classes)
     res = 2 * m.pooler_size  # the predictor's 2x2 stride-2 transposed conv: 14 -> 28
     outs = []
-    for start in range(0, n, chunk):  # the last chunk may be shorter (100 detections: 32*3+4)
-      part = slice(start, min(start + chunk, n))
-      k = part.stop - part.start
+    for start, stop in mask_chunk_bounds(n, chunk):
+      part = slice(start, stop)
+      k = stop - start
       zero = lambda module, x, cls, k=k: jnp.zeros((b, k, res, res), jnp.float32)
       outs.append(nn.cond(jnp.any(valid[:, part]), run, zero, self, pooled[:, part],
                           classes[:, part]))

@@ -12,6 +12,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from mrcnn_jax import modeling
 from mrcnn_jax.modeling import MaskRCNN
+from mrcnn_jax.modeling.mask_rcnn import mask_chunk_bounds
 from mrcnn_jax.ops import anchors as anchor_ops
 
 LOSS_KEYS = {"rpn_objectness", "rpn_box", "roi_class", "roi_box", "roi_mask"}
@@ -341,8 +342,26 @@ def test_mask_chunks_at_inference_give_the_same_detections(tiny):
   # chunk of 8 holds padding only (the skipped path) in at least one image.
   scores = np.sort(np.asarray(run(0, 0.05)["scores"]).ravel())
   threshold = float(scores[int(0.75 * scores.size)])
-  plain, chunked = run(0, threshold), run(8, threshold)
+  plain = run(0, threshold)
   per_image = np.asarray(plain["valid"]).sum(1)
   assert per_image.sum() > 0 and per_image.min() <= 8, per_image
-  for k in plain:
-    np.testing.assert_allclose(chunked[k], plain[k], rtol=1e-6, atol=1e-7, err_msg=k)
+  # Chunks 8 + 4, and doubling chunks 2 + 2 + 4 + 4 (cut at 12).
+  for chunked in (run(8, threshold), run(2, threshold)):
+    for k in plain:
+      np.testing.assert_allclose(chunked[k], plain[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_mask_chunk_bounds_double_and_cover_every_slot_once():
+  assert mask_chunk_bounds(128, 8) == [(0, 8), (8, 16), (16, 32), (32, 64), (64, 128)]
+  assert mask_chunk_bounds(100, 8) == [(0, 8), (8, 16), (16, 32), (32, 64), (64, 100)]
+  assert mask_chunk_bounds(5, 8) == [(0, 5)]
+  for n, first in [(1, 1), (17, 3), (128, 32), (300, 7)]:
+    bounds = mask_chunk_bounds(n, first)
+    assert [b[0] for b in bounds[1:]] == [b[1] for b in bounds[:-1]]  # contiguous
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    # Running up to the chunk that holds slot v costs < 2 (v + 1) slots, or the first chunk.
+    for v in range(n):
+      end = next(stop for start, stop in bounds if start <= v < stop)
+      assert end <= max(first, 2 * (v + 1)), (n, first, v, end)
+  with pytest.raises(ValueError, match="first chunk"):
+    mask_chunk_bounds(8, 0)

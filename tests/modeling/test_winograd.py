@@ -181,3 +181,19 @@ def test_conv1x1_matches_lax_values_and_grads(stride, hw):
   _assert_close(gx1, gx0, 1e-6)
   _assert_close(gk1, gk0, 1e-6)
   assert _n_convolutions(lambda a, b: conv_lib.conv2d(a, b, stride, 0), x, kernel) == 0
+
+
+def test_conv2d_keeps_xla_convolution_under_a_data_parallel_mesh():
+  """On a mesh XLA would all-reduce Winograd's [36, C, O] kernel gradient (4x the bytes)."""
+  from mrcnn_jax.modeling import batch_parallel
+  from mrcnn_jax.training import sharding as sharding_lib
+
+  x, kernel = _inputs(2, (8, 20, 20, 16), 16)  # 200 tiles: Winograd without a mesh
+  mesh = sharding_lib.make_mesh(jax.devices()[:8])
+
+  def step(a, b):
+    with batch_parallel.data_parallel(mesh):
+      return conv_lib.conv2d(a, b, 1, 1)
+
+  assert _n_convolutions(lambda a, b: conv_lib.conv2d(a, b, 1, 1), x, kernel) == 0
+  assert _n_convolutions(step, x, kernel) == 1
