@@ -123,26 +123,27 @@ def input_transform(x: jax.Array, pads: Pads, th: int, tw: int) -> jax.Array:
                   (0, 0)))
   rows = [jax.lax.slice_in_dim(x, i, i + TILE * (th - 1) + 1, TILE, axis=1)
           for i in range(_IN_TILE)]  # 6 x [N, th, W', C]
-  v = []
-  for r in _combine(_BT, rows):
-    cols = [jax.lax.slice_in_dim(r, j, j + TILE * (tw - 1) + 1, TILE, axis=2)
-            for j in range(_IN_TILE)]  # 6 x [N, th, tw, C]
-    v.append(jnp.stack(_combine(_BT, cols)))
-  return jnp.stack(v).reshape(_IN_TILE * _IN_TILE, n * th * tw, c)
+  rows = jnp.stack(_combine(_BT, rows))  # [6, N, th, W', C]
+  # The column transform on all six row combinations at once: 12 ops instead of 72, which
+  # keeps the compiled model's op count (and compile time) down at the same speed.
+  cols = [jax.lax.slice_in_dim(rows, j, j + TILE * (tw - 1) + 1, TILE, axis=3)
+          for j in range(_IN_TILE)]  # 6 x [6, N, th, tw, C]
+  v = jnp.stack(_combine(_BT, cols), axis=1)  # [6, 6, N, th, tw, C]
+  return v.reshape(_IN_TILE * _IN_TILE, n * th * tw, c)
 
 
 def kernel_transform(kernel: jax.Array) -> jax.Array:
   """``G g G^T``: kernel [3, 3, C, O] -> [36, C, O] (elementwise adds; an einsum was 10 ms)."""
-  rows = _combine(_G, [kernel[i] for i in range(3)])  # 6 x [3, C, O]
-  u = [jnp.stack(_combine(_G, [r[j] for j in range(3)])) for r in rows]
-  return jnp.stack(u).reshape(_IN_TILE * _IN_TILE, kernel.shape[2], kernel.shape[3])
+  rows = jnp.stack(_combine(_G, [kernel[i] for i in range(3)]))  # [6, 3, C, O]
+  u = jnp.stack(_combine(_G, [rows[:, j] for j in range(3)]), axis=1)  # [6, 6, C, O]
+  return u.reshape(_IN_TILE * _IN_TILE, kernel.shape[2], kernel.shape[3])
 
 
 def _kernel_transform_transpose(du: jax.Array) -> jax.Array:
   """Transpose of :func:`kernel_transform`: [36, C, O] -> [3, 3, C, O]."""
   du = du.reshape(_IN_TILE, _IN_TILE, du.shape[1], du.shape[2])
-  rows = _combine(_G.T, [du[a] for a in range(_IN_TILE)])  # 3 x [6, C, O]
-  return jnp.stack([jnp.stack(_combine(_G.T, [r[b] for b in range(_IN_TILE)])) for r in rows])
+  rows = jnp.stack(_combine(_G.T, [du[a] for a in range(_IN_TILE)]))  # [3, 6, C, O]
+  return jnp.stack(_combine(_G.T, [rows[:, b] for b in range(_IN_TILE)]), axis=1)
 
 
 # The output transform and its transpose are small dense matmuls with A^T (x) A^T: one pass
