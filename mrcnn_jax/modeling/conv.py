@@ -16,6 +16,8 @@ converters are unchanged.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Any, Callable, Sequence, Tuple, Union
 
@@ -28,6 +30,25 @@ from mrcnn_jax.modeling import winograd
 from mrcnn_jax.ops._checks import check_shape
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
+
+# False inside ``xla_convolutions()``: trace 3x3 convs as XLA convolutions on every platform.
+_WINOGRAD_ON_CPU: contextvars.ContextVar = contextvars.ContextVar("mrcnn_jax_winograd",
+                                                                  default=True)
+
+
+@contextlib.contextmanager
+def xla_convolutions():
+  """While tracing inside this context, 3x3 convs stay XLA convolutions on CPU too.
+
+  For measuring what accelerators run (e.g. XLA's FLOP estimate of a step, which for the
+  Winograd form would count 4x fewer multiply-adds than a GPU or TPU executes), or for A/B
+  timing. Values agree either way to float32 rounding.
+  """
+  token = _WINOGRAD_ON_CPU.set(False)
+  try:
+    yield
+  finally:
+    _WINOGRAD_ON_CPU.reset(token)
 Pads = Tuple[Tuple[int, int], Tuple[int, int]]
 PaddingLike = Union[str, int, Sequence[Union[int, Tuple[int, int]]]]
 
@@ -168,7 +189,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: Union[int, Sequence[int]] = 
   if kernel.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)):
     return conv1x1(x, kernel, strides)
   if (strides == (1, 1) and winograd.is_profitable(x.shape, kernel.shape, pads, x.dtype)
-      and not batch_parallel.is_sharded()):
+      and not batch_parallel.is_sharded() and _WINOGRAD_ON_CPU.get()):
     # XLA:CPU's 3x3 convolutions already run near the CPU's peak; Winograd does 4x fewer
     # multiply-adds (see winograd.py). Accelerators keep their own convolution algorithms.
     # Not under a data-parallel mesh: there XLA would all-reduce the kernel gradient in the

@@ -164,6 +164,10 @@ def test_conv2d_routes_large_float32_3x3_to_winograd_on_cpu():
   y1, g1 = _value_and_grads(lambda a, b: conv_lib.conv2d(a, b, 1, 1), x, kernel, 2)
   for got, want in zip((y1,) + tuple(g1), (y0,) + tuple(g0)):
     _assert_close(got, want, 2e-5)
+  # Inside xla_convolutions() (FLOP counts of what accelerators run) it stays a convolution.
+  with conv_lib.xla_convolutions():
+    assert _n_convolutions(lambda a, b: conv_lib.conv2d(a, b, 1, 1), x, kernel) == 1
+  assert _n_convolutions(lambda a, b: conv_lib.conv2d(a, b, 1, 1) + 0, x, kernel) == 0
   # bfloat16 and strided 3x3 convs keep XLA's forward convolution.
   xb, kb = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
   assert _n_convolutions(lambda a, b: conv_lib.conv2d(a, b, 1, 1), xb, kb) == 1
