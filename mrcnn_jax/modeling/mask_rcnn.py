@@ -174,9 +174,11 @@ class MaskRCNN(nn.Module):
 
     chunk = int(m.get("chunk_size", 0) or 0)
     # Trainable BatchNorm in the mask head (v2 'bn') updates statistics, which a skipped
-    # branch could not; initialisation must create the parameters.
+    # branch could not; initialisation must create the parameters; values sown into
+    # 'intermediates' (stage-by-stage inspection) would differ between the two branches.
     mutable_stats = train and m.get("norm", "none") == "bn"
-    if valid is None or not chunk or n <= chunk or mutable_stats or self.is_initializing():
+    if (valid is None or not chunk or n <= chunk or mutable_stats or self.is_initializing()
+        or self.is_mutable_collection("intermediates")):
       return run(self, pooled, classes)
     res = 2 * m.pooler_size  # the predictor's 2x2 stride-2 transposed conv: 14 -> 28
     outs = []

@@ -132,18 +132,21 @@ def input_transform(x: jax.Array, pads: Pads, th: int, tw: int) -> jax.Array:
   return v.reshape(_IN_TILE * _IN_TILE, n * th * tw, c)
 
 
+# G (x) G: the kernel transform as one small matmul over the 9 taps (one pass over memory;
+# inside the compiled model this ran 2-5x faster than the same sums as fused elementwise ops).
+_GG = np.kron(_G, _G)  # [36, 9]
+
+
 def kernel_transform(kernel: jax.Array) -> jax.Array:
-  """``G g G^T``: kernel [3, 3, C, O] -> [36, C, O] (elementwise adds; an einsum was 10 ms)."""
-  rows = jnp.stack(_combine(_G, [kernel[i] for i in range(3)]))  # [6, 3, C, O]
-  u = jnp.stack(_combine(_G, [rows[:, j] for j in range(3)]), axis=1)  # [6, 6, C, O]
-  return u.reshape(_IN_TILE * _IN_TILE, kernel.shape[2], kernel.shape[3])
+  """``G g G^T``: kernel [3, 3, C, O] -> [36, C, O]."""
+  c, o = kernel.shape[2], kernel.shape[3]
+  return jnp.dot(jnp.asarray(_GG, kernel.dtype), kernel.reshape(9, c * o)).reshape(36, c, o)
 
 
 def _kernel_transform_transpose(du: jax.Array) -> jax.Array:
   """Transpose of :func:`kernel_transform`: [36, C, O] -> [3, 3, C, O]."""
-  du = du.reshape(_IN_TILE, _IN_TILE, du.shape[1], du.shape[2])
-  rows = jnp.stack(_combine(_G.T, [du[a] for a in range(_IN_TILE)]))  # [3, 6, C, O]
-  return jnp.stack(_combine(_G.T, [rows[:, b] for b in range(_IN_TILE)]), axis=1)
+  c, o = du.shape[1], du.shape[2]
+  return jnp.dot(jnp.asarray(_GG.T, du.dtype), du.reshape(36, c * o)).reshape(3, 3, c, o)
 
 
 # The output transform and its transpose are small dense matmuls with A^T (x) A^T: one pass
