@@ -13,8 +13,8 @@ Summed over input channels, the elementwise product becomes 36 independent matmu
 convolution is: an input transform, one batched matmul with 4x fewer multiply-adds than the
 direct convolution, and an output transform.
 
-Why it exists: XLA:CPU's convolutions already run near this machine's peak (about 80 GFLOP/s
-of multiply-adds on 2 AVX2 cores for the FPN and mask-head 3x3 convs), so the only way to make
+Why it exists: XLA:CPU's convolutions already run near this machine's peak (about 80 G
+multiply-adds/s on 2 AVX2 cores for the FPN and mask-head 3x3 convs), so the only way to make
 them faster is to do less arithmetic. Measured on 2 cores (forward, ms, XLA conv -> Winograd):
 FPN P2 output conv 256->256 at 128x128: 121 -> 76; one 32-RoI chunk of the mask head,
 256->256 at 14x14: 48 -> 26. The gradients are Winograd too (:func:`conv3x3`'s VJP), and
@@ -25,7 +25,8 @@ with many channels (ResNet stage 5, 16x16x512 at 512 px) the matmuls are too sma
 Accuracy: the transforms scale values by up to ~10, so float32 results differ from the direct
 convolution by about 1e-5 of the output's magnitude (tests check this); bfloat16 inputs are
 not routed here (see :func:`is_profitable`). On GPU and TPU, whose libraries pick their own
-algorithms, :mod:`mrcnn_jax.modeling.conv` never calls this module.
+algorithms, :mod:`mrcnn_jax.modeling.conv` never calls this module, nor under a data-parallel
+mesh (where XLA would all-reduce the kernel gradient in its 4x larger transformed form).
 """
 
 from __future__ import annotations
@@ -63,9 +64,11 @@ TILE = 4  # output pixels per tile side
 _IN_TILE = TILE + 2  # input pixels per tile side
 
 # Below this many tiles per matmul (N * tiles_h * tiles_w), the 36 small matmuls and the
-# transforms cost more than XLA's direct convolution (measured: 2 x 16 x 16 x 512 at 32 tiles
-# is 5x slower; 2 x 32 x 32 x 256 at 128 tiles about even; 1 x 32 x 32 x 256 at 64 tiles 1.4x
-# faster with gradients).
+# transforms cost about as much as XLA's direct convolution or more (measured alone, forward /
+# with gradients: 2 x 16 x 16 x 512, 32 tiles: 0.67x / 1.15x the speed; 1 x 32 x 32 x 256,
+# 64 tiles: 1.1-1.2x / 1.7x; 2 x 32 x 32 x 256, 128 tiles: 2.1x / 2.3x). Inside the model the
+# 64-tile case (ResNet layer3 at 512 px, inference) came out slightly slower; it is a rough
+# threshold.
 MIN_TILES = 64
 
 
