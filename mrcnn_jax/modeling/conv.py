@@ -8,6 +8,10 @@ and the input gradient, and computes the kernel gradient as one ``[C, N*Ho*Wo] x
 matmul per kernel tap over the (strided) shifted input, which costs about what the forward does.
 On other platforms (GPU, TPU) the backend's own kernel gradient is used.
 
+Two more CPU speed-ups live in :func:`conv2d`: unpadded 1x1 convolutions are one matmul
+(:func:`conv1x1`, on every platform), and large float32 3x3 stride-1 convolutions run as
+Winograd F(4x4, 3x3) (:mod:`mrcnn_jax.modeling.winograd`), forward and gradients.
+
 :class:`Conv` is a drop-in for the ``flax.linen.Conv`` uses in this package (2-D, NHWC, no
 dilation or groups): same parameter names (``kernel`` [kh, kw, in, out] HWIO, ``bias`` [out]),
 initialisers, ``dtype``/``param_dtype`` handling and outputs, so checkpoints and the weight
@@ -49,6 +53,8 @@ def xla_convolutions():
     yield
   finally:
     _WINOGRAD_ON_CPU.reset(token)
+
+
 Pads = Tuple[Tuple[int, int], Tuple[int, int]]
 PaddingLike = Union[str, int, Sequence[Union[int, Tuple[int, int]]]]
 
@@ -156,7 +162,7 @@ def conv1x1(x: jax.Array, kernel: jax.Array, strides: Tuple[int, int] = (1, 1)) 
 
   A strided 1x1 convolution reads every ``s``-th pixel, so it is a strided slice and then
   ``[N*Ho*Wo, C] x [C, O]``. XLA:CPU runs that matmul 2-3.5x faster than its 1x1 convolution
-  at the ResNet/FPN shapes (measured 36 -> 83 GFLOP/s of multiply-adds for 256->128 at
+  at the ResNet/FPN shapes (measured 36 -> 83 G multiply-adds/s for 256->128 at
   128x128), and its gradients are matmuls too. Accelerators lower both forms to the same
   matmul.
   """
@@ -176,8 +182,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: Union[int, Sequence[int]] = 
   dimension numbers, computed the fastest way we measured on each platform: unpadded 1x1
   convolutions as a matmul (:func:`conv1x1`); on CPU, large float32 3x3 stride-1 convolutions
   by Winograd (:mod:`mrcnn_jax.modeling.winograd`); the rest with XLA's convolution and, on
-  CPU, a per-tap matmul kernel gradient (see the module docstring for why). ``padding`` is as in :func:`normalize_padding` (an int is torch's
-  symmetric padding, e.g. ``(k - 1) // 2``). Both operands should share a dtype.
+  CPU, a per-tap matmul kernel gradient (see the module docstring for why). ``padding`` is as
+  in :func:`normalize_padding` (an int is torch's symmetric padding, e.g. ``(k - 1) // 2``). Both operands should share a dtype.
   """
   check_shape("x", x, 4)
   check_shape("kernel", kernel, 4)
