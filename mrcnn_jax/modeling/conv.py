@@ -183,7 +183,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: Union[int, Sequence[int]] = 
   convolutions as a matmul (:func:`conv1x1`); on CPU, large float32 3x3 stride-1 convolutions
   by Winograd (:mod:`mrcnn_jax.modeling.winograd`); the rest with XLA's convolution and, on
   CPU, a per-tap matmul kernel gradient (see the module docstring for why). ``padding`` is as
-  in :func:`normalize_padding` (an int is torch's symmetric padding, e.g. ``(k - 1) // 2``). Both operands should share a dtype.
+  in :func:`normalize_padding` (an int is torch's symmetric padding, e.g. ``(k - 1) // 2``).
+  Both operands should share a dtype.
   """
   check_shape("x", x, 4)
   check_shape("kernel", kernel, 4)

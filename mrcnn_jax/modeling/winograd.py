@@ -77,6 +77,11 @@ def tile_counts(out_h: int, out_w: int) -> Tuple[int, int]:
   return -(-out_h // TILE), -(-out_w // TILE)
 
 
+def _pads_fit_kernel(pads: Pads) -> bool:
+  """Every pad in [0, 2]: a 3x3 kernel's windows can reach at most 2 pixels of padding."""
+  return all(0 <= p <= 2 for pair in pads for p in pair)
+
+
 def is_profitable(x_shape: Sequence[int], kernel_shape: Sequence[int], pads: Pads,
                   dtype) -> bool:
   """Whether a stride-1 conv of ``x_shape`` [N, H, W, C] should use Winograd on CPU.
@@ -86,7 +91,7 @@ def is_profitable(x_shape: Sequence[int], kernel_shape: Sequence[int], pads: Pad
   """
   if tuple(kernel_shape[:2]) != (3, 3) or jnp.dtype(dtype) != jnp.float32:
     return False
-  if any(not 0 <= p <= 2 for pair in pads for p in pair):
+  if not _pads_fit_kernel(pads):
     return False
   out_h, out_w = _out_size(x_shape, pads)
   if out_h < 1 or out_w < 1:
@@ -195,7 +200,7 @@ def _forward(x: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
 def check_pads(pads: Pads) -> Pads:
   """``pads`` as a tuple of int pairs, each in [0, 2] (what a 3x3 kernel can use)."""
   pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-  if len(pads) != 2 or any(not 0 <= p <= 2 for pair in pads for p in pair):
+  if len(pads) != 2 or not _pads_fit_kernel(pads):
     raise ValueError(f"pads must be ((top, bottom), (left, right)) with each in [0, 2], got {pads}")
   return pads  # type: ignore[return-value]
 
