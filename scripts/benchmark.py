@@ -9,7 +9,8 @@ Measures, for the full default model (random weights, 91 classes):
     more compute and fed the network 32 rows of normalised black pixels that torchvision, which
     pads after normalising, never sees).
 JAX compile times are reported separately; timed runs are the median of ``--repeats`` after
-one warm-up call. torchvision runs with ``torch.set_num_threads(--threads)``; XLA's CPU client
+one warm-up call, JAX and torchvision taking turns (a, b, a, b, ...) so that the machine's
+speed drifting during the run moves both alike. torchvision runs with ``torch.set_num_threads(--threads)``; XLA's CPU client
 uses every core of the machine (2 here), so both see the same cores.
 
 The torchvision reference is ``maskrcnn_resnet50_fpn`` built in the configuration our default
@@ -67,16 +68,22 @@ class _Clock:
     self.cpu = time.process_time() - self.cpu
 
 
-def _median_time(fn, repeats):
-  """(median wall s, median CPU s) of ``repeats`` calls after one warm-up call."""
-  fn()  # warm-up (allocations, caches)
-  walls, cpus = [], []
+def _median_times(fns, repeats):
+  """Per function, (median wall s, median CPU s) of ``repeats`` calls after one warm-up call.
+
+  The functions take turns (a, b, a, b, ...), so a change in the machine's speed during the run
+  (other tenants of a shared host) affects all of them alike instead of whichever ran then.
+  """
+  for fn in fns:
+    fn()  # warm-up (allocations, caches)
+  walls, cpus = [[] for _ in fns], [[] for _ in fns]
   for _ in range(repeats):
-    with _Clock() as c:
-      fn()
-    walls.append(c.wall)
-    cpus.append(c.cpu)
-  return statistics.median(walls), statistics.median(cpus)
+    for i, fn in enumerate(fns):
+      with _Clock() as c:
+        fn()
+      walls[i].append(c.wall)
+      cpus[i].append(c.cpu)
+  return [(statistics.median(w), statistics.median(c)) for w, c in zip(walls, cpus)], walls
 
 
 def _synthetic(rng, batch, height, width, max_instances, mask_size):
@@ -137,7 +144,8 @@ def _jax_config(height, width, batch):
   return config
 
 
-def jax_train(rows, repeats):
+def jax_train(rows):
+  """Compiles the train step (times recorded in ``rows``); returns a function running one step."""
   config = _jax_config(512, 512, 2)
   model = modeling.MaskRCNN(config.model)
   mesh = training.make_mesh(jax.devices()[:1])
@@ -156,14 +164,15 @@ def jax_train(rows, repeats):
     holder[0], metrics = compiled(holder[0], batch)
     jax.block_until_ready(metrics)
 
-  rows["train"] = _median_time(run, repeats)
   rows["train_compile"] = (compile_clock.wall, compile_clock.cpu)
   rows["init"] = (init_clock.wall, init_clock.cpu)
   _, metrics = compiled(holder[0], batch)
   print("JAX train metrics:", {k: round(float(v), 4) for k, v in metrics.items()})
+  return run
 
 
-def jax_infer(rows, key, height, width, padded_height, padded_width, repeats):
+def jax_infer(rows, key, height, width, padded_height, padded_width):
+  """Compiles ``predict`` (compile time in ``rows``); returns a function running it once."""
   config = _jax_config(padded_height, padded_width, 1)
   model = modeling.MaskRCNN(config.model)
   variables = jax.jit(lambda k: modeling.init_variables(model, k, (padded_height, padded_width)))(
@@ -176,10 +185,9 @@ def jax_infer(rows, key, height, width, padded_height, padded_width, repeats):
     compiled = predict.lower(variables, image, valid_size).compile()
   rows[key + "_compile"] = (c.wall, c.cpu)
   image = jax.device_put(image)
-  rows[key] = _median_time(lambda: jax.block_until_ready(compiled(variables, image, valid_size)),
-                           repeats)
   out = compiled(variables, image, valid_size)
   rows[key + "_detections"] = int(out["valid"].sum())
+  return lambda: jax.block_until_ready(compiled(variables, image, valid_size))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,7 +195,8 @@ def jax_infer(rows, key, height, width, padded_height, padded_width, repeats):
 # ------------------------------------------------------------------------------------------------
 
 
-def torch_train(rows, key, repeats, matched):
+def torch_train(matched):
+  """Returns a function running one torchvision train step (forward, backward, SGD)."""
   torch.manual_seed(0)
   model = _torchvision_model(512, 512, matched).train()
   _, images, targets = _synthetic(np.random.default_rng(0), 2, 512, 512, 100, 28)
@@ -200,10 +209,11 @@ def torch_train(rows, key, repeats, matched):
     sum(losses.values()).backward()
     opt.step()
 
-  rows[key] = _median_time(run, repeats)
+  return run
 
 
-def torch_infer(rows, key, height, width, repeats):
+def torch_infer(rows, key, height, width):
+  """Returns a function running torchvision inference once."""
   torch.manual_seed(0)
   model = _torchvision_model(min(height, width), max(height, width)).eval()
   image = np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
@@ -213,56 +223,72 @@ def torch_infer(rows, key, height, width, repeats):
     with torch.inference_mode():
       return model(images)
 
-  rows[key] = _median_time(run, repeats)
   rows[key + "_detections"] = len(run()[0]["boxes"])
+  return run
 
 
 def main(argv):
   del argv
   torch.set_num_threads(_THREADS.value)
   repeats = _REPEATS.value
-  jx, tv = {}, {}
+  jx, tv, paired = {}, {}, {}
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
         f"torch {torch.__version__} threads {torch.get_num_threads()}; "
         f"compute dtype {_DTYPE.value}", flush=True)
-  if not _SKIP_TRAIN.value:
-    jax_train(jx, repeats)
-    print("JAX train:", jx, flush=True)
-  jax_infer(jx, "infer_512", 512, 512, 512, 512, repeats)
-  jax_infer(jx, "infer_800", 800, 1216, 800, 1216, repeats)
-  print("JAX:", jx, flush=True)
-  if not _SKIP_TORCH.value:
-    if not _SKIP_TRAIN.value:
-      torch_train(tv, "train", repeats, matched=True)
-      torch_train(tv, "train_builder_default", repeats, matched=False)
-    torch_infer(tv, "infer_512", 512, 512, repeats)
-    torch_infer(tv, "infer_800", 800, 1216, repeats)
-    print("torchvision:", tv, flush=True)
+  skip_torch = _SKIP_TORCH.value
 
-  lines = ["| measurement | JAX wall s | torchvision wall s | wall ratio | JAX CPU s | "
-           "torchvision CPU s | CPU ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
+  def measure(key, jax_run, torch_run=None, torch_key=None):
+    """Times the JAX and torchvision runs in turns (see ``_median_times``)."""
+    fns = [jax_run] + ([torch_run] if torch_run is not None else [])
+    times, walls = _median_times(fns, repeats)
+    jx[key] = times[0]
+    if torch_run is not None:
+      tv[torch_key or key] = times[1]
+      # Each JAX run over the torchvision run right after it; the median of these is the
+      # figure least moved by drifting machine speed.
+      paired[torch_key or key] = statistics.median(a / b for a, b in zip(*walls))
+    print(key, "JAX:", jx[key], "torchvision:", tv.get(torch_key or key), flush=True)
+
+  if not _SKIP_TRAIN.value:
+    jax_run = jax_train(jx)
+    print("JAX train compile:", jx["train_compile"], flush=True)
+    measure("train", jax_run, None if skip_torch else torch_train(matched=True))
+    if not skip_torch:
+      # Our step against torchvision's builder default, again in turns.
+      measure("train_vs_builder_default", jax_run, torch_train(matched=False),
+              "train_builder_default")
+  for key, h, w in (("infer_512", 512, 512), ("infer_800", 800, 1216)):
+    jax_run = jax_infer(jx, key, h, w, h, w)
+    measure(key, jax_run, None if skip_torch else torch_infer(tv, key, h, w))
+  print("JAX:", jx, flush=True)
+  print("torchvision:", tv, flush=True)
+
+  lines = ["| measurement | JAX wall s | torchvision wall s | wall ratio | paired wall ratio | "
+           "JAX CPU s | torchvision CPU s | CPU ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
   names = {"train": "train step, batch 2, 512x512",
            "infer_512": "inference, batch 1, 512x512",
            "infer_800": "inference, batch 1, 800x1216"}
   fmt = lambda d, k, i: f"{d[k][i]:.2f}" if k in d else "-"
-  ratio = lambda k, i, tk=None: (f"{jx[k][i] / tv[tk or k][i]:.2f}"
-                                 if k in jx and (tk or k) in tv else "-")
+  ratio = lambda jk, tk, i: f"{jx[jk][i] / tv[tk][i]:.2f}" if jk in jx and tk in tv else "-"
+  pair = lambda tk: f"{paired[tk]:.2f}" if tk in paired else "-"
+
+  def row(label, jk, tk):
+    lines.append(f"| {label} | {fmt(jx, jk, 0)} | {fmt(tv, tk, 0)} | {ratio(jk, tk, 0)} | "
+                 f"{pair(tk)} | {fmt(jx, jk, 1)} | {fmt(tv, tk, 1)} | {ratio(jk, tk, 1)} |")
+
   for k, label in names.items():
     if k in jx:
-      lines.append(f"| {label} | {fmt(jx, k, 0)} | {fmt(tv, k, 0)} | {ratio(k, 0)} | "
-                   f"{fmt(jx, k, 1)} | {fmt(tv, k, 1)} | {ratio(k, 1)} |")
+      row(label, k, k)
   if "train_builder_default" in tv:
-    k = "train_builder_default"
-    lines.append(f"| train step vs torchvision builder default (BatchNorm2d, all layers "
-                 f"trainable) | {fmt(jx, 'train', 0)} | {fmt(tv, k, 0)} | {ratio('train', 0, k)} |"
-                 f" {fmt(jx, 'train', 1)} | {fmt(tv, k, 1)} | {ratio('train', 1, k)} |")
+    row("train step vs torchvision builder default (BatchNorm2d, all layers trainable)",
+        "train_vs_builder_default", "train_builder_default")
   for k in ("train_compile", "infer_512_compile", "infer_800_compile", "init"):
     if k in jx:
-      lines.append(f"| JAX {k.replace('_', ' ')} | {fmt(jx, k, 0)} | - | - | {fmt(jx, k, 1)} "
+      lines.append(f"| JAX {k.replace('_', ' ')} | {fmt(jx, k, 0)} | - | - | - | {fmt(jx, k, 1)} "
                    "| - | - |")
   for k in ("infer_512_detections", "infer_800_detections"):
     lines.append(f"| detections ({k.split('_')[1]}) | {jx.get(k, '-')} | {tv.get(k, '-')} | "
-                 "- | - | - | - |")
+                 "- | - | - | - | - |")
   print("\n".join(lines))
 
 

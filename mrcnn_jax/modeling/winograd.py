@@ -1,4 +1,4 @@
-"""3x3 stride-1 convolution by Winograd's minimal filtering F(4x4, 3x3), for XLA:CPU.
+"""3x3 stride-1 convolution by Winograd's minimal filtering F(m x m, 3x3), for XLA:CPU.
 
 A 3x3 convolution computes each 4x4 block of output pixels from a 6x6 block of input pixels
 with 144 multiply-adds per (input, output) channel pair. Winograd's algorithm (Lavin & Gray,
@@ -7,11 +7,18 @@ with 144 multiply-adds per (input, output) channel pair. Winograd's algorithm (L
     Y = A^T [ (G g G^T) * (B^T d B) ] A          (* elementwise, per channel pair)
 
 where ``d`` is the 6x6 input tile, ``g`` the 3x3 kernel and ``B^T`` [6, 6], ``G`` [6, 3],
-``A^T`` [4, 6] are the fixed matrices below (interpolation points 0, +-1, +-2, infinity).
+``A^T`` [4, 6] are fixed matrices (interpolation points 0, +-1, +-2, infinity).
 Summed over input channels, the elementwise product becomes 36 independent matmuls
 ``[tiles, C] x [C, O]`` -- one per position of the transformed 6x6 tile -- so the whole
 convolution is: an input transform, one batched matmul with 4x fewer multiply-adds than the
 direct convolution, and an output transform.
+
+The same construction with one more point (1/2) gives F(5x5, 3x3): 7x7 input tiles, 49
+products per 25 outputs. :func:`toom_cook_matrices` builds either from the points (exactly, in
+rationals), and :func:`choose_tile` takes 5x5 tiles where they fit the output much better
+than 4x4 ones: the mask head's 14x14 maps are 3 x 5 (15) instead of 4 x 4 (16) tiles a side,
+23% fewer transformed values and products (measured in the model at 512 px: the mask head
+320 -> 290 ms for 100 detections).
 
 Why it exists: XLA:CPU's convolutions already run near this machine's peak (about 80 G
 multiply-adds/s on 2 AVX2 cores for the FPN and mask-head 3x3 convs), so the only way to make
@@ -31,8 +38,9 @@ mesh (where XLA would all-reduce the kernel gradient in its 4x larger transforme
 
 from __future__ import annotations
 
+from fractions import Fraction
 import functools
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -40,28 +48,92 @@ import numpy as np
 
 from mrcnn_jax.ops._checks import check_shape
 
-# F(4x4, 3x3) at the points (0, 1, -1, 2, -2, infinity).
-_BT = np.array([[4, 0, -5, 0, 1, 0],
-                [0, -4, -4, 1, 1, 0],
-                [0, 4, -4, -1, 1, 0],
-                [0, -2, -1, 2, 1, 0],
-                [0, 2, -1, -2, 1, 0],
-                [0, 4, 0, -5, 0, 1]], np.float64)
-_G = np.array([[1 / 4, 0, 0],
-               [-1 / 6, -1 / 6, -1 / 6],
-               [-1 / 6, 1 / 6, -1 / 6],
-               [1 / 24, 1 / 12, 1 / 6],
-               [1 / 24, -1 / 12, 1 / 6],
-               [0, 0, 1]], np.float64)
-_AT = np.array([[1, 1, 1, 1, 1, 0],
-                [0, 1, -1, 2, -2, 0],
-                [0, 1, 1, 4, 4, 0],
-                [0, 1, -1, 8, -8, 1]], np.float64)
+# Interpolation points of the Toom-Cook construction, in the order they are taken: the standard
+# choice (Lavin & Gray; NNPACK), small integers and halves, whose transforms stay exact in
+# float32. F(m x m, 3 x 3) uses the first m + 1 of them plus the point at infinity.
+_POINTS = (Fraction(0), Fraction(1), Fraction(-1), Fraction(2), Fraction(-2), Fraction(1, 2))
+
+
+def _poly_from_roots(roots: Sequence[Fraction]) -> List[Fraction]:
+  """Coefficients (lowest power first) of prod (x - r)."""
+  coeffs = [Fraction(1)]
+  for r in roots:
+    shifted = [Fraction(0)] + coeffs          # x * p(x)
+    coeffs = [a - r * b for a, b in zip(shifted, coeffs + [Fraction(0)])]
+  return coeffs
+
+
+def toom_cook_matrices(m: int, r: int = 3) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``(B^T, G, A^T)`` of F(m, r), exact rationals rounded once to float64.
+
+  With finite points ``a_0 .. a_{n-2}`` (``n = m + r - 1``) and infinity (Toom-Cook):
+  ``A^T[i, j] = a_j^i`` (the infinity column is ``[i == m-1]``); ``G[j, k] = a_j^k / f_j`` with
+  ``f_j = prod_{l != j} (a_j - a_l)`` (the infinity row is ``[k == r-1]``); row ``j`` of ``B^T``
+  holds the coefficients of ``prod_{l != j} (x - a_l)`` and its last row those of
+  ``prod_l (x - a_l)``. Then for every input ``d`` [n] and filter ``g`` [r],
+  ``A^T ((G g) * (B^T d))`` is the correlation ``y_i = sum_k d_{i+k} g_k``, i < m (the tests
+  check this identity exactly). For m = 4 these are the matrices of Lavin & Gray's paper.
+  """
+  n = m + r - 1
+  if not 1 <= n - 1 <= len(_POINTS):
+    raise ValueError(f"F({m}, {r}) needs {n - 1} finite points; {len(_POINTS)} are defined")
+  pts = _POINTS[:n - 1]
+  at = [[a ** i for a in pts] + [Fraction(int(i == m - 1))] for i in range(m)]
+  g = []
+  for j, a in enumerate(pts):
+    f = Fraction(1)
+    for l, b in enumerate(pts):
+      if l != j:
+        f *= a - b
+    g.append([a ** k / f for k in range(r)])
+  g.append([Fraction(int(k == r - 1)) for k in range(r)])
+  bt = [_poly_from_roots(pts[:j] + pts[j + 1:]) + [Fraction(0)] for j in range(n - 1)]
+  bt.append(_poly_from_roots(pts))
+  as_array = lambda rows: np.array([[float(v) for v in row] for row in rows], np.float64)
+  return as_array(bt), as_array(g), as_array(at)
+
 
 Pads = Tuple[Tuple[int, int], Tuple[int, int]]
 
-TILE = 4  # output pixels per tile side
-_IN_TILE = TILE + 2  # input pixels per tile side
+# Output tile sides used: F(4x4, 3x3) by default, F(5x5, 3x3) where it covers the output with
+# much less overhang (see :func:`choose_tile`).
+TILES = (4, 5)
+# A larger tile must cut the transformed size (positions x tiles, what the matmuls and
+# transforms scale with) by at least this fraction to be chosen. F(5x5) does 49 multiply-adds
+# per 25 outputs against F(4x4)'s 36 per 16, 13% fewer, but its transforms cost more per tile;
+# measured on 2 cores it was no faster at 128x128 or 64x64 (where it saves 10%), and 15% faster
+# at the mask head's 14x14 (15 = 3 x 5 covers 14 where 4x4 tiles need 16: 441 values per
+# channel instead of 576, 23% fewer).
+_MIN_SAVING = 0.15
+
+
+@functools.lru_cache(maxsize=None)
+def _matrices(m: int):
+  """float64 ``(B^T, G (x) G, A^T (x) A^T)`` of F(m x m, 3 x 3)."""
+  bt, g, at = toom_cook_matrices(m)
+  return bt, np.kron(g, g), np.kron(at, at)
+
+
+def tile_counts(out_h: int, out_w: int, tile: int = 4) -> Tuple[int, int]:
+  """Tiles per axis covering an ``out_h`` x ``out_w`` output (the last ones may overhang)."""
+  return -(-out_h // tile), -(-out_w // tile)
+
+
+def transformed_size(out_h: int, out_w: int, tile: int) -> int:
+  """Values per (image, channel) after the input transform: ``(tile + 2)^2`` per tile."""
+  th, tw = tile_counts(out_h, out_w, tile)
+  return (tile + 2) ** 2 * th * tw
+
+
+def choose_tile(out_h: int, out_w: int) -> int:
+  """The output tile side for an ``out_h`` x ``out_w`` output: 4 unless a larger one in
+  :data:`TILES` shrinks the transformed size by at least 15% (14x14 -> 5)."""
+  best = TILES[0]
+  for t in TILES[1:]:
+    if transformed_size(out_h, out_w, t) <= (1 - _MIN_SAVING) * transformed_size(out_h, out_w, best):
+      best = t
+  return best
+
 
 # Below this many tiles per matmul (N * tiles_h * tiles_w), the 36 small matmuls and the
 # transforms cost about as much as XLA's direct convolution or more (measured alone, forward /
@@ -70,11 +142,6 @@ _IN_TILE = TILE + 2  # input pixels per tile side
 # 64-tile case (ResNet layer3 at 512 px, inference) came out slightly slower; it is a rough
 # threshold.
 MIN_TILES = 64
-
-
-def tile_counts(out_h: int, out_w: int) -> Tuple[int, int]:
-  """Tiles per axis covering an ``out_h`` x ``out_w`` output (the last ones may overhang)."""
-  return -(-out_h // TILE), -(-out_w // TILE)
 
 
 def _pads_fit_kernel(pads: Pads) -> bool:
@@ -96,7 +163,7 @@ def is_profitable(x_shape: Sequence[int], kernel_shape: Sequence[int], pads: Pad
   out_h, out_w = _out_size(x_shape, pads)
   if out_h < 1 or out_w < 1:
     return False
-  th, tw = tile_counts(out_h, out_w)
+  th, tw = tile_counts(out_h, out_w, choose_tile(out_h, out_w))
   return x_shape[0] * th * tw >= MIN_TILES
 
 
@@ -114,74 +181,79 @@ def _combine(matrix: np.ndarray, parts):
   return out
 
 
-def input_transform(x: jax.Array, pads: Pads, th: int, tw: int) -> jax.Array:
-  """``B^T d B`` for every tile: x [N, H, W, C] -> [36, N * th * tw, C].
+def input_transform(x: jax.Array, pads: Pads, th: int, tw: int, tile: int = 4) -> jax.Array:
+  """``B^T d B`` for every tile: x [N, H, W, C] -> [(tile+2)^2, N * th * tw, C].
 
   ``x`` is zero-padded by ``pads`` ((top, bottom), (left, right)) and then on the bottom and
   right as far as the last tile needs.
 
-  Row offset ``i`` of every tile is one strided slice ``x[:, i::4]``; the transform along H
-  combines those six, then the same along W. XLA:CPU fuses these slices and adds into a few
+  Row offset ``i`` of every tile is one strided slice ``x[:, i::tile]``; the transform along H
+  combines those, then the same along W. XLA:CPU fuses these slices and adds into a few
   passes over memory (measured 2x faster than gathering 6x6 tiles by reshapes and then
   combining, and than a dense [36, 36] matmul with ``B^T (x) B^T``).
   """
   n, h, w, c = x.shape
+  a = tile + 2  # input tile side
+  bt = _matrices(tile)[0]
   (top, _), (left, _) = pads
-  x = jnp.pad(x, ((0, 0), (top, TILE * th + 2 - h - top), (left, TILE * tw + 2 - w - left),
+  x = jnp.pad(x, ((0, 0), (top, tile * th + 2 - h - top), (left, tile * tw + 2 - w - left),
                   (0, 0)))
-  rows = [jax.lax.slice_in_dim(x, i, i + TILE * (th - 1) + 1, TILE, axis=1)
-          for i in range(_IN_TILE)]  # 6 x [N, th, W', C]
-  rows = jnp.stack(_combine(_BT, rows))  # [6, N, th, W', C]
-  # The column transform on all six row combinations at once: 12 ops instead of 72, which
+  rows = [jax.lax.slice_in_dim(x, i, i + tile * (th - 1) + 1, tile, axis=1)
+          for i in range(a)]  # a x [N, th, W', C]
+  rows = jnp.stack(_combine(bt, rows))  # [a, N, th, W', C]
+  # The column transform on all row combinations at once: 2a ops instead of 2a^2, which
   # keeps the compiled model's op count (and compile time) down at the same speed.
-  cols = [jax.lax.slice_in_dim(rows, j, j + TILE * (tw - 1) + 1, TILE, axis=3)
-          for j in range(_IN_TILE)]  # 6 x [6, N, th, tw, C]
-  v = jnp.stack(_combine(_BT, cols), axis=1)  # [6, 6, N, th, tw, C]
-  return v.reshape(_IN_TILE * _IN_TILE, n * th * tw, c)
+  cols = [jax.lax.slice_in_dim(rows, j, j + tile * (tw - 1) + 1, tile, axis=3)
+          for j in range(a)]  # a x [a, N, th, tw, C]
+  v = jnp.stack(_combine(bt, cols), axis=1)  # [a, a, N, th, tw, C]
+  return v.reshape(a * a, n * th * tw, c)
 
 
-# G (x) G: the kernel transform as one small matmul over the 9 taps (one pass over memory;
+# The kernel transform is one small matmul with G (x) G over the 9 taps (one pass over memory;
 # inside the compiled model this ran 2-5x faster than the same sums as fused elementwise ops).
-_GG = np.kron(_G, _G)  # [36, 9]
 
 
-def kernel_transform(kernel: jax.Array) -> jax.Array:
-  """``G g G^T``: kernel [3, 3, C, O] -> [36, C, O]."""
+def kernel_transform(kernel: jax.Array, tile: int = 4) -> jax.Array:
+  """``G g G^T``: kernel [3, 3, C, O] -> [(tile+2)^2, C, O]."""
+  gg = _matrices(tile)[1]
   c, o = kernel.shape[2], kernel.shape[3]
-  return jnp.dot(jnp.asarray(_GG, kernel.dtype), kernel.reshape(9, c * o)).reshape(36, c, o)
+  return jnp.dot(jnp.asarray(gg, kernel.dtype), kernel.reshape(9, c * o)).reshape(-1, c, o)
 
 
-def _kernel_transform_transpose(du: jax.Array) -> jax.Array:
-  """Transpose of :func:`kernel_transform`: [36, C, O] -> [3, 3, C, O]."""
+def _kernel_transform_transpose(du: jax.Array, tile: int = 4) -> jax.Array:
+  """Transpose of :func:`kernel_transform`: [(tile+2)^2, C, O] -> [3, 3, C, O]."""
+  gg = _matrices(tile)[1]
   c, o = du.shape[1], du.shape[2]
-  return jnp.dot(jnp.asarray(_GG.T, du.dtype), du.reshape(36, c * o)).reshape(3, 3, c, o)
+  return jnp.dot(jnp.asarray(gg.T, du.dtype), du.reshape(-1, c * o)).reshape(3, 3, c, o)
 
 
 # The output transform and its transpose are small dense matmuls with A^T (x) A^T: one pass
 # over the matmul's output, which XLA runs faster than the equivalent chain of fused adds.
-_AA = np.kron(_AT, _AT)  # [16, 36]
 
 
-def output_transform(m: jax.Array, n: int, th: int, tw: int, out_h: int,
-                     out_w: int) -> jax.Array:
-  """``A^T m A`` per tile, tiles stitched and cropped: [36, N*th*tw, O] -> [N, out_h, out_w, O]."""
+def output_transform(m: jax.Array, n: int, th: int, tw: int, out_h: int, out_w: int,
+                     tile: int = 4) -> jax.Array:
+  """``A^T m A`` per tile, tiles stitched and cropped:
+  [(tile+2)^2, N*th*tw, O] -> [N, out_h, out_w, O]."""
+  aa = _matrices(tile)[2]
   o = m.shape[-1]
-  y = jnp.dot(jnp.asarray(_AA, m.dtype), m.reshape(_IN_TILE * _IN_TILE, -1))
-  y = y.reshape(TILE, TILE, n, th, tw, o).transpose(2, 3, 0, 4, 1, 5)
-  return y.reshape(n, TILE * th, TILE * tw, o)[:, :out_h, :out_w]
+  y = jnp.dot(jnp.asarray(aa, m.dtype), m.reshape(aa.shape[1], -1))
+  y = y.reshape(tile, tile, n, th, tw, o).transpose(2, 3, 0, 4, 1, 5)
+  return y.reshape(n, tile * th, tile * tw, o)[:, :out_h, :out_w]
 
 
-def _output_transform_transpose(ct: jax.Array, th: int, tw: int) -> jax.Array:
-  """Transpose of :func:`output_transform`: ct [N, out_h, out_w, O] -> [36, N*th*tw, O]."""
+def _output_transform_transpose(ct: jax.Array, th: int, tw: int, tile: int = 4) -> jax.Array:
+  """Transpose of :func:`output_transform`: ct [N, out_h, out_w, O] -> [(tile+2)^2, N*th*tw, O]."""
+  aa = _matrices(tile)[2]
   n, out_h, out_w, o = ct.shape
-  ct = jnp.pad(ct, ((0, 0), (0, TILE * th - out_h), (0, TILE * tw - out_w), (0, 0)))
-  ct = ct.reshape(n, th, TILE, tw, TILE, o).transpose(2, 4, 0, 1, 3, 5)
-  dm = jnp.dot(jnp.asarray(_AA.T, ct.dtype), ct.reshape(TILE * TILE, -1))
-  return dm.reshape(_IN_TILE * _IN_TILE, n * th * tw, o)
+  ct = jnp.pad(ct, ((0, 0), (0, tile * th - out_h), (0, tile * tw - out_w), (0, 0)))
+  ct = ct.reshape(n, th, tile, tw, tile, o).transpose(2, 4, 0, 1, 3, 5)
+  dm = jnp.dot(jnp.asarray(aa.T, ct.dtype), ct.reshape(tile * tile, -1))
+  return dm.reshape(aa.shape[1], n * th * tw, o)
 
 
 def _batched_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-  """[36, P, K] x [36, K, M] -> [36, P, M]."""
+  """[P, T, K] x [P, K, M] -> [P, T, M] (one matmul per transformed position)."""
   return jax.lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))))
 
 
@@ -192,9 +264,10 @@ def _out_size(x_shape: Sequence[int], pads: Pads) -> Tuple[int, int]:
 
 def _forward(x: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
   out_h, out_w = _out_size(x.shape, pads)
-  th, tw = tile_counts(out_h, out_w)
-  m = _batched_matmul(input_transform(x, pads, th, tw), kernel_transform(kernel))
-  return output_transform(m, x.shape[0], th, tw, out_h, out_w)
+  tile = choose_tile(out_h, out_w)
+  th, tw = tile_counts(out_h, out_w, tile)
+  m = _batched_matmul(input_transform(x, pads, th, tw, tile), kernel_transform(kernel, tile))
+  return output_transform(m, x.shape[0], th, tw, out_h, out_w, tile)
 
 
 def check_pads(pads: Pads) -> Pads:
@@ -244,7 +317,8 @@ def _conv3x3_fwd(x, kernel, pads):
 def _conv3x3_bwd(pads, residuals, ct):
   x, kernel = residuals
   (top, bottom), (left, right) = pads
-  th, tw = tile_counts(ct.shape[1], ct.shape[2])
+  tile = choose_tile(ct.shape[1], ct.shape[2])  # the forward's tiling
+  th, tw = tile_counts(ct.shape[1], ct.shape[2], tile)
   # d/dx: the "full" correlation of ct with the spatially flipped kernel (in/out swapped),
   # cropped to x: padding ct by 2 - p on each side gives exactly x's rows and columns.
   flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
@@ -255,10 +329,10 @@ def _conv3x3_bwd(pads, residuals, ct):
     dx = jax.lax.conv_general_dilated(ct, flipped, (1, 1), back_pads,
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
   # d/dkernel: per transformed position, V^T [C, tiles] x dM [tiles, O]; then G^T . G.
-  v = input_transform(x, pads, th, tw)
-  dm = _output_transform_transpose(ct, th, tw)
-  du = jax.lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))))  # [36, C, O]
-  return dx.astype(x.dtype), _kernel_transform_transpose(du).astype(kernel.dtype)
+  v = input_transform(x, pads, th, tw, tile)
+  dm = _output_transform_transpose(ct, th, tw, tile)
+  du = jax.lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))))  # [(tile+2)^2, C, O]
+  return dx.astype(x.dtype), _kernel_transform_transpose(du, tile).astype(kernel.dtype)
 
 
 _conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)

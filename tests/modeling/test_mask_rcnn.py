@@ -345,10 +345,12 @@ def test_mask_chunks_at_inference_give_the_same_detections(tiny):
   plain = run(0, threshold)
   per_image = np.asarray(plain["valid"]).sum(1)
   assert per_image.sum() > 0 and per_image.min() <= 8, per_image
-  # Chunks 8 + 4, and doubling chunks 2 + 2 + 4 + 4 (cut at 12).
+  # Chunks 8 + 4, and doubling chunks 2 + 2 + 4 + 4 (cut at 12). A chunk's convs see fewer
+  # RoIs than the whole, so some take XLA's convolution instead of Winograd (which needs
+  # winograd.MIN_TILES tiles): the masks agree to float32 rounding of the two algorithms.
   for chunked in (run(8, threshold), run(2, threshold)):
     for k in plain:
-      np.testing.assert_allclose(chunked[k], plain[k], rtol=1e-6, atol=1e-7, err_msg=k)
+      np.testing.assert_allclose(chunked[k], plain[k], rtol=2e-5, atol=1e-6, err_msg=k)
 
 
 def test_mask_chunk_bounds_double_and_cover_every_slot_once():

@@ -53,10 +53,12 @@ def always_winograd(monkeypatch):
   monkeypatch.setattr(winograd, "MIN_TILES", 1)
 
 
-# Sizes that are and are not multiples of the 4x4 output tile, every padding 0..2, N > 1.
+# Sizes that are and are not multiples of the 4x4 output tile, every padding 0..2, N > 1;
+# 14x14 and 9x9 run F(5x5, 3x3) (see choose_tile), the others F(4x4, 3x3).
 _CASES = [
     ((2, 9, 9, 5), 6, ((1, 1), (1, 1))),
-    ((1, 14, 14, 8), 8, ((1, 1), (1, 1))),  # the mask head's 14x14
+    ((1, 14, 14, 8), 8, ((1, 1), (1, 1))),  # the mask head's 14x14: F(5x5)
+    ((2, 13, 9, 3), 4, ((1, 1), (1, 1))),  # 13x9: F(5x5) with overhang on both axes
     ((3, 8, 13, 4), 3, ((0, 0), (0, 0))),
     ((1, 11, 6, 7), 5, ((2, 0), (0, 2))),
     ((2, 3, 3, 2), 4, ((0, 0), (0, 0))),  # one output pixel
@@ -106,20 +108,59 @@ def test_conv3x3_second_call_of_the_vjp_under_vmap(always_winograd):
     _assert_close(got, want, 2e-5)
 
 
-def test_transforms_are_each_others_transposes():
+@pytest.mark.parametrize("tile", winograd.TILES)
+def test_transforms_are_each_others_transposes(tile):
   """<output_transform(m), y> == <m, output_transform^T(y)>, and the same for the kernel."""
   rng = np.random.default_rng(6)
   n, th, tw, o = 2, 3, 2, 5
-  m = jnp.asarray(rng.standard_normal((36, n * th * tw, o)), jnp.float32)
-  y = jnp.asarray(rng.standard_normal((n, 10, 7, o)), jnp.float32)
-  lhs = jnp.sum(winograd.output_transform(m, n, th, tw, 10, 7) * y)
-  rhs = jnp.sum(m * winograd._output_transform_transpose(y, th, tw))
+  p = (tile + 2) ** 2
+  out_h, out_w = tile * th - 2, tile * tw - 1
+  m = jnp.asarray(rng.standard_normal((p, n * th * tw, o)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((n, out_h, out_w, o)), jnp.float32)
+  lhs = jnp.sum(winograd.output_transform(m, n, th, tw, out_h, out_w, tile) * y)
+  rhs = jnp.sum(m * winograd._output_transform_transpose(y, th, tw, tile))
   np.testing.assert_allclose(lhs, rhs, rtol=1e-5)
   g = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
-  u = jnp.asarray(rng.standard_normal((36, 4, 5)), jnp.float32)
-  lhs = jnp.sum(winograd.kernel_transform(g) * u)
-  rhs = jnp.sum(g * winograd._kernel_transform_transpose(u))
+  u = jnp.asarray(rng.standard_normal((p, 4, 5)), jnp.float32)
+  lhs = jnp.sum(winograd.kernel_transform(g, tile) * u)
+  rhs = jnp.sum(g * winograd._kernel_transform_transpose(u, tile))
   np.testing.assert_allclose(lhs, rhs, rtol=1e-5)
+
+
+def test_toom_cook_matrices_m4_are_lavin_and_grays():
+  """F(4, 3) at (0, 1, -1, 2, -2, inf): the matrices printed in Lavin & Gray (2016), eq. 13."""
+  bt, g, at = winograd.toom_cook_matrices(4)
+  np.testing.assert_array_equal(bt, [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0],
+                                     [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
+                                     [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]])
+  np.testing.assert_allclose(g, [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6],
+                                 [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                                 [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], rtol=1e-15)
+  np.testing.assert_array_equal(at, [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0],
+                                     [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]])
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 5])
+def test_toom_cook_matrices_compute_the_correlation(m):
+  """A^T ((G g) * (B^T d)) == correlate(d, g) for every basis d, g: the bilinear form's
+  coefficients, A^T[i, t] G[t, k] B^T[t, j], must be [j == i + k]."""
+  bt, g, at = winograd.toom_cook_matrices(m)
+  n = m + 2
+  assert bt.shape == (n, n) and g.shape == (n, 3) and at.shape == (m, n)
+  coeff = np.einsum("it,tk,tj->ikj", at, g, bt)
+  want = np.zeros((m, 3, n))
+  for i in range(m):
+    for k in range(3):
+      want[i, k, i + k] = 1
+  np.testing.assert_allclose(coeff, want, atol=1e-12)
+
+
+def test_choose_tile():
+  # The mask head's 14x14: 3 tiles of 5 (441 transformed values) beat 4 of 4 (576).
+  assert winograd.choose_tile(14, 14) == 5
+  # Large maps (saving < 15%) and sizes that are multiples of 4 keep F(4x4).
+  for hw in [(128, 128), (64, 64), (32, 32), (16, 16), (28, 28), (200, 304)]:
+    assert winograd.choose_tile(*hw) == 4, hw
 
 
 def test_conv3x3_rejects_bad_inputs():
