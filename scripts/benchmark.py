@@ -8,10 +8,15 @@ Measures, for the full default model (random weights, 91 classes):
     P6 is ``ceil(P5 / 2)`` = 13 rows either way. Padding to 832 rows, a multiple of 64, cost 4%
     more compute and fed the network 32 rows of normalised black pixels that torchvision, which
     pads after normalising, never sees).
-JAX compile times are reported separately; timed runs are the median of ``--repeats`` after
-one warm-up call, JAX and torchvision taking turns (a, b, a, b, ...) so that the machine's
-speed drifting during the run moves both alike. torchvision runs with ``torch.set_num_threads(--threads)``; XLA's CPU client
-uses every core of the machine (2 here), so both see the same cores.
+JAX compile times are reported separately. Each timed figure is the median of ``--repeats``
+runs after one warm-up call, with a 1 s pause before each run. By default (``--rounds 3``)
+each framework runs in a fresh process of its own, JAX and torchvision processes taking turns
+for three rounds; the table gives the median over rounds and the "paired" ratio, the median
+of the per-round ratios, which drifting machine speed moves least. Sharing one process made
+each framework change the other's speed by up to 25% (see ``_isolated``); ``--rounds 0``
+still measures that way, runs alternating. torchvision runs with
+``torch.set_num_threads(--threads)``; XLA's CPU client uses every core of the machine (2
+here), so both see the same cores.
 
 The torchvision reference is ``maskrcnn_resnet50_fpn`` built in the configuration our default
 config mirrors: FrozenBatchNorm2d and ``trainable_backbone_layers=3`` (the builder switches to
@@ -20,7 +25,8 @@ step is timed too, as "builder default", for reference).
 
 Usage::
 
-  python scripts/benchmark.py                      # everything, ~10 minutes on 2 CPU cores
+  python scripts/benchmark.py                      # everything, ~12 minutes on 2 CPU cores
+  python scripts/benchmark.py --skip_train --rounds 1 --repeats 2   # inference only, ~2 min
   python scripts/benchmark.py --skip_torch --repeats 2
 """
 
@@ -31,7 +37,11 @@ from torchvision.models.detection import backbone_utils
 from torchvision.models.detection import mask_rcnn as tv_mask_rcnn
 from torchvision.ops import misc as tv_misc
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 from absl import app
@@ -49,7 +59,13 @@ _THREADS = flags.DEFINE_integer("threads", 2, "torch.set_num_threads")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "time the JAX model only")
 _SKIP_TRAIN = flags.DEFINE_bool("skip_train", False, "skip the train-step measurements")
 _DTYPE = flags.DEFINE_string("compute_dtype", "float32", "JAX activation dtype")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 3, "> 0: each framework runs in its own fresh process, JAX and torchvision "
+    "processes taking turns for this many rounds (see _isolated); 0: both in this process")
+_ONLY = flags.DEFINE_enum("only", None, ["jax", "torch"],
+                          "internal: measure one framework and print its rows as JSON")
 _NUM_OBJECTS = 4
+_PAUSE_S = 1.0  # between timed runs, see _median_times
 
 
 class _Clock:
@@ -79,6 +95,11 @@ def _median_times(fns, repeats):
   walls, cpus = [[] for _ in fns], [[] for _ in fns]
   for _ in range(repeats):
     for i, fn in enumerate(fns):
+      # Idle worker threads of the framework that just ran spin for a while before they sleep
+      # (OpenMP's wait policy; XLA's thread pool): started at once, the next run would share
+      # the two cores with them (measured: our train step 5.2 s right after torchvision's,
+      # 3.7-4.0 s on its own).
+      time.sleep(_PAUSE_S)
       with _Clock() as c:
         fn()
       walls[i].append(c.wall)
@@ -166,7 +187,7 @@ def jax_train(rows):
 
   rows["train_compile"] = (compile_clock.wall, compile_clock.cpu)
   rows["init"] = (init_clock.wall, init_clock.cpu)
-  _, metrics = compiled(holder[0], batch)
+  holder[0], metrics = compiled(holder[0], batch)  # the state is donated: keep the new one
   print("JAX train metrics:", {k: round(float(v), 4) for k, v in metrics.items()})
   return run
 
@@ -227,15 +248,91 @@ def torch_infer(rows, key, height, width):
   return run
 
 
+def _measure_one(framework, repeats):
+  """All measurements of one framework in this process: {key: (wall s, CPU s) or value}."""
+  rows = {}
+  if framework == "jax":
+    if not _SKIP_TRAIN.value:
+      run = jax_train(rows)
+      rows["train"] = _median_times([run], repeats)[0][0]
+      rows["train_vs_builder_default"] = rows["train"]
+    for key, h, w in (("infer_512", 512, 512), ("infer_800", 800, 1216)):
+      rows[key] = _median_times([jax_infer(rows, key, h, w, h, w)], repeats)[0][0]
+  else:
+    if not _SKIP_TRAIN.value:
+      rows["train"] = _median_times([torch_train(matched=True)], repeats)[0][0]
+      rows["train_builder_default"] = _median_times([torch_train(matched=False)], repeats)[0][0]
+    for key, h, w in (("infer_512", 512, 512), ("infer_800", 800, 1216)):
+      rows[key] = _median_times([torch_infer(rows, key, h, w)], repeats)[0][0]
+  return rows
+
+
+def _isolated(rounds, repeats):
+  """Each framework in a fresh process of its own, JAX and torchvision taking turns.
+
+  Why: in one process the two share glibc's allocator and the cores' idle-spinning worker
+  threads, and each changes the other's speed. torchvision's inference, 2.0-2.1 s at 512x512
+  in a process of its own (the issue's figure), took 1.8-1.9 s right after our runs (our
+  large buffers raise glibc's dynamic mmap threshold, sparing torch's page faults) and
+  2.2-2.6 s after its own train steps; our train step took 5.2 s right after torchvision's
+  instead of 3.7-4.0 s. Separate processes measure each as a user would run it.
+
+  Returns ({key: median over rounds}, {key: median over rounds}, {key: median of the
+  per-round ratios JAX / torchvision}) for the JAX rows, torchvision rows and the ratios.
+  """
+  per_round = {"jax": [], "torch": []}
+  for r in range(rounds):
+    for framework in ("jax", "torch"):
+      if framework == "torch" and _SKIP_TORCH.value:
+        continue
+      cmd = [sys.executable, os.path.abspath(__file__), f"--only={framework}",
+             f"--repeats={repeats}", f"--threads={_THREADS.value}",
+             f"--compute_dtype={_DTYPE.value}", f"--skip_train={_SKIP_TRAIN.value}"]
+      proc = subprocess.run(cmd, capture_output=True, text=True)
+      if proc.returncode != 0 or _RESULT_TAG not in proc.stdout:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+      out = proc.stdout
+      rows = json.loads(out.split(_RESULT_TAG, 1)[1])
+      per_round[framework].append(rows)
+      print(f"round {r + 1}/{rounds} {framework}:", rows, flush=True)
+  median = lambda rs, k: tuple(statistics.median(r[k][i] for r in rs) for i in (0, 1))
+  jx = {k: median(per_round["jax"], k) if isinstance(v, list) else v
+        for k, v in per_round["jax"][0].items()}
+  tv = {k: median(per_round["torch"], k) if isinstance(v, list) else v
+        for k, v in (per_round["torch"][0].items() if per_round["torch"] else [])}
+  paired = {}
+  for tk, jk in (("train", "train"), ("train_builder_default", "train_vs_builder_default"),
+                 ("infer_512", "infer_512"), ("infer_800", "infer_800")):
+    if tk in tv and jk in jx:
+      paired[tk] = statistics.median(a[jk][0] / b[tk][0]
+                                     for a, b in zip(per_round["jax"], per_round["torch"]))
+  return jx, tv, paired
+
+
+_RESULT_TAG = "BENCHMARK_ROWS_JSON:"
+
+
 def main(argv):
   del argv
   torch.set_num_threads(_THREADS.value)
   repeats = _REPEATS.value
+  if _ONLY.value:
+    print(_RESULT_TAG + json.dumps(_measure_one(_ONLY.value, repeats)), flush=True)
+    return
   jx, tv, paired = {}, {}, {}
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
         f"torch {torch.__version__} threads {torch.get_num_threads()}; "
         f"compute dtype {_DTYPE.value}", flush=True)
   skip_torch = _SKIP_TORCH.value
+  if _ROUNDS.value > 0:
+    jx, tv, paired = _isolated(_ROUNDS.value, repeats)
+  else:
+    _in_process(jx, tv, paired, repeats, skip_torch)
+  _print_table(jx, tv, paired)
+
+
+def _in_process(jx, tv, paired, repeats, skip_torch):
+  """Both frameworks in this process, taking turns run by run (``--rounds 0``)."""
 
   def measure(key, jax_run, torch_run=None, torch_key=None):
     """Times the JAX and torchvision runs in turns (see ``_median_times``)."""
@@ -244,8 +341,7 @@ def main(argv):
     jx[key] = times[0]
     if torch_run is not None:
       tv[torch_key or key] = times[1]
-      # Each JAX run over the torchvision run right after it; the median of these is the
-      # figure least moved by drifting machine speed.
+      # Each JAX run over the torchvision run right after it.
       paired[torch_key or key] = statistics.median(a / b for a, b in zip(*walls))
     print(key, "JAX:", jx[key], "torchvision:", tv.get(torch_key or key), flush=True)
 
@@ -263,6 +359,8 @@ def main(argv):
   print("JAX:", jx, flush=True)
   print("torchvision:", tv, flush=True)
 
+
+def _print_table(jx, tv, paired):
   lines = ["| measurement | JAX wall s | torchvision wall s | wall ratio | paired wall ratio | "
            "JAX CPU s | torchvision CPU s | CPU ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
   names = {"train": "train step, batch 2, 512x512",

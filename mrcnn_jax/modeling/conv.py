@@ -10,7 +10,8 @@ On other platforms (GPU, TPU) the backend's own kernel gradient is used.
 
 Two more CPU speed-ups live in :func:`conv2d`: unpadded 1x1 convolutions are one matmul
 (:func:`conv1x1`, on every platform), and large float32 3x3 stride-1 convolutions run as
-Winograd F(4x4, 3x3) (:mod:`mrcnn_jax.modeling.winograd`), forward and gradients.
+Winograd F(4x4, 3x3) or F(5x5, 3x3) (:mod:`mrcnn_jax.modeling.winograd`), forward and
+gradients.
 
 :class:`Conv` is a drop-in for the ``flax.linen.Conv`` uses in this package (2-D, NHWC, no
 dilation or groups): same parameter names (``kernel`` [kh, kw, in, out] HWIO, ``bias`` [out]),
