@@ -362,7 +362,8 @@ def _in_process(jx, tv, paired, repeats, skip_torch):
 
 def _print_table(jx, tv, paired):
   lines = ["| measurement | JAX wall s | torchvision wall s | wall ratio | paired wall ratio | "
-           "JAX CPU s | torchvision CPU s | CPU ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "JAX CPU s | torchvision CPU s | CPU ratio |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
   names = {"train": "train step, batch 2, 512x512",
            "infer_512": "inference, batch 1, 512x512",
            "infer_800": "inference, batch 1, 800x1216"}

@@ -72,7 +72,7 @@ def toom_cook_matrices(m: int, r: int = 3) -> Tuple[np.ndarray, np.ndarray, np.n
   holds the coefficients of ``prod_{l != j} (x - a_l)`` and its last row those of
   ``prod_l (x - a_l)``. Then for every input ``d`` [n] and filter ``g`` [r],
   ``A^T ((G g) * (B^T d))`` is the correlation ``y_i = sum_k d_{i+k} g_k``, i < m (the tests
-  check this identity exactly). For m = 4 these are the matrices of Lavin & Gray's paper.
+  check this identity). For m = 4 these are the matrices of Lavin & Gray's paper.
   """
   n = m + r - 1
   if not 1 <= n - 1 <= len(_POINTS):
@@ -130,7 +130,8 @@ def choose_tile(out_h: int, out_w: int) -> int:
   :data:`TILES` shrinks the transformed size by at least 15% (14x14 -> 5)."""
   best = TILES[0]
   for t in TILES[1:]:
-    if transformed_size(out_h, out_w, t) <= (1 - _MIN_SAVING) * transformed_size(out_h, out_w, best):
+    size, best_size = transformed_size(out_h, out_w, t), transformed_size(out_h, out_w, best)
+    if size <= (1 - _MIN_SAVING) * best_size:
       best = t
   return best
 
