@@ -20,6 +20,7 @@ from mrcnn_jax import modeling
 from mrcnn_jax.modeling import roi_heads as roi_lib
 from mrcnn_jax.modeling import rpn as rpn_lib
 from mrcnn_jax.ops import anchors as anchor_ops
+from mrcnn_jax.ops import boxes as box_ops
 from tests.convert import torch_models as tm
 
 _TOL = 1e-4
@@ -75,8 +76,18 @@ def test_proposals(stage):
                        jnp.asarray(rpn_lib.concat_anchors(per_level)),
                        jnp.asarray([_H, _W], jnp.int32))
   ref = stage["proposals"]
-  assert int(valid.sum()) == len(ref) > 50
-  assert tm.rel_err(np.asarray(boxes)[: len(ref)], ref) < _TOL
+  ours = np.asarray(boxes)[np.asarray(valid)]
+  assert len(ref) > 50
+  # The same boxes in the same order, except NMS ties: a box whose IoU with a better box is the
+  # threshold to float32 rounding (0.6999999 here, 0.7000000 in torch) may be kept on one side
+  # only. Seen on one CPU and not another: the decoded boxes differ in the last bit.
+  same = np.abs(ours[:, None, :] - ref[None, :, :]).max(-1) < 1e-3
+  for side, kept_by_other in ((ours, same.any(1)), (ref, same.any(0))):
+    iou = np.asarray(box_ops.box_iou(jnp.asarray(side), jnp.asarray(side)))
+    for i in np.flatnonzero(~kept_by_other):
+      assert i > 0 and abs(iou[i, :i].max() - r.nms_threshold) < 1e-5, (i, iou[i, :i].max())
+  assert (~same.any(1)).sum() + (~same.any(0)).sum() <= 2
+  assert tm.rel_err(ours[same.any(1)], ref[same.any(0)]) < _TOL
 
 
 def test_box_head_logits_and_deltas_on_same_rois(stage, v1_model):
