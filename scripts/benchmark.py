@@ -271,11 +271,11 @@ def _isolated(rounds, repeats):
   """Each framework in a fresh process of its own, JAX and torchvision taking turns.
 
   Why: in one process the two share glibc's allocator and the cores' idle-spinning worker
-  threads, and each changes the other's speed. torchvision's inference, 2.0-2.1 s at 512x512
-  in a process of its own (the issue's figure), took 1.8-1.9 s right after our runs (our
-  large buffers raise glibc's dynamic mmap threshold, sparing torch's page faults) and
-  2.2-2.6 s after its own train steps; our train step took 5.2 s right after torchvision's
-  instead of 3.7-4.0 s. Separate processes measure each as a user would run it.
+  threads, and each changes the other's speed. torchvision's inference at 512x512, 2.1 s in a
+  fresh process of its own, took between 1.7 and 2.6 s in one process with ours, depending on
+  what ran before it (through glibc's dynamic mmap threshold: each fresh page is a page
+  fault); our train step took 5.2 s right after torchvision's instead of 3.7-4.0 s (see
+  docs/benchmarks.md). Separate processes measure each as a user would run it.
 
   Returns ({key: median over rounds}, {key: median over rounds}, {key: median of the
   per-round ratios JAX / torchvision}) for the JAX rows, torchvision rows and the ratios.
