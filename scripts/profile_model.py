@@ -1,0 +1,215 @@
+r"""Where the time of the compiled model goes on this machine, per module, in milliseconds.
+
+Runs the jitted ``predict`` (or the train step, ``--mode train``) of the default R50-FPN config
+several times under ``jax.profiler.trace``, reads each XLA operation's time from the trace,
+keeps per operation the *minimum over the runs* (on a shared machine other tenants inflate
+whole runs at random; the per-operation minimum is far steadier than any run's wall time), and
+adds the operations up per model module, which XLA keeps in each operation's ``op_name``
+metadata (the Flax module path, e.g. ``backbone/layer3/2/conv2``). This is how the speed work
+in docs/benchmarks.md found what to change.
+
+Usage::
+
+  python scripts/profile_model.py                                  # predict, 512x512, 5 runs
+  python scripts/profile_model.py --height 800 --width 1216 --depth 3 --top 30
+  python scripts/profile_model.py --mode train --batch 2
+"""
+
+# torch is not needed here; importing TensorFlow is not either (no input pipeline).
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+from typing import Callable, Dict, Sequence, Tuple
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_MODE = flags.DEFINE_enum("mode", "predict", ["predict", "train"], "what to profile")
+_HEIGHT = flags.DEFINE_integer("height", 512, "image height (a multiple of 32)")
+_WIDTH = flags.DEFINE_integer("width", 512, "image width (a multiple of 32)")
+_BATCH = flags.DEFINE_integer("batch", 1, "images per call")
+_RUNS = flags.DEFINE_integer("runs", 5, "profiled runs (per-operation minimum over them)")
+_DEPTH = flags.DEFINE_integer("depth", 2, "module path components per row")
+_TOP = flags.DEFINE_integer("top", 15, "slowest single operations to list")
+
+_RUN_MARKER = "profile_model_run"
+# Operations that only contain others (their time is their children's): not counted.
+_CONTAINERS = ("conditional", "while", "call", "async-start", "async-done")
+
+
+def hlo_operations(hlo_text: str) -> Dict[str, Tuple[str, str]]:
+  """``{instruction name: (opcode, op_name metadata)}`` from compiled HLO text."""
+  ops = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?([a-z][a-z0-9\-]*)\(", line)
+    if not m:
+      continue
+    meta = re.search(r'op_name="([^"]*)"', line)
+    ops[m.group(1)] = (m.group(2), meta.group(1) if meta else "")
+  return ops
+
+
+def module_of(op_name: str, depth: int) -> str:
+  """The first ``depth`` components of the module path in an ``op_name``.
+
+  ``jit(<lambda>)/MaskRCNN.predict/MaskRCNN._box_branch/cond/branch_0_fun/box_head/fc6/
+  dot_general`` -> ``_box_branch/_head`` at depth 2. Dropped: the primitive at the end, the
+  outer ``jit(...)``, the traced method (``predict``), class prefixes and control-flow parts
+  (``cond``, ``branch_k_fun``, ``while``, ``body``, ``closed_call``); a named ``jit(f)`` or
+  ``vmap(f)`` counts as ``f`` (``vmap(jit(_batched_nms_jit))`` -> ``_batched_nms_jit``).
+  """
+  components = op_name.split("/")[:-1]
+  if components and components[0].startswith(("jit(", "pjit(")):
+    components = components[1:]  # the jitted function
+  parts = []
+  for p in components:
+    while True:
+      m = re.fullmatch(r"(?:jit|vmap|pjit|jvp|transpose|checkpoint|remat)\((.*)\)", p)
+      if not m:
+        break
+      p = m.group(1)
+    if p in ("", "<lambda>", "main", "cond", "while", "body", "closed_call"):
+      continue
+    if re.fullmatch(r"branch_\d+_fun", p):
+      continue
+    parts.append(re.sub(r"^[A-Z]\w*\.", "", p))  # "MaskRCNN._pool" -> "_pool"
+  parts = parts[1:]  # the traced method itself (predict, losses, ...)
+  return "/".join(parts[:depth]) or "(top level)"
+
+
+def per_operation_minimum(trace_events: Sequence[dict], runs: int) -> Dict[str, float]:
+  """Per trace event name, the minimum over the marked runs of its total time (microseconds)."""
+  spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace_events
+                 if e.get("ph") == "X" and str(e.get("name", "")).startswith(_RUN_MARKER))
+  if len(spans) != runs:
+    raise RuntimeError(f"found {len(spans)} marked runs in the trace, expected {runs}")
+  totals = collections.defaultdict(lambda: [0.0] * runs)
+  for e in trace_events:
+    if e.get("ph") != "X" or "dur" not in e:
+      continue
+    for i, (start, stop) in enumerate(spans):
+      if start <= e["ts"] <= stop:
+        totals[e["name"]][i] += e["dur"]
+        break
+  return {name: min(v) for name, v in totals.items()}
+
+
+def profile(fn: Callable[[], object], runs: int) -> Dict[str, float]:
+  """Runs ``fn`` (which must block until done) ``runs`` times under the profiler.
+
+  Returns per trace event name the minimum over the runs of its time, in microseconds.
+  """
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for i in range(runs):
+        with jax.profiler.TraceAnnotation(f"{_RUN_MARKER}{i}"):
+          fn()
+    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    if not files:
+      raise RuntimeError(f"the profiler wrote no perfetto trace under {trace_dir}")
+    with gzip.open(files[0]) as f:
+      trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  return per_operation_minimum(events, runs)
+
+
+def by_module(times: Dict[str, float], operations: Dict[str, Tuple[str, str]],
+              depth: int) -> collections.Counter:
+  """Milliseconds per module: the XLA operations' times added up by :func:`module_of`."""
+  out = collections.Counter()
+  for name, us in times.items():
+    op = operations.get(name)
+    if op is None or op[0] in _CONTAINERS:
+      continue
+    out[module_of(op[1], depth)] += us / 1e3
+  return out
+
+
+def _model_call(mode: str, height: int, width: int, batch: int):
+  """(jitted function, its arguments, a runner that blocks) for the default config."""
+  from mrcnn_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax import modeling  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax import training  # pylint: disable=g-import-not-at-top
+
+  config = config_lib.get_base_config()
+  config.data.image_size = (height, width)
+  config.train.batch_size = batch
+  model = modeling.MaskRCNN(config.model)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (batch, height, width, 3)).astype(np.uint8)
+  if mode == "predict":
+    variables = jax.jit(lambda k: modeling.init_variables(model, k, (height, width)))(
+        jax.random.PRNGKey(0))
+    valid_size = jnp.tile(jnp.asarray([[height, width]], jnp.int32), (batch, 1))
+    fn = jax.jit(lambda v, im, vs: model.apply(v, im, vs, method=type(model).predict))
+    args = [variables, jax.device_put(images), valid_size]
+    return fn, args, lambda compiled: jax.block_until_ready(compiled(*args))
+  mesh = training.make_mesh(jax.devices()[:1])
+  state = training.create_train_state(config, model, jax.random.PRNGKey(0), mesh)
+  g = config.data.max_instances
+  boxes = np.zeros((batch, g, 4), np.float32)
+  boxes[:, 0] = (16, 16, width // 2, height // 2)
+  valid = np.zeros((batch, g), bool)
+  valid[:, 0] = True
+  batch_dict = training.shard_batch(dict(
+      image=images, gt_boxes=boxes, gt_classes=valid.astype(np.int32), gt_valid=valid,
+      gt_masks=np.ones((batch, g, config.data.mask_size, config.data.mask_size), np.uint8),
+      valid_size=np.tile([height, width], (batch, 1)).astype(np.int32),
+      example_valid=np.ones((batch,), bool)), mesh)
+  fn = training.make_train_step(config, model, mesh, state)
+  holder = [state]
+
+  def run(compiled):
+    holder[0], metrics = compiled(holder[0], batch_dict)
+    jax.block_until_ready(metrics)
+
+  return fn, [holder[0], batch_dict], run
+
+
+def main(argv):
+  del argv
+  fn, args, run = _model_call(_MODE.value, _HEIGHT.value, _WIDTH.value, _BATCH.value)
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  print(f"compiled in {time.perf_counter() - start:.1f} s")
+  operations = hlo_operations(compiled.as_text())
+  run(compiled)  # warm-up
+  walls = []
+  for _ in range(3):
+    start = time.perf_counter()
+    run(compiled)
+    walls.append(time.perf_counter() - start)
+  print(f"wall s, 3 runs without the profiler: {[round(w, 3) for w in walls]}")
+  times = profile(lambda: run(compiled), _RUNS.value)
+  modules = by_module(times, operations, _DEPTH.value)
+  print(f"\n{_MODE.value} {_BATCH.value}x{_HEIGHT.value}x{_WIDTH.value}: per module, "
+        f"the sum of its operations' minimum time over {_RUNS.value} profiled runs")
+  print("| module | ms |\n|---|---:|")
+  small = 0.0
+  for name, ms in modules.most_common():
+    if ms < 1.0:
+      small += ms
+    else:
+      print(f"| {name} | {ms:.1f} |")
+  print(f"| (the rest, each < 1 ms) | {small:.1f} |")
+  print(f"| total | {sum(modules.values()):.1f} |")
+  print(f"\nslowest {_TOP.value} operations (ms, opcode, module path):")
+  leaves = {n: t for n, t in times.items()
+            if n in operations and operations[n][0] not in _CONTAINERS}
+  for name, us in sorted(leaves.items(), key=lambda kv: -kv[1])[:_TOP.value]:
+    opcode, op_name = operations[name]
+    print(f"{us / 1e3:8.1f}  {name} ({opcode})  {module_of(op_name, 99)}")
+
+
+if __name__ == "__main__":
+  app.run(main)
