@@ -15,7 +15,6 @@ Usage::
   python scripts/profile_model.py --mode train --batch 2
 """
 
-# torch is not needed here; importing TensorFlow is not either (no input pipeline).
 from __future__ import annotations
 
 import collections
@@ -33,6 +32,8 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import _synthetic  # scripts/_synthetic.py
 
 _MODE = flags.DEFINE_enum("mode", "predict", ["predict", "train"], "what to profile")
 _HEIGHT = flags.DEFINE_integer("height", 512, "image height (a multiple of 32)")
@@ -136,44 +137,32 @@ def by_module(times: Dict[str, float], operations: Dict[str, Tuple[str, str]],
 
 
 def _model_call(mode: str, height: int, width: int, batch: int):
-  """(jitted function, its arguments, a runner that blocks) for the default config."""
-  from mrcnn_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  """(jitted function, its arguments, a runner that blocks) for the default config, on the
+  synthetic inputs of scripts/benchmark.py."""
   from mrcnn_jax import modeling  # pylint: disable=g-import-not-at-top
   from mrcnn_jax import training  # pylint: disable=g-import-not-at-top
 
-  config = config_lib.get_base_config()
-  config.data.image_size = (height, width)
-  config.train.batch_size = batch
+  config = _synthetic.model_config(height, width, batch)
   model = modeling.MaskRCNN(config.model)
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (batch, height, width, 3)).astype(np.uint8)
+  host_batch = _synthetic.train_batch(np.random.default_rng(0), batch, height, width,
+                                      config.data.max_instances, config.data.mask_size)
   if mode == "predict":
     variables = jax.jit(lambda k: modeling.init_variables(model, k, (height, width)))(
         jax.random.PRNGKey(0))
-    valid_size = jnp.tile(jnp.asarray([[height, width]], jnp.int32), (batch, 1))
     fn = jax.jit(lambda v, im, vs: model.apply(v, im, vs, method=type(model).predict))
-    args = [variables, jax.device_put(images), valid_size]
+    args = [variables, jax.device_put(host_batch["image"]), jnp.asarray(host_batch["valid_size"])]
     return fn, args, lambda compiled: jax.block_until_ready(compiled(*args))
   mesh = training.make_mesh(jax.devices()[:1])
   state = training.create_train_state(config, model, jax.random.PRNGKey(0), mesh)
-  g = config.data.max_instances
-  boxes = np.zeros((batch, g, 4), np.float32)
-  boxes[:, 0] = (16, 16, width // 2, height // 2)
-  valid = np.zeros((batch, g), bool)
-  valid[:, 0] = True
-  batch_dict = training.shard_batch(dict(
-      image=images, gt_boxes=boxes, gt_classes=valid.astype(np.int32), gt_valid=valid,
-      gt_masks=np.ones((batch, g, config.data.mask_size, config.data.mask_size), np.uint8),
-      valid_size=np.tile([height, width], (batch, 1)).astype(np.int32),
-      example_valid=np.ones((batch,), bool)), mesh)
+  device_batch = training.shard_batch(host_batch, mesh)
   fn = training.make_train_step(config, model, mesh, state)
   holder = [state]
 
   def run(compiled):
-    holder[0], metrics = compiled(holder[0], batch_dict)
+    holder[0], metrics = compiled(holder[0], device_batch)
     jax.block_until_ready(metrics)
 
-  return fn, [holder[0], batch_dict], run
+  return fn, [holder[0], device_batch], run
 
 
 def main(argv):

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The script imports its sibling scripts/_synthetic.py, as when it is run from a shell.
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 _spec = importlib.util.spec_from_file_location(
     "profile_model", os.path.join(ROOT, "scripts", "profile_model.py"))
 profile_model = importlib.util.module_from_spec(_spec)
