@@ -171,12 +171,22 @@ def jax_train(rows):
   return run
 
 
-def jax_infer(rows, key, height, width, padded_height, padded_width):
-  """Compiles ``predict`` (compile time in ``rows``); returns a function running it once."""
+def jax_infer(rows, key, height, width, padded_height, padded_width, prepare=True):
+  """Compiles ``predict`` (compile time in ``rows``); returns a function running it once.
+
+  With ``prepare`` (the library's inference path, ``inference.Predictor``), the variables
+  first go through ``modeling.prepare_inference`` (Winograd kernel transforms computed once;
+  its time is in ``rows[key + '_prepare']``).
+  """
   config = _jax_config(padded_height, padded_width, 1)
   model = modeling.MaskRCNN(config.model)
   variables = jax.jit(lambda k: modeling.init_variables(model, k, (padded_height, padded_width)))(
       jax.random.PRNGKey(0))
+  if prepare:
+    with _Clock() as c:
+      variables = jax.block_until_ready(
+          modeling.prepare_inference(model, variables, (padded_height, padded_width)))
+    rows[key + "_prepare"] = (c.wall, c.cpu)
   image = np.zeros((1, padded_height, padded_width, 3), np.uint8)
   image[:, :height, :width] = np.random.default_rng(1).integers(0, 256, (1, height, width, 3))
   valid_size = jnp.asarray([[height, width]], jnp.int32)
@@ -234,8 +244,12 @@ def _measure_one(framework, repeats):
     if not _SKIP_TRAIN.value:
       run = jax_train(rows)
       rows["train"] = _median_times([run], repeats)[0][0]
-    for key, h, w in (("infer_512", 512, 512), ("infer_800", 800, 1216)):
-      rows[key] = _median_times([jax_infer(rows, key, h, w, h, w)], repeats)[0][0]
+    # At 512x512 also without prepare_inference, the two taking turns.
+    (rows["infer_512"], rows["infer_512_plain"]), _ = _median_times(
+        [jax_infer(rows, "infer_512", 512, 512, 512, 512),
+         jax_infer(rows, "infer_512_plain", 512, 512, 512, 512, prepare=False)], repeats)
+    rows["infer_800"] = _median_times([jax_infer(rows, "infer_800", 800, 1216, 800, 1216)],
+                                      repeats)[0][0]
   else:
     if not _SKIP_TRAIN.value:
       rows["train"] = _median_times([torch_train(matched=True)], repeats)[0][0]
@@ -279,11 +293,12 @@ def _isolated(rounds, repeats):
   tv = {k: median(per_round["torch"], k) if isinstance(v, list) else v
         for k, v in (per_round["torch"][0].items() if per_round["torch"] else [])}
   paired = {}
-  for tk, jk in (("train", "train"), ("train_builder_default", "train"),
-                 ("infer_512", "infer_512"), ("infer_800", "infer_800")):
+  for key, tk, jk in (("train", "train", "train"), ("train_builder_default",) * 2 + ("train",),
+                      ("infer_512",) * 3, ("infer_800",) * 3,
+                      ("infer_512_plain", "infer_512", "infer_512_plain")):
     if tk in tv and jk in jx:
-      paired[tk] = statistics.median(a[jk][0] / b[tk][0]
-                                     for a, b in zip(per_round["jax"], per_round["torch"]))
+      paired[key] = statistics.median(a[jk][0] / b[tk][0]
+                                      for a, b in zip(per_round["jax"], per_round["torch"]))
   return jx, tv, paired
 
 
@@ -334,6 +349,7 @@ def _in_process(jx, tv, paired, repeats, skip_torch):
   for key, h, w in (("infer_512", 512, 512), ("infer_800", 800, 1216)):
     jax_run = jax_infer(jx, key, h, w, h, w)
     measure(key, jax_run, None if skip_torch else torch_infer(tv, key, h, w))
+  measure("infer_512_plain", jax_infer(jx, "infer_512_plain", 512, 512, 512, 512, prepare=False))
   print("JAX:", jx, flush=True)
   print("torchvision:", tv, flush=True)
 
@@ -345,23 +361,27 @@ def _print_table(jx, tv, paired):
   names = {"train": "train step, batch 2, 512x512",
            "infer_512": "inference, batch 1, 512x512",
            "infer_800": "inference, batch 1, 800x1216"}
+  plain = "inference, batch 1, 512x512, variables without prepare_inference"
   fmt = lambda d, k, i: f"{d[k][i]:.2f}" if k in d else "-"
   ratio = lambda jk, tk, i: f"{jx[jk][i] / tv[tk][i]:.2f}" if jk in jx and tk in tv else "-"
   pair = lambda tk: f"{paired[tk]:.2f}" if tk in paired else "-"
 
-  def row(label, jk, tk):
+  def row(label, jk, tk, pk=None):
     lines.append(f"| {label} | {fmt(jx, jk, 0)} | {fmt(tv, tk, 0)} | {ratio(jk, tk, 0)} | "
-                 f"{pair(tk)} | {fmt(jx, jk, 1)} | {fmt(tv, tk, 1)} | {ratio(jk, tk, 1)} |")
+                 f"{pair(pk or tk)} | {fmt(jx, jk, 1)} | {fmt(tv, tk, 1)} | {ratio(jk, tk, 1)} |")
 
   for k, label in names.items():
     if k in jx:
       row(label, k, k)
+  if "infer_512_plain" in jx:
+    row(plain, "infer_512_plain", "infer_512", "infer_512_plain")
   if "train_builder_default" in tv:
     # In one process (--rounds 0) our step was timed again beside that variant.
     jk = "train_vs_builder_default" if "train_vs_builder_default" in jx else "train"
     row("train step vs torchvision builder default (BatchNorm2d, all layers trainable)",
         jk, "train_builder_default")
-  for k in ("train_compile", "infer_512_compile", "infer_800_compile", "init"):
+  for k in ("train_compile", "infer_512_compile", "infer_800_compile", "infer_512_prepare",
+            "infer_800_prepare", "init"):
     if k in jx:
       lines.append(f"| JAX {k.replace('_', ' ')} | {fmt(jx, k, 0)} | - | - | - | {fmt(jx, k, 1)} "
                    "| - | - |")

@@ -42,6 +42,8 @@ _BATCH = flags.DEFINE_integer("batch", 1, "images per call")
 _RUNS = flags.DEFINE_integer("runs", 5, "profiled runs (per-operation minimum over them)")
 _DEPTH = flags.DEFINE_integer("depth", 2, "module path components per row")
 _TOP = flags.DEFINE_integer("top", 15, "slowest single operations to list")
+_PREPARE = flags.DEFINE_bool("prepare", True, "predict: variables through "
+                             "modeling.prepare_inference, as inference.Predictor does")
 
 _RUN_MARKER = "profile_model_run"
 # Operations that only contain others (their time is their children's): not counted.
@@ -136,7 +138,7 @@ def by_module(times: Dict[str, float], operations: Dict[str, Tuple[str, str]],
   return out
 
 
-def _model_call(mode: str, height: int, width: int, batch: int):
+def _model_call(mode: str, height: int, width: int, batch: int, prepare: bool = True):
   """(jitted function, its arguments, a runner that blocks) for the default config, on the
   synthetic inputs of scripts/benchmark.py."""
   from mrcnn_jax import modeling  # pylint: disable=g-import-not-at-top
@@ -149,6 +151,8 @@ def _model_call(mode: str, height: int, width: int, batch: int):
   if mode == "predict":
     variables = jax.jit(lambda k: modeling.init_variables(model, k, (height, width)))(
         jax.random.PRNGKey(0))
+    if prepare:
+      variables = modeling.prepare_inference(model, variables, (height, width), batch)
     fn = jax.jit(lambda v, im, vs: model.apply(v, im, vs, method=type(model).predict))
     args = [variables, jax.device_put(host_batch["image"]), jnp.asarray(host_batch["valid_size"])]
     return fn, args, lambda compiled: jax.block_until_ready(compiled(*args))
@@ -167,7 +171,8 @@ def _model_call(mode: str, height: int, width: int, batch: int):
 
 def main(argv):
   del argv
-  fn, args, run = _model_call(_MODE.value, _HEIGHT.value, _WIDTH.value, _BATCH.value)
+  fn, args, run = _model_call(_MODE.value, _HEIGHT.value, _WIDTH.value, _BATCH.value,
+                              _PREPARE.value)
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
   print(f"compiled in {time.perf_counter() - start:.1f} s")

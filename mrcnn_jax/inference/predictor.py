@@ -69,7 +69,9 @@ class Predictor:
 
   Args:
     config: the full experiment config (``model``, ``data.image_size``).
-    variables: the model variables (``{'params': ...}`` [+ ``'batch_stats'``]).
+    variables: the model variables (``{'params': ...}`` [+ ``'batch_stats'``]); kept as
+      ``self.variables`` with, on CPU, the Winograd kernel transforms added
+      (``modeling.prepare_inference``).
     class_names: name of each contiguous class 1..K (index 0 = class 1); default ``class_k``.
     category_ids: COCO category id of each contiguous class (for COCO-results JSON); default
       1..K.
@@ -91,8 +93,9 @@ class Predictor:
     self.category_ids = list(category_ids) if category_ids else list(range(1, num_fg + 1))
     self.score_threshold = float(score_threshold)
     self.mask_threshold = float(mask_threshold)
-    self.variables = variables
     model = modeling.MaskRCNN(config.model)
+    # On CPU, with the Winograd kernel transforms computed once (modeling.prepare_inference).
+    self.variables = modeling.prepare_inference(model, variables, self.image_size)
     self._predict = jax.jit(
         lambda v, images, valid: model.apply(v, images, valid, method=type(model).predict))
 

@@ -4,18 +4,22 @@
     model = modeling.MaskRCNN(modeling.model_config())
     variables = modeling.init_variables(model, jax.random.key(0), (512, 512))
     out = model.apply(variables, images, method=modeling.MaskRCNN.predict)
+    # CPU inference: Winograd kernel transforms computed once instead of in every call.
+    fast = modeling.prepare_inference(model, variables, (512, 512))
 """
 
 from mrcnn_jax.modeling.config import model_config
 from mrcnn_jax.modeling.config import tiny_model_config
 from mrcnn_jax.modeling.mask_rcnn import init_variables
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from mrcnn_jax.modeling.mask_rcnn import prepare_inference
 from mrcnn_jax.modeling.mask_rcnn import trainable_mask
 
 __all__ = [
     "MaskRCNN",
     "init_variables",
     "model_config",
+    "prepare_inference",
     "tiny_model_config",
     "trainable_mask",
 ]

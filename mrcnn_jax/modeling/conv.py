@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Any, Callable, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -55,6 +55,10 @@ def xla_convolutions():
   finally:
     _WINOGRAD_ON_CPU.reset(token)
 
+
+# Variable collection of precomputed Winograd kernel transforms (inference with fixed weights:
+# ``modeling.prepare_inference``). ``Conv`` layers read theirs from it when it is present.
+TRANSFORMED_KERNELS = "winograd_kernels"
 
 Pads = Tuple[Tuple[int, int], Tuple[int, int]]
 PaddingLike = Union[str, int, Sequence[Union[int, Tuple[int, int]]]]
@@ -175,8 +179,25 @@ def conv1x1(x: jax.Array, kernel: jax.Array, strides: Tuple[int, int] = (1, 1)) 
   return y.reshape(n, h, w, kernel.shape[3])
 
 
+def winograd_tile(x_shape: Sequence[int], kernel_shape: Sequence[int],
+                  stride: Union[int, Sequence[int]], padding: PaddingLike, dtype) -> Optional[int]:
+  """The Winograd tile side :func:`conv2d` uses on CPU for these operands, or None if the
+  convolution does not go through Winograd (shapes, dtype, a data-parallel mesh, or inside
+  :func:`xla_convolutions`)."""
+  strides = _pair(stride, "stride")
+  pads = normalize_padding(padding, kernel_shape[:2], strides, x_shape[1:3])
+  # XLA:CPU's 3x3 convolutions already run near the CPU's peak; Winograd does 4x fewer
+  # multiply-adds (see winograd.py). Accelerators keep their own convolution algorithms.
+  # Not under a data-parallel mesh: there XLA would all-reduce the kernel gradient in the
+  # Winograd domain, [36, C, O], 4x the kernel's bytes (CPU meshes are for tests anyway).
+  if (strides == (1, 1) and winograd.is_profitable(x_shape, kernel_shape, pads, dtype)
+      and not batch_parallel.is_sharded() and _WINOGRAD_ON_CPU.get()):
+    return winograd.forward_tile(x_shape, pads)
+  return None
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, stride: Union[int, Sequence[int]] = 1,
-           padding: PaddingLike = 0) -> jax.Array:
+           padding: PaddingLike = 0, transformed: Optional[jax.Array] = None) -> jax.Array:
   """Cross-correlation ``x`` [N, H, W, C] * ``kernel`` [kh, kw, C, O] -> [N, Ho, Wo, O].
 
   The same values and gradients as ``jax.lax.conv_general_dilated`` with NHWC/HWIO/NHWC
@@ -185,7 +206,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: Union[int, Sequence[int]] = 
   by Winograd (:mod:`mrcnn_jax.modeling.winograd`); the rest with XLA's convolution and, on
   CPU, a per-tap matmul kernel gradient (see the module docstring for why). ``padding`` is as
   in :func:`normalize_padding` (an int is torch's symmetric padding, e.g. ``(k - 1) // 2``).
-  Both operands should share a dtype.
+  Both operands should share a dtype. ``transformed``: optionally the Winograd transform of
+  ``kernel`` for the tile :func:`winograd_tile` gives, computed ahead of time (inference with
+  fixed weights, see :class:`Conv`); used only where the CPU Winograd path runs.
   """
   check_shape("x", x, 4)
   check_shape("kernel", kernel, 4)
@@ -196,16 +219,13 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: Union[int, Sequence[int]] = 
   pads = normalize_padding(padding, kernel.shape[:2], strides, x.shape[1:3])
   if kernel.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)):
     return conv1x1(x, kernel, strides)
-  if (strides == (1, 1) and winograd.is_profitable(x.shape, kernel.shape, pads, x.dtype)
-      and not batch_parallel.is_sharded() and _WINOGRAD_ON_CPU.get()):
-    # XLA:CPU's 3x3 convolutions already run near the CPU's peak; Winograd does 4x fewer
-    # multiply-adds (see winograd.py). Accelerators keep their own convolution algorithms.
-    # Not under a data-parallel mesh: there XLA would all-reduce the kernel gradient in the
-    # Winograd domain, [36, C, O], 4x the kernel's bytes (CPU meshes are for tests anyway).
+  if winograd_tile(x.shape, kernel.shape, strides, pads, x.dtype) is not None:
+    if transformed is None:
+      cpu = lambda x, k: winograd.conv3x3(x, k, pads)
+    else:
+      cpu = lambda x, k: winograd.conv3x3(x, k, pads, transformed=transformed)
     return jax.lax.platform_dependent(
-        x, kernel,
-        cpu=lambda x, k: winograd.conv3x3(x, k, pads),
-        default=lambda x, k: _conv_mm(x, k, strides, pads))
+        x, kernel, cpu=cpu, default=lambda x, k: _conv_mm(x, k, strides, pads))
   return _conv_mm(x, kernel, strides, pads)
 
 
@@ -254,7 +274,23 @@ class Conv(nn.Module):
     # Flax's promote_dtype: an explicit dtype wins, else the operands' common type.
     dtype = (self.dtype if self.dtype is not None
              else jnp.result_type(x.dtype, self.param_dtype))
-    y = conv2d(x.astype(dtype), kernel.astype(dtype), self.strides, self.padding)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    y = conv2d(x, kernel, self.strides, self.padding, self._transformed_kernel(x, kernel))
     if bias is not None:
       y = y + bias.astype(dtype)
     return y[0] if unbatched else y
+
+  def _transformed_kernel(self, x: jax.Array, kernel: jax.Array) -> Optional[jax.Array]:
+    """This layer's Winograd kernel transform from the :data:`TRANSFORMED_KERNELS` collection.
+
+    With the collection mutable (``modeling.prepare_inference``) it is computed and stored
+    there; when the collection holds it, it is read instead of transformed again in every call.
+    None where the layer does not run Winograd here, or the collection is not in use.
+    """
+    tile = winograd_tile(x.shape, kernel.shape, self.strides, self.padding, x.dtype)
+    name = f"kernel_f{tile}"
+    if tile is None or not (self.is_mutable_collection(TRANSFORMED_KERNELS)
+                            or self.has_variable(TRANSFORMED_KERNELS, name)):
+      return None
+    return self.variable(TRANSFORMED_KERNELS, name, winograd.kernel_transform, kernel,
+                         tile).value

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mrcnn_jax.modeling import batch_parallel
+from mrcnn_jax.modeling import conv as conv_lib
 from mrcnn_jax.modeling import heads_v2
 from mrcnn_jax.modeling import losses as loss_lib
 from mrcnn_jax.modeling import resnet as resnet_lib
@@ -175,10 +176,12 @@ class MaskRCNN(nn.Module):
     chunk = int(m.get("chunk_size", 0) or 0)
     # Trainable BatchNorm in the mask head (v2 'bn') updates statistics, which a skipped
     # branch could not; initialisation must create the parameters; values sown into
-    # 'intermediates' (stage-by-stage inspection) would differ between the two branches.
+    # 'intermediates' (stage-by-stage inspection) or stored by prepare_inference would differ
+    # between the two branches.
     mutable_stats = train and m.get("norm", "none") == "bn"
     if (valid is None or not chunk or n <= chunk or mutable_stats or self.is_initializing()
-        or self.is_mutable_collection("intermediates")):
+        or self.is_mutable_collection("intermediates")
+        or self.is_mutable_collection(conv_lib.TRANSFORMED_KERNELS)):
       return run(self, pooled, classes)
     res = 2 * m.pooler_size  # the predictor's 2x2 stride-2 transposed conv: 14 -> 28
     outs = []
@@ -214,6 +217,10 @@ class MaskRCNN(nn.Module):
         ``roi_num_fg``, ``roi_num_bg``, ``num_proposals``.
     """
     cfg = self.config
+    if conv_lib.TRANSFORMED_KERNELS in self.variables:
+      raise ValueError("these variables come from prepare_inference (precomputed Winograd "
+                       "kernels, which would not follow the parameters): train on the plain "
+                       "variables instead")
     images = batch["image"]
     b, h, w = images.shape[:3]
     gt_boxes = jnp.asarray(batch["gt_boxes"], jnp.float32)
@@ -350,6 +357,37 @@ def init_variables(model: MaskRCNN, key: jax.Array, image_size: Tuple[int, int])
   del image_size
   images = jnp.zeros((1, 64, 64, 3), jnp.uint8)
   return dict(model.init({"params": init_key(key)}, images, method=MaskRCNN._init_all))
+
+
+def prepare_inference(model: MaskRCNN, variables: Dict[str, Any], image_size: Tuple[int, int],
+                      batch_size: int = 1) -> Dict[str, Any]:
+  """``variables`` plus the Winograd kernel transforms ``predict`` needs, computed once (CPU).
+
+  On CPU the large 3x3 convolutions run as Winograd (``modeling/winograd.py``), which
+  transforms each kernel [3, 3, C, O] into [(m+2)^2, C, O] on every call: a pass writing 4-5x
+  the kernel's bytes, ~7% of a 512x512 ``predict`` (68 of ~950 ms, profiled), the mask head's
+  once per chunk. With fixed weights that work can be done ahead, as inference engines
+  pre-pack weights: this runs ``predict``'s layers at ``image_size`` x ``batch_size`` once with
+  the ``conv.TRANSFORMED_KERNELS`` collection mutable and returns the variables with it added
+  (R50-FPN at 512x512: ~8 M transformed weights ... 34 M floats, +~140 MB). ``predict`` reads
+  them instead of transforming again; at another size or batch, layers without a stored
+  transform for their tile compute it as before, so results never depend on it (beyond float32
+  rounding order). Not for training: ``losses`` refuses these variables, since the stored
+  transforms would not follow parameter updates. Returns ``variables`` unchanged where the
+  default backend is not a CPU (no Winograd there).
+  """
+  plain = {k: v for k, v in variables.items() if k != conv_lib.TRANSFORMED_KERNELS}
+  if jax.default_backend() != "cpu":
+    return plain
+  images = jnp.zeros((batch_size,) + tuple(image_size) + (3,), jnp.uint8)
+
+  def transforms(v):
+    _, state = model.apply(v, images, method=MaskRCNN.predict,
+                           mutable=[conv_lib.TRANSFORMED_KERNELS])
+    return state[conv_lib.TRANSFORMED_KERNELS]
+
+  # Only the transforms are outputs, so XLA drops the rest of the network from this program.
+  return {**plain, conv_lib.TRANSFORMED_KERNELS: jax.jit(transforms)(plain)}
 
 
 def init_key(key: jax.Array) -> jax.Array:

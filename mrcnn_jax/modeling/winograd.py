@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 import functools
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -263,11 +263,22 @@ def _out_size(x_shape: Sequence[int], pads: Pads) -> Tuple[int, int]:
   return x_shape[1] + top + bottom - 2, x_shape[2] + left + right - 2
 
 
+def forward_tile(x_shape: Sequence[int], pads: Pads) -> int:
+  """The tile side :func:`conv3x3` uses for an input of ``x_shape`` [N, H, W, C] with ``pads``
+  (the ``tile`` a precomputed :func:`kernel_transform` for it must have)."""
+  return choose_tile(*_out_size(x_shape, pads))
+
+
 def _forward(x: jax.Array, kernel: jax.Array, pads: Pads) -> jax.Array:
+  return _forward_transformed(x, kernel_transform(kernel, forward_tile(x.shape, pads)), pads)
+
+
+def _forward_transformed(x: jax.Array, u: jax.Array, pads: Pads) -> jax.Array:
+  """The convolution from the transformed kernel ``u`` [(tile+2)^2, C, O]."""
   out_h, out_w = _out_size(x.shape, pads)
   tile = choose_tile(out_h, out_w)
   th, tw = tile_counts(out_h, out_w, tile)
-  m = _batched_matmul(input_transform(x, pads, th, tw, tile), kernel_transform(kernel, tile))
+  m = _batched_matmul(input_transform(x, pads, th, tw, tile), u)
   return output_transform(m, x.shape[0], th, tw, out_h, out_w, tile)
 
 
@@ -279,14 +290,19 @@ def check_pads(pads: Pads) -> Pads:
   return pads  # type: ignore[return-value]
 
 
-def conv3x3(x: jax.Array, kernel: jax.Array, pads: Pads = ((1, 1), (1, 1))) -> jax.Array:
-  """3x3 stride-1 cross-correlation with zero padding, by Winograd F(4x4, 3x3).
+def conv3x3(x: jax.Array, kernel: jax.Array, pads: Pads = ((1, 1), (1, 1)),
+            transformed: Optional[jax.Array] = None) -> jax.Array:
+  """3x3 stride-1 cross-correlation with zero padding, by Winograd F(m x m, 3x3).
 
   Args:
     x: [N, H, W, C] float32.
     kernel: [3, 3, C, O] float32, HWIO.
     pads: ((top, bottom), (left, right)), each in [0, 2]; the default is torch's ``padding=1``
       ('SAME').
+    transformed: optional ``kernel_transform(kernel, forward_tile(x.shape, pads))``, computed
+      ahead of time, used instead of transforming ``kernel`` in this call. For inference with
+      fixed weights (``modeling.prepare_inference``): the transform is a pass that writes 4-5x
+      the kernel's bytes, in every call. Gradients then go to ``transformed``, not ``kernel``.
 
   Returns:
     [N, H + top + bottom - 2, W + left + right - 2, O], equal to ``lax.conv_general_dilated(x,
@@ -303,6 +319,13 @@ def conv3x3(x: jax.Array, kernel: jax.Array, pads: Pads = ((1, 1), (1, 1))) -> j
   out_h, out_w = _out_size(x.shape, pads)
   if out_h < 1 or out_w < 1:
     raise ValueError(f"input {x.shape[1:3]} with pads {pads} is smaller than the 3x3 kernel")
+  if transformed is not None:
+    tile = choose_tile(out_h, out_w)
+    want = ((tile + 2) ** 2,) + tuple(kernel.shape[2:])
+    if tuple(transformed.shape) != want:
+      raise ValueError(f"transformed kernel must be {list(want)} (F({tile}x{tile}, 3x3) of a "
+                       f"{list(kernel.shape)} kernel), got {list(transformed.shape)}")
+    return _forward_transformed(x, transformed.astype(x.dtype), pads)
   return _conv3x3(x, kernel, pads)
 
 

@@ -1,5 +1,6 @@
 """The whole model with the tiny config: losses, gradients, inference, dtypes and norms."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,9 @@ from torchvision.models.detection import mask_rcnn as tv_mrcnn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from mrcnn_jax import modeling
+from mrcnn_jax.modeling import conv as conv_lib
 from mrcnn_jax.modeling import MaskRCNN
+from mrcnn_jax.modeling import winograd
 from mrcnn_jax.modeling.mask_rcnn import mask_chunk_bounds
 from mrcnn_jax.ops import anchors as anchor_ops
 
@@ -367,3 +370,40 @@ def test_mask_chunk_bounds_double_and_cover_every_slot_once():
       assert end <= max(first, 2 * (v + 1)), (n, first, v, end)
   with pytest.raises(ValueError, match="first chunk"):
     mask_chunk_bounds(8, 0)
+
+
+def test_prepare_inference_precomputes_kernel_transforms_with_the_same_detections(
+    tiny, monkeypatch):
+  # Every stride-1 3x3 conv of the tiny model takes Winograd (the full model's are larger).
+  monkeypatch.setattr(winograd, "MIN_TILES", 1)
+  _, model, variables = tiny
+  batch = make_batch(seed=5, num_valid=(3, 1))
+  prepared = modeling.prepare_inference(model, variables, (H, W), batch_size=2)
+  assert set(prepared) == set(variables) | {conv_lib.TRANSFORMED_KERNELS}
+  stored = flax.traverse_util.flatten_dict(prepared[conv_lib.TRANSFORMED_KERNELS], sep="/")
+  params = flax.traverse_util.flatten_dict(variables["params"], sep="/")
+  # The mask head's 14x14 maps use F(5x5); the RPN conv, shared by the levels, stores one.
+  assert {"mask_head/mask_fcn1/kernel_f5", "mask_head/mask_fcn2/kernel_f5",
+          "rpn_head/conv/kernel_f4", "fpn/layer_blocks_0/kernel_f4"} <= set(stored), stored
+  for path, u in stored.items():
+    layer, name = path.rsplit("/", 1)
+    np.testing.assert_allclose(
+        u, winograd.kernel_transform(params[layer + "/kernel"], int(name[-1])), rtol=1e-6,
+        err_msg=path)
+
+  run = jax.jit(lambda v, x, s: model.apply(v, x, s, method=MaskRCNN.predict))
+  plain = run(variables, batch["image"], batch["valid_size"])
+  fast = run(prepared, batch["image"], batch["valid_size"])
+  assert int(plain["valid"].sum()) > 0
+  for k in plain:
+    np.testing.assert_allclose(fast[k], plain[k], rtol=2e-5, atol=1e-6, err_msg=k)
+  # predict reads the stored transforms (in every mask chunk): changing one changes the masks.
+  broken = flax.traverse_util.unflatten_dict(
+      {k: (0 * u if k == "mask_head/mask_fcn1/kernel_f5" else u) for k, u in stored.items()},
+      sep="/")
+  masks = run({**prepared, conv_lib.TRANSFORMED_KERNELS: broken}, batch["image"],
+              batch["valid_size"])["masks"]
+  assert float(jnp.abs(masks - plain["masks"]).max()) > 1e-3
+  # Training refuses them: the stored transforms would not follow parameter updates.
+  with pytest.raises(ValueError, match="prepare_inference"):
+    model.apply(prepared, batch, method=MaskRCNN.losses, rngs={"sampling": jax.random.key(0)})

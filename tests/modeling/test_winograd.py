@@ -194,6 +194,44 @@ def _n_convolutions(fn, *args):
   return jax.jit(fn).lower(*args).compile().as_text().count("convolution(")
 
 
+@pytest.mark.parametrize("shape,pads", [((2, 9, 9, 5), ((1, 1), (1, 1))),    # F(5x5)
+                                        ((1, 11, 6, 7), ((2, 0), (0, 2))),   # F(4x4)
+                                        ((1, 14, 14, 8), ((1, 1), (1, 1)))])
+def test_conv3x3_from_a_precomputed_kernel_transform(shape, pads):
+  x, kernel = _inputs(5, shape, 4)
+  tile = winograd.forward_tile(x.shape, pads)
+  u = winograd.kernel_transform(kernel, tile)
+  conv = jax.jit(lambda a, k, t: winograd.conv3x3(a, k, pads, transformed=t))
+  want = _lax_conv(x, kernel, 1, pads)
+  _assert_close(conv(x, kernel, u), want, 2e-5)
+  # The transform is what is read (the kernel only fixes the expected shape).
+  _assert_close(conv(x, kernel * 0, 2 * u), 2 * want, 2e-5)
+  with pytest.raises(ValueError, match="transformed kernel must be"):
+    winograd.conv3x3(x, kernel, pads, transformed=winograd.kernel_transform(kernel, 9 - tile))
+
+
+def test_conv_layer_stores_and_reads_its_kernel_transform(always_winograd):
+  """With the TRANSFORMED_KERNELS collection mutable a Conv stores its transform; given the
+  collection, it reads it (a changed stored transform changes the output)."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 9, 5)), jnp.float32)
+  layer = conv_lib.Conv(6, (3, 3), padding=1, use_bias=False)
+  variables = layer.init(jax.random.key(0), x)
+  plain = layer.apply(variables, x)
+  _, state = layer.apply(variables, x, mutable=[conv_lib.TRANSFORMED_KERNELS])
+  stored = state[conv_lib.TRANSFORMED_KERNELS]
+  assert list(stored) == ["kernel_f5"]  # 9x9 outputs: 2 x 2 tiles of 5
+  np.testing.assert_allclose(stored["kernel_f5"],
+                             winograd.kernel_transform(variables["params"]["kernel"], 5))
+  _assert_close(layer.apply({**variables, **state}, x), plain, 1e-6)
+  doubled = {**variables, conv_lib.TRANSFORMED_KERNELS: {"kernel_f5": 2 * stored["kernel_f5"]}}
+  _assert_close(layer.apply(doubled, x), 2 * plain, 2e-6)
+  # Layers that do not run Winograd store nothing.
+  strided = conv_lib.Conv(6, (3, 3), strides=2, padding=1)
+  v2 = strided.init(jax.random.key(1), x)
+  _, state2 = strided.apply(v2, x, mutable=[conv_lib.TRANSFORMED_KERNELS])
+  assert not state2.get(conv_lib.TRANSFORMED_KERNELS)
+
+
 def test_conv2d_routes_large_float32_3x3_to_winograd_on_cpu():
   """On CPU the compiled model conv has no XLA convolution, forward or backward."""
   assert jax.default_backend() == "cpu"
