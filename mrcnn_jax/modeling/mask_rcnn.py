@@ -384,10 +384,13 @@ def prepare_inference(model: MaskRCNN, variables: Dict[str, Any], image_size: Tu
   def transforms(v):
     _, state = model.apply(v, images, method=MaskRCNN.predict,
                            mutable=[conv_lib.TRANSFORMED_KERNELS])
-    return state[conv_lib.TRANSFORMED_KERNELS]
+    return state.get(conv_lib.TRANSFORMED_KERNELS, {})
 
   # Only the transforms are outputs, so XLA drops the rest of the network from this program.
-  return {**plain, conv_lib.TRANSFORMED_KERNELS: jax.jit(transforms)(plain)}
+  stored = jax.jit(transforms)(plain)
+  if not stored:  # no layer runs Winograd here (bfloat16, small maps, xla_convolutions())
+    return plain
+  return {**plain, conv_lib.TRANSFORMED_KERNELS: stored}
 
 
 def init_key(key: jax.Array) -> jax.Array:

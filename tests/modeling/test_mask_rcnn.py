@@ -407,3 +407,17 @@ def test_prepare_inference_precomputes_kernel_transforms_with_the_same_detection
   # Training refuses them: the stored transforms would not follow parameter updates.
   with pytest.raises(ValueError, match="prepare_inference"):
     model.apply(prepared, batch, method=MaskRCNN.losses, rngs={"sampling": jax.random.key(0)})
+
+
+def test_prepare_inference_without_winograd_layers_returns_the_plain_variables(tiny):
+  # bfloat16 convolutions never take Winograd, nor any inside xla_convolutions().
+  cfg, model, variables = tiny
+  bf16 = cfg.copy_and_resolve_references()
+  bf16.compute_dtype = "bfloat16"
+  prepared = modeling.prepare_inference(MaskRCNN(bf16), variables, (H, W))
+  assert set(prepared) == set(variables)
+  with conv_lib.xla_convolutions():
+    assert set(modeling.prepare_inference(model, variables, (H, W))) == set(variables)
+  # ...while the float32 model's mask head (10 detections x 9 tiles) does.
+  assert set(modeling.prepare_inference(model, variables, (H, W))) == set(variables) | {
+      conv_lib.TRANSFORMED_KERNELS}
