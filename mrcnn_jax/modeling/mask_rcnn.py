@@ -365,16 +365,17 @@ def prepare_inference(model: MaskRCNN, variables: Dict[str, Any], image_size: Tu
 
   On CPU the large 3x3 convolutions run as Winograd (``modeling/winograd.py``), which
   transforms each kernel [3, 3, C, O] into [(m+2)^2, C, O] on every call: a pass writing 4-5x
-  the kernel's bytes, ~7% of a 512x512 ``predict`` (68 of ~950 ms, profiled), the mask head's
-  once per chunk. With fixed weights that work can be done ahead, as inference engines
-  pre-pack weights: this runs ``predict``'s layers at ``image_size`` x ``batch_size`` once with
-  the ``conv.TRANSFORMED_KERNELS`` collection mutable and returns the variables with it added
-  (R50-FPN at 512x512: ~8 M transformed weights ... 34 M floats, +~140 MB). ``predict`` reads
-  them instead of transforming again; at another size or batch, layers without a stored
-  transform for their tile compute it as before, so results never depend on it (beyond float32
-  rounding order). Not for training: ``losses`` refuses these variables, since the stored
-  transforms would not follow parameter updates. Returns ``variables`` unchanged where the
-  default backend is not a CPU (no Winograd there).
+  the kernel's bytes into fresh memory, 68 of ~980 ms of op time in a profiled 512x512
+  ``predict`` (the mask head's once per chunk). With fixed weights that work can be done
+  ahead, as inference engines pre-pack weights: this runs ``predict``'s layers at
+  ``image_size`` x ``batch_size`` once with the ``conv.TRANSFORMED_KERNELS`` collection mutable
+  and returns the variables with it added (R50-FPN at 512x512: +138 MiB of variables; its
+  ``predict`` 4% faster, see docs/benchmarks.md). ``predict`` reads them instead of
+  transforming again; at another size or batch, layers without a stored transform for their
+  tile compute it as before, so results never depend on it (beyond float32 rounding order).
+  Not for training: ``losses`` refuses these variables, since the stored transforms would not
+  follow parameter updates. Where the default backend is not a CPU (no Winograd there), or no
+  layer takes Winograd, the variables come back without the collection.
   """
   plain = {k: v for k, v in variables.items() if k != conv_lib.TRANSFORMED_KERNELS}
   if jax.default_backend() != "cpu":
