@@ -37,6 +37,7 @@ from torchvision.models.detection import backbone_utils
 from torchvision.models.detection import mask_rcnn as tv_mask_rcnn
 from torchvision.ops import misc as tv_misc
 
+import functools
 import json
 import os
 import statistics
@@ -171,6 +172,16 @@ def jax_train(rows):
   return run
 
 
+@functools.lru_cache(maxsize=None)
+def _jax_model_and_variables(height, width):
+  """The inference model at one input size and its random variables, made once per size (the
+  512x512 rows with and without ``prepare_inference`` share them)."""
+  model = modeling.MaskRCNN(_jax_config(height, width, 1).model)
+  variables = jax.jit(lambda k: modeling.init_variables(model, k, (height, width)))(
+      jax.random.PRNGKey(0))
+  return model, variables
+
+
 def jax_infer(rows, key, height, width, padded_height, padded_width, prepare=True):
   """Compiles ``predict`` (compile time in ``rows``); returns a function running it once.
 
@@ -178,10 +189,7 @@ def jax_infer(rows, key, height, width, padded_height, padded_width, prepare=Tru
   first go through ``modeling.prepare_inference`` (Winograd kernel transforms computed once;
   its time is in ``rows[key + '_prepare']``).
   """
-  config = _jax_config(padded_height, padded_width, 1)
-  model = modeling.MaskRCNN(config.model)
-  variables = jax.jit(lambda k: modeling.init_variables(model, k, (padded_height, padded_width)))(
-      jax.random.PRNGKey(0))
+  model, variables = _jax_model_and_variables(padded_height, padded_width)
   if prepare:
     with _Clock() as c:
       variables = jax.block_until_ready(
