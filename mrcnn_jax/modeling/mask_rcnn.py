@@ -308,11 +308,11 @@ class MaskRCNN(nn.Module):
                                                    valid_size, train=False)
     class_logits, box_deltas = self._box_branch(feats, proposals)
     ro = cfg.roi
-    det = batch_parallel.vmap(functools.partial(
-        roi_lib.detect, weights=tuple(ro.box_weights), score_threshold=ro.score_threshold,
+    det = batch_parallel.per_example(functools.partial(
+        roi_lib.detect_batch, weights=tuple(ro.box_weights), score_threshold=ro.score_threshold,
         nms_threshold=ro.nms_threshold, min_size=ro.min_size,
-        detections=cfg.detections_per_image, pre_nms_top_k=ro.pre_nms_top_k))(
-            class_logits, box_deltas, proposals, proposal_valid, valid_size)
+        detections=cfg.detections_per_image, pre_nms_top_k=ro.pre_nms_top_k),
+        class_logits, box_deltas, proposals, proposal_valid, valid_size)
     mask_logits = self._mask_branch(feats, det["boxes"], det["classes"], valid=det["valid"])
     masks = jnp.where(det["valid"][:, :, None, None], jax.nn.sigmoid(mask_logits), 0.0)
     return dict(boxes=det["boxes"], scores=det["scores"], classes=det["classes"], masks=masks,

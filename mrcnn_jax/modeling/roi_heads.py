@@ -9,11 +9,12 @@ transposed to ``[kh, kw, in, out]`` and flipped in both spatial axes.
 
 Pure per-image functions (vmap them): :func:`sample_rois` (append GT, match at IoU 0.5,
 sample 512 with <= 25% foreground, targets) and :func:`detect` (softmax, per-class decode, clip,
-score threshold, class-aware NMS, top-k).
+score threshold, class-aware NMS, top-k); :func:`detect_batch` is ``detect`` for a batch.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -211,6 +212,62 @@ def sample_rois(
   return dict(rois=rois, valid=valid, labels=cls, matched=gt_idx, target=target)
 
 
+def detection_candidates(
+    class_logits: jax.Array,
+    box_deltas: jax.Array,
+    proposals: jax.Array,
+    proposal_valid: jax.Array,
+    valid_size: jax.Array,
+    *,
+    weights: Sequence[float],
+    score_threshold: float,
+    min_size: float,
+) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Every (proposal, foreground class) pair of one image as a candidate detection.
+
+  Args:
+    class_logits: [R, K+1] float32; box_deltas: [R, K+1, 4] float32.
+    proposals: [R, 4] float32 xyxy; proposal_valid: [R] bool.
+    valid_size: [2] (h, w): boxes are clipped to it.
+
+  Returns:
+    ``(boxes [R*K, 4], probs [R*K], classes [R*K] int32 (1..K), scores [R*K])``: the decoded,
+    clipped box, softmax probability and class of each pair, and its NMS score: the
+    probability where it passes ``score_threshold`` and ``min_size`` (and its proposal is
+    valid), ``-inf`` where it is not a candidate.
+  """
+  num_classes = class_logits.shape[-1]
+  probs = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)[:, 1:]  # [R, K]
+  boxes = box_ops.decode_boxes(box_deltas[:, 1:], proposals[:, None, :], weights)  # [R, K, 4]
+  boxes = box_ops.clip_boxes(boxes, valid_size)
+  classes = jnp.broadcast_to(jnp.arange(1, num_classes, dtype=jnp.int32), probs.shape)
+  boxes, probs, classes = boxes.reshape(-1, 4), probs.reshape(-1), classes.reshape(-1)
+  ok = ((probs > score_threshold) & box_ops.small_box_mask(boxes, min_size)
+        & jnp.repeat(proposal_valid, num_classes - 1))
+  return boxes, probs, classes, jnp.where(ok, probs, -jnp.inf)
+
+
+def select_detections(boxes: jax.Array, probs: jax.Array, classes: jax.Array,
+                      scores: jax.Array, *, nms_threshold: float, detections: int,
+                      pre_nms_top_k: Optional[int] = None) -> Dict[str, jax.Array]:
+  """Class-aware NMS over one image's candidates (:func:`detection_candidates`), best first.
+
+  ``pre_nms_top_k``: if set, only the best this many candidates enter the NMS.
+  Returns the dict of :func:`detect`.
+  """
+  if pre_nms_top_k is not None and pre_nms_top_k < scores.shape[0]:
+    # Best first, equal scores in index order: the order NMS's stable sort gives them.
+    scores, top = jax.lax.top_k(scores, int(pre_nms_top_k))
+    boxes, probs, classes = boxes[top], probs[top], classes[top]
+  kept = batched_nms(boxes, scores, classes, nms_threshold, int(detections))
+  valid = kept >= 0
+  safe = jnp.maximum(kept, 0)
+  return dict(boxes=jnp.where(valid[:, None], boxes[safe], 0.0),
+              scores=jnp.where(valid, probs[safe], 0.0),
+              classes=jnp.where(valid, classes[safe], 0),
+              valid=valid)
+
+
 def detect(
     class_logits: jax.Array,
     box_deltas: jax.Array,
@@ -229,6 +286,7 @@ def detect(
 
   Every (proposal, foreground class) pair is a candidate box; those scoring above
   ``score_threshold`` with non-tiny boxes go through a class-aware NMS, best first.
+  (:func:`detect_batch` is the same for a batch of images, faster.)
 
   Args:
     class_logits: [R, K+1] float32; box_deltas: [R, K+1, 4] float32.
@@ -241,22 +299,56 @@ def detect(
     dict with ``boxes`` [D, 4] float32, ``scores`` [D] float32, ``classes`` [D] int32 (1..K),
     ``valid`` [D] bool; padding rows are zero (class 0).
   """
-  num_classes = class_logits.shape[-1]
-  probs = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)[:, 1:]  # [R, K]
-  boxes = box_ops.decode_boxes(box_deltas[:, 1:], proposals[:, None, :], weights)  # [R, K, 4]
-  boxes = box_ops.clip_boxes(boxes, valid_size)
-  classes = jnp.broadcast_to(jnp.arange(1, num_classes, dtype=jnp.int32), probs.shape)
-  boxes, probs, classes = boxes.reshape(-1, 4), probs.reshape(-1), classes.reshape(-1)
-  ok = ((probs > score_threshold) & box_ops.small_box_mask(boxes, min_size)
-        & jnp.repeat(proposal_valid, num_classes - 1))
-  scores = jnp.where(ok, probs, -jnp.inf)
-  if pre_nms_top_k is not None and pre_nms_top_k < scores.shape[0]:
-    scores, top = jax.lax.top_k(scores, int(pre_nms_top_k))
-    boxes, probs, classes = boxes[top], probs[top], classes[top]
-  kept = batched_nms(boxes, scores, classes, nms_threshold, int(detections))
-  valid = kept >= 0
-  safe = jnp.maximum(kept, 0)
-  return dict(boxes=jnp.where(valid[:, None], boxes[safe], 0.0),
-              scores=jnp.where(valid, probs[safe], 0.0),
-              classes=jnp.where(valid, classes[safe], 0),
-              valid=valid)
+  candidates = detection_candidates(class_logits, box_deltas, proposals, proposal_valid,
+                                    valid_size, weights=weights,
+                                    score_threshold=score_threshold, min_size=min_size)
+  return select_detections(*candidates, nms_threshold=nms_threshold, detections=detections,
+                           pre_nms_top_k=pre_nms_top_k)
+
+
+# Candidates the first NMS pass of ``detect_batch`` looks at, per image (at least 4 per
+# detection). Sorting all R*K candidates (90,000 for 1000 proposals and 90 classes) took
+# 10 ms of a 0.9 s ``predict`` at 512 px on 2 CPU cores; ``top_k`` of 1000 takes 0.5 ms.
+EXACT_PREFIX = 1000
+
+
+def detect_batch(
+    class_logits: jax.Array,
+    box_deltas: jax.Array,
+    proposals: jax.Array,
+    proposal_valid: jax.Array,
+    valid_size: jax.Array,
+    *,
+    weights: Sequence[float],
+    score_threshold: float,
+    nms_threshold: float,
+    min_size: float,
+    detections: int,
+    pre_nms_top_k: Optional[int] = None,
+    prefix: Optional[int] = None,
+) -> Dict[str, jax.Array]:
+  """:func:`detect` of each image of a batch: the same arguments with a leading batch axis
+  ([B, R, K+1], ..., [B, 2]), the same results ([B, D, ...]).
+
+  Without ``pre_nms_top_k`` the result is exact (all candidates above the threshold are
+  considered) but the full sort of the R*K candidates is rarely needed: greedy NMS decides
+  each candidate from the higher-scored ones alone, so NMS over the best ``prefix`` candidates
+  (``top_k``, default :data:`EXACT_PREFIX` or 4 per detection) keeps the same boxes as NMS
+  over all of them whenever it already keeps ``detections`` boxes, or when an image has no
+  more than ``prefix`` candidates. Only if that fails for some image of the batch does a
+  ``lax.cond`` run the NMS over all candidates.
+  """
+  candidates = jax.vmap(functools.partial(
+      detection_candidates, weights=weights, score_threshold=score_threshold,
+      min_size=min_size))(class_logits, box_deltas, proposals, proposal_valid, valid_size)
+  select = lambda top_k: jax.vmap(functools.partial(
+      select_detections, nms_threshold=nms_threshold, detections=detections,
+      pre_nms_top_k=top_k))(*candidates)
+  scores = candidates[3]
+  prefix = max(EXACT_PREFIX, 4 * int(detections)) if prefix is None else int(prefix)
+  if pre_nms_top_k is not None or prefix >= scores.shape[-1]:
+    return select(pre_nms_top_k)
+  first = select(prefix)
+  same = ((jnp.sum(first["valid"], axis=-1) >= detections)
+          | (jnp.sum(scores > -jnp.inf, axis=-1) <= prefix))
+  return jax.lax.cond(jnp.all(same), lambda: first, lambda: select(None))

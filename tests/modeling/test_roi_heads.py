@@ -215,6 +215,56 @@ def test_detect_with_pre_nms_cap_keeps_the_top_detections():
   np.testing.assert_allclose(np.asarray(capped["scores"])[:3], np.asarray(full["scores"])[:3])
 
 
+def _detect_inputs(rng, r, k, crowded):
+  """One image's head outputs; ``crowded``: half the proposals are one box, confidently of
+  class 1, so NMS over the best few candidates keeps a single detection."""
+  props = _boxes(rng, r)
+  logits = (rng.normal(size=(r, k + 1)) * 2).astype(np.float32)
+  if crowded:
+    props[: r // 2] = (10.0, 10.0, 50.0, 50.0)
+    logits[: r // 2] = -4.0
+    logits[: r // 2, 1] = 8.0 + rng.uniform(0, 1, r // 2)
+  deltas = (rng.normal(size=(r, k + 1, 4)) * 0.2).astype(np.float32)
+  return logits, deltas, props, np.ones((r,), bool), np.array((80, 80), np.int32)
+
+
+@pytest.mark.parametrize("crowded", [(False, False), (False, True), (True, True)])
+def test_detect_batch_equals_detect_per_image(crowded):
+  """The prefix-first NMS of detect_batch gives exactly detect's results, both when the best
+  ``prefix`` candidates suffice (no crowding) and when some image needs the full sort."""
+  rng = np.random.default_rng(11)
+  r, k, detections, prefix = 24, 3, 5, 8
+  images = [_detect_inputs(rng, r, k, c) for c in crowded]
+  args = [jnp.asarray(np.stack(a)) for a in zip(*images)]
+  common = dict(weights=(10.0, 10.0, 5.0, 5.0), score_threshold=0.05, nms_threshold=0.5,
+                min_size=1e-2, detections=detections)
+  want = jax.vmap(functools.partial(roi_lib.detect, **common))(*args)
+  got = jax.jit(functools.partial(roi_lib.detect_batch, prefix=prefix, **common))(*args)
+  only_prefix = jax.vmap(functools.partial(roi_lib.detect, pre_nms_top_k=prefix, **common))(
+      *args)
+  for image, c in enumerate(crowded):
+    # The premise of each case: the prefix alone is enough exactly when not crowded.
+    kept = int(np.asarray(only_prefix["valid"][image]).sum())
+    assert (kept == detections) == (not c), (image, kept)
+    if c:
+      assert not np.array_equal(only_prefix["boxes"][image], want["boxes"][image])
+  for key in ("boxes", "scores", "classes", "valid"):
+    np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+  assert np.asarray(want["valid"]).sum(-1).min() == detections
+
+
+def test_detect_batch_with_a_cap_is_detect_with_the_cap():
+  rng = np.random.default_rng(12)
+  images = [_detect_inputs(rng, 24, 3, c) for c in (False, True)]
+  args = [jnp.asarray(np.stack(a)) for a in zip(*images)]
+  common = dict(weights=(10.0, 10.0, 5.0, 5.0), score_threshold=0.05, nms_threshold=0.5,
+                min_size=1e-2, detections=5, pre_nms_top_k=8)
+  want = jax.vmap(functools.partial(roi_lib.detect, **common))(*args)
+  got = roi_lib.detect_batch(*args, **common)
+  for key in ("boxes", "scores", "classes", "valid"):
+    np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_conv3x3_gradients_match_lax_conv(seed):
   """The custom-gradient mask-head conv equals lax's conv in value and in both gradients."""
