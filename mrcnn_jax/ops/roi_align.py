@@ -174,11 +174,11 @@ def _pool_each(tables: Sequence[jax.Array], level: jax.Array, index: jax.Array,
   """``_pool`` one RoI at a time, straight from its level's table: the fast way on CPU.
 
   Branching on the level (a ``switch`` per RoI) saves concatenating the levels, a copy of the
-  whole pyramid: with that copy, all RoIs in one fused computation (``_pool_all``) were no
-  faster on 2 cores (1000 RoIs at 7x7, 512 px: 34 ms against 41 ms, within this machine's
-  noise; 100 RoIs at 14x14: 17 ms against 14 ms). Before ``_pool`` fused its gathers, the
-  all-at-once form materialised 16x the output (800 MB for 1000 RoIs) and was 2-5x slower than
-  torchvision.
+  whole pyramid. With that copy, all RoIs in one fused computation (``_pool_all``) measured
+  34 ms against this loop's 41 ms for 1000 RoIs at 7x7 but 17 against 14 ms for 100 RoIs at
+  14x14 (512 px, 2 cores, one run on a noisy machine): no clear winner, so the loop stays.
+  Before ``_pool`` fused its gathers, the all-at-once form materialised 16x the output (800 MB
+  for 1000 RoIs) and was 2-5x slower than torchvision.
   CPUs have no bfloat16 arithmetic (XLA's bfloat16 gather + convert was 15x slower), so the
   tables are pooled in float32 and the result is cast back.
   """
