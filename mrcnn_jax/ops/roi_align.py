@@ -176,7 +176,8 @@ def _pool_each(tables: Sequence[jax.Array], level: jax.Array, index: jax.Array,
   Branching on the level (a ``switch`` per RoI) saves concatenating the levels, a copy of the
   whole pyramid. With that copy, all RoIs in one fused computation (``_pool_all``) measured
   34 ms against this loop's 41 ms for 1000 RoIs at 7x7 but 17 against 14 ms for 100 RoIs at
-  14x14 (512 px, 2 cores, one run on a noisy machine): no clear winner, so the loop stays.
+  14x14 (512 px, 2 cores, one noisy run), and inside ``predict`` at 512 px, for the 7x7 box
+  pooling only, 2% slower (paired 1.023 over 12 alternating runs): the loop stays.
   Before ``_pool`` fused its gathers, the all-at-once form materialised 16x the output (800 MB
   for 1000 RoIs) and was 2-5x slower than torchvision.
   CPUs have no bfloat16 arithmetic (XLA's bfloat16 gather + convert was 15x slower), so the
