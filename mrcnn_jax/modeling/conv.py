@@ -220,12 +220,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: Union[int, Sequence[int]] = 
   if kernel.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)):
     return conv1x1(x, kernel, strides)
   if winograd_tile(x.shape, kernel.shape, strides, pads, x.dtype) is not None:
-    if transformed is None:
-      cpu = lambda x, k: winograd.conv3x3(x, k, pads)
-    else:
-      cpu = lambda x, k: winograd.conv3x3(x, k, pads, transformed=transformed)
     return jax.lax.platform_dependent(
-        x, kernel, cpu=cpu, default=lambda x, k: _conv_mm(x, k, strides, pads))
+        x, kernel, cpu=lambda x, k: winograd.conv3x3(x, k, pads, transformed=transformed),
+        default=lambda x, k: _conv_mm(x, k, strides, pads))
   return _conv_mm(x, kernel, strides, pads)
 
 

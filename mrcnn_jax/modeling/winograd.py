@@ -320,7 +320,7 @@ def conv3x3(x: jax.Array, kernel: jax.Array, pads: Pads = ((1, 1), (1, 1)),
   if out_h < 1 or out_w < 1:
     raise ValueError(f"input {x.shape[1:3]} with pads {pads} is smaller than the 3x3 kernel")
   if transformed is not None:
-    tile = choose_tile(out_h, out_w)
+    tile = forward_tile(x.shape, pads)
     want = ((tile + 2) ** 2,) + tuple(kernel.shape[2:])
     if tuple(transformed.shape) != want:
       raise ValueError(f"transformed kernel must be {list(want)} (F({tile}x{tile}, 3x3) of a "
