@@ -175,7 +175,7 @@ def jax_train(rows):
 @functools.lru_cache(maxsize=None)
 def _jax_model_and_variables(height, width):
   """The inference model at one input size and its random variables, made once per size (the
-  512x512 rows with and without ``prepare_inference`` share them)."""
+  512x512 rows of the library path and of a plain ``jax.jit`` share them)."""
   model = modeling.MaskRCNN(_jax_config(height, width, 1).model)
   variables = jax.jit(lambda k: modeling.init_variables(model, k, (height, width)))(
       jax.random.PRNGKey(0))
@@ -185,9 +185,11 @@ def _jax_model_and_variables(height, width):
 def jax_infer(rows, key, height, width, padded_height, padded_width, prepare=True):
   """Compiles ``predict`` (compile time in ``rows``); returns a function running it once.
 
-  With ``prepare`` (the library's inference path, ``inference.Predictor``), the variables
+  With ``prepare``, the library's inference path (``inference.Predictor``): the variables
   first go through ``modeling.prepare_inference`` (Winograd kernel transforms computed once;
-  its time is in ``rows[key + '_prepare']``).
+  its time is in ``rows[key + '_prepare']``) and ``predict`` compiles with
+  ``modeling.inference_compiler_options()`` (on CPU, dots by XLA's Eigen runtime instead of
+  YNNPACK). Without: a plain ``jax.jit`` of ``predict`` on the plain variables.
   """
   model, variables = _jax_model_and_variables(padded_height, padded_width)
   if prepare:
@@ -198,7 +200,8 @@ def jax_infer(rows, key, height, width, padded_height, padded_width, prepare=Tru
   image = np.zeros((1, padded_height, padded_width, 3), np.uint8)
   image[:, :height, :width] = np.random.default_rng(1).integers(0, 256, (1, height, width, 3))
   valid_size = jnp.asarray([[height, width]], jnp.int32)
-  predict = jax.jit(lambda v, im, vs: model.apply(v, im, vs, method=type(model).predict))
+  predict = jax.jit(lambda v, im, vs: model.apply(v, im, vs, method=type(model).predict),
+                    compiler_options=modeling.inference_compiler_options() if prepare else None)
   with _Clock() as c:
     compiled = predict.lower(variables, image, valid_size).compile()
   rows[key + "_compile"] = (c.wall, c.cpu)
@@ -252,7 +255,8 @@ def _measure_one(framework, repeats):
     if not _SKIP_TRAIN.value:
       run = jax_train(rows)
       rows["train"] = _median_times([run], repeats)[0][0]
-    # At 512x512 also without prepare_inference, the two taking turns.
+    # At 512x512 also as a plain jax.jit (no prepare_inference, XLA's default compiler
+    # options), the two taking turns.
     (rows["infer_512"], rows["infer_512_plain"]), _ = _median_times(
         [jax_infer(rows, "infer_512", 512, 512, 512, 512),
          jax_infer(rows, "infer_512_plain", 512, 512, 512, 512, prepare=False)], repeats)
@@ -369,7 +373,8 @@ def _print_table(jx, tv, paired):
   names = {"train": "train step, batch 2, 512x512",
            "infer_512": "inference, batch 1, 512x512",
            "infer_800": "inference, batch 1, 800x1216"}
-  plain = "inference, batch 1, 512x512, variables without prepare_inference"
+  plain = ("inference, batch 1, 512x512, plain jax.jit (no prepare_inference, XLA's default "
+           "compiler options)")
   fmt = lambda d, k, i: f"{d[k][i]:.2f}" if k in d else "-"
   ratio = lambda jk, tk, i: f"{jx[jk][i] / tv[tk][i]:.2f}" if jk in jx and tk in tv else "-"
   pair = lambda tk: f"{paired[tk]:.2f}" if tk in paired else "-"

@@ -8,6 +8,11 @@ adds the operations up per model module, which XLA keeps in each operation's ``o
 metadata (the Flax module path, e.g. ``backbone/layer3/2/conv2``). This is how the speed work
 in docs/benchmarks.md found what to change.
 
+``predict`` is compiled with XLA's default options here, not with the
+``modeling.inference_compiler_options()`` that ``inference.Predictor`` uses: those move the dots
+from YNNPACK to XLA's Eigen runtime, which runs them asynchronously, so the trace would time
+only their dispatch (``--noynn_dots`` shows that).
+
 Usage::
 
   python scripts/profile_model.py                                  # predict, 512x512, 5 runs
@@ -44,6 +49,11 @@ _DEPTH = flags.DEFINE_integer("depth", 2, "module path components per row")
 _TOP = flags.DEFINE_integer("top", 15, "slowest single operations to list")
 _PREPARE = flags.DEFINE_bool("prepare", True, "predict: variables through "
                              "modeling.prepare_inference, as inference.Predictor does")
+_YNN_DOTS = flags.DEFINE_bool(
+    "ynn_dots", True, "predict: compile with XLA's default options, whose dots run in "
+    "YNNPACK and are timed by the trace. --noynn_dots compiles as inference.Predictor does "
+    "(modeling.inference_compiler_options(): Eigen's dots, which run asynchronously: the "
+    "trace times only their dispatch, so the table leaves their time out)")
 
 _RUN_MARKER = "profile_model_run"
 # Operations that only contain others (their time is their children's): not counted.
@@ -138,7 +148,8 @@ def by_module(times: Dict[str, float], operations: Dict[str, Tuple[str, str]],
   return out
 
 
-def _model_call(mode: str, height: int, width: int, batch: int, prepare: bool = True):
+def _model_call(mode: str, height: int, width: int, batch: int, prepare: bool = True,
+                ynn_dots: bool = True):
   """(jitted function, its arguments, a runner that blocks) for the default config, on the
   synthetic inputs of scripts/benchmark.py."""
   from mrcnn_jax import modeling  # pylint: disable=g-import-not-at-top
@@ -153,7 +164,8 @@ def _model_call(mode: str, height: int, width: int, batch: int, prepare: bool = 
         jax.random.PRNGKey(0))
     if prepare:
       variables = modeling.prepare_inference(model, variables, (height, width), batch)
-    fn = jax.jit(lambda v, im, vs: model.apply(v, im, vs, method=type(model).predict))
+    fn = jax.jit(lambda v, im, vs: model.apply(v, im, vs, method=type(model).predict),
+                 compiler_options=None if ynn_dots else modeling.inference_compiler_options())
     args = [variables, jax.device_put(host_batch["image"]), jnp.asarray(host_batch["valid_size"])]
     return fn, args, lambda compiled: jax.block_until_ready(compiled(*args))
   mesh = training.make_mesh(jax.devices()[:1])
@@ -172,7 +184,7 @@ def _model_call(mode: str, height: int, width: int, batch: int, prepare: bool = 
 def main(argv):
   del argv
   fn, args, run = _model_call(_MODE.value, _HEIGHT.value, _WIDTH.value, _BATCH.value,
-                              _PREPARE.value)
+                              _PREPARE.value, _YNN_DOTS.value)
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
   print(f"compiled in {time.perf_counter() - start:.1f} s")

@@ -83,6 +83,7 @@ class Evaluator:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, model, mesh: Mesh):
+    from mrcnn_jax import modeling  # pylint: disable=g-import-not-at-top
     from mrcnn_jax.modeling import batch_parallel  # pylint: disable=g-import-not-at-top
     from mrcnn_jax.training import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
 
@@ -98,7 +99,8 @@ class Evaluator:
         return model.apply(variables, images, valid_size, method=type(model).predict)
 
     self._predict = jax.jit(predict, in_shardings=(sharding_lib.replicated(mesh), batch_sh,
-                                                    batch_sh), out_shardings=batch_sh)
+                                                    batch_sh), out_shardings=batch_sh,
+                            compiler_options=modeling.inference_compiler_options())
     self._compiled = None
 
   def predict_batch(self, variables: PyTree, host_batch: Mapping[str, np.ndarray]) -> dict:

@@ -97,7 +97,8 @@ class Predictor:
     # On CPU, with the Winograd kernel transforms computed once (modeling.prepare_inference).
     self.variables = modeling.prepare_inference(model, variables, self.image_size)
     self._predict = jax.jit(
-        lambda v, images, valid: model.apply(v, images, valid, method=type(model).predict))
+        lambda v, images, valid: model.apply(v, images, valid, method=type(model).predict),
+        compiler_options=modeling.inference_compiler_options())  # CPU: Eigen's dots
 
   @classmethod
   def from_workdir(cls, config: ml_collections.ConfigDict, path: str, **kwargs) -> "Predictor":

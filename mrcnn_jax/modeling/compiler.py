@@ -1,0 +1,70 @@
+"""XLA compiler options for the compiled ``MaskRCNN.predict``.
+
+:func:`inference_compiler_options` is what ``inference.Predictor``, the evaluator and the
+scripts pass as ``jax.jit(..., compiler_options=...)`` when they compile ``predict``::
+
+    predict = jax.jit(lambda v, im: model.apply(v, im, method=MaskRCNN.predict),
+                      compiler_options=modeling.inference_compiler_options())
+
+**What it changes, and why.** XLA:CPU (jaxlib 0.10) hands every dot to YNNPACK by default
+(``xla_cpu_experimental_ynn_fusion_type`` = individual dots, individual convolutions,
+reductions). The Winograd convolutions (``modeling/winograd.py``) are batched products
+``[P, tiles, C] x [P, C, O]`` with few tiles per product, and YNNPACK ran those on one core:
+at ResNet ``layer3``'s shape (36, 64, 256, 256) 4.8 ms on 2 cores and 5.3 ms on one, where
+XLA's own (Eigen) dot takes 2.7 ms on 2 cores; at ``layer1``'s (36, 1024, 64, 64) 5.2 against
+2.8 ms. With the dots left to Eigen, and YNNPACK kept for the convolutions and reductions it
+had, ``predict`` of R50-FPN ran at 0.87x the time at 512x512 and 0.91x at 800x1216 (paired
+over 12 and 8 alternating runs in one process, 2 cores; docs/benchmarks.md). The train step
+was no faster (paired 1.02), so ``training.make_train_step`` keeps XLA's defaults.
+
+Results differ from the default compilation only by float32 summation order (the FPN maps by
+~2e-6 of their magnitude); with an untrained model's near-tied scores that can reorder
+detections.
+
+Elsewhere (GPU, TPU) this returns ``{}``. A jaxlib that does not know the option (it is marked
+experimental) gets ``{}`` as well, with a warning, rather than a failing compile.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+
+# XLA:CPU's default YNNPACK fusion types (jaxlib 0.10) without the dots.
+CPU_YNN_FUSION_TYPES = ("LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+                        "LIBRARY_FUSION_TYPE_REDUCE")
+_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+
+
+def inference_compiler_options(backend: Optional[str] = None) -> Dict[str, str]:
+  """``compiler_options`` for compiling ``MaskRCNN.predict`` on ``backend``.
+
+  Args:
+    backend: 'cpu', 'gpu', 'tpu', ...; default ``jax.default_backend()``.
+
+  Returns:
+    On CPU ``{'xla_cpu_experimental_ynn_fusion_type': <convolutions and reductions>}``: dots
+    compile to XLA's Eigen runtime instead of YNNPACK (see the module docstring). ``{}`` on
+    other backends, or where this jaxlib rejects the option.
+  """
+  backend = backend or jax.default_backend()
+  if backend != "cpu":
+    return {}
+  return dict(_cpu_options())
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_options() -> tuple:
+  options = {_YNN_OPTION: ",".join(CPU_YNN_FUSION_TYPES)}
+  try:  # one tiny compile per process: an unknown option or enum value fails here, not later
+    jax.jit(lambda a: a @ a, compiler_options=options).lower(
+        jnp.zeros((8, 8), jnp.float32)).compile()
+  except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError, ValueError, ...)
+    logging.warning("XLA:CPU does not accept %s (%s); compiling predict with XLA's defaults.",
+                    options, str(e).splitlines()[0][:200])
+    return ()
+  return tuple(options.items())
