@@ -13,8 +13,8 @@ reductions). The Winograd convolutions (``modeling/winograd.py``) are batched pr
 at ResNet ``layer3``'s shape (36, 64, 256, 256) 4.8 ms on 2 cores and 5.3 ms on one, where
 XLA's own (Eigen) dot takes 2.7 ms on 2 cores; at ``layer1``'s (36, 1024, 64, 64) 5.2 against
 2.8 ms. With the dots left to Eigen, and YNNPACK kept for the convolutions and reductions it
-had, ``predict`` of R50-FPN ran at 0.87x the time at 512x512 and 0.91x at 800x1216 (paired
-over 12 and 8 alternating runs in one process, 2 cores; docs/benchmarks.md). The train step
+had, ``predict`` of R50-FPN ran at 0.87-0.93x the time at 512x512 and 0.91x at 800x1216
+(paired over 10-12 and 8 alternating runs in one process, 2 cores; docs/benchmarks.md). The train step
 was no faster (paired 1.02), so ``training.make_train_step`` keeps XLA's defaults.
 
 Results differ from the default compilation only by float32 summation order (the FPN maps by
@@ -32,7 +32,7 @@ import logging
 from typing import Dict, Optional
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 # XLA:CPU's default YNNPACK fusion types (jaxlib 0.10) without the dots.
 CPU_YNN_FUSION_TYPES = ("LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
@@ -60,9 +60,10 @@ def inference_compiler_options(backend: Optional[str] = None) -> Dict[str, str]:
 @functools.lru_cache(maxsize=None)
 def _cpu_options() -> tuple:
   options = {_YNN_OPTION: ",".join(CPU_YNN_FUSION_TYPES)}
-  try:  # one tiny compile per process: an unknown option or enum value fails here, not later
-    jax.jit(lambda a: a @ a, compiler_options=options).lower(
-        jnp.zeros((8, 8), jnp.float32)).compile()
+  # One tiny CPU compile per process: an unknown option or enum value fails here, not later.
+  probe = jax.device_put(np.zeros((8, 8), np.float32), jax.devices("cpu")[0])
+  try:
+    jax.jit(lambda a: a @ a, compiler_options=options).lower(probe).compile()
   except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError, ValueError, ...)
     logging.warning("XLA:CPU does not accept %s (%s); compiling predict with XLA's defaults.",
                     options, str(e).splitlines()[0][:200])
