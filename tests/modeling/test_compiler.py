@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mrcnn_jax import config as config_lib
 from mrcnn_jax import inference
 from mrcnn_jax import modeling
 from mrcnn_jax.modeling import compiler
@@ -78,7 +79,6 @@ def test_a_rejected_option_falls_back_to_the_defaults_with_a_warning(monkeypatch
 
 
 def test_predictor_compiles_predict_without_ynnpack_dots():
-  from mrcnn_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.get_base_config()
   c.data.image_size = (64, 64)
   c.model = modeling.tiny_model_config(num_classes=3)
