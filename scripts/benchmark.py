@@ -18,6 +18,12 @@ still measures that way, runs alternating. torchvision runs with
 ``torch.set_num_threads(--threads)``; XLA's CPU client uses every core of the machine (2
 here), so both see the same cores.
 
+On a GPU host (JAX's default backend a GPU) torchvision runs on the same GPU
+(``--torch_device``), each timed run ending when its results are on the device
+(``jax.block_until_ready``; ``torch.cuda.synchronize``). Run it there with
+``XLA_PYTHON_CLIENT_PREALLOCATE=false``: otherwise the parent process and each JAX process
+would take 75% of the GPU's memory at start-up.
+
 The torchvision reference is ``maskrcnn_resnet50_fpn`` built in the configuration our default
 config mirrors: FrozenBatchNorm2d and ``trainable_backbone_layers=3`` (the builder switches to
 BatchNorm2d with every layer trainable when ``weights_backbone=None``; that variant's train
@@ -63,6 +69,9 @@ _DTYPE = flags.DEFINE_string("compute_dtype", "float32", "JAX activation dtype")
 _ROUNDS = flags.DEFINE_integer(
     "rounds", 3, "> 0: each framework runs in its own fresh process, JAX and torchvision "
     "processes taking turns for this many rounds (see _isolated); 0: both in this process")
+_TORCH_DEVICE = flags.DEFINE_enum(
+    "torch_device", None, ["cpu", "cuda"], "where torchvision runs; default: 'cuda' when JAX's "
+    "default backend is a GPU (the same GPU for both), else 'cpu'")
 _ONLY = flags.DEFINE_enum("only", None, ["jax", "torch"],
                           "internal: measure one framework and print its rows as JSON")
 _NUM_OBJECTS = 4
@@ -125,6 +134,19 @@ def _synthetic(rng, batch, height, width, max_instances, mask_size):
     tv_targets.append({"boxes": torch.from_numpy(boxes[b, :n]),
                        "labels": torch.from_numpy(classes[b, :n]).long(), "masks": masks})
   return jax_batch, tv_images, tv_targets
+
+
+def _torch_device() -> torch.device:
+  if _TORCH_DEVICE.value:
+    return torch.device(_TORCH_DEVICE.value)
+  return torch.device("cuda" if jax.default_backend() == "gpu" else "cpu")
+
+
+def _torch_sync(device: torch.device):
+  """Waits for the device's queued work, so a timed run ends when its results exist (CUDA runs
+  asynchronously, as JAX's dispatch does; ``jax.block_until_ready`` is the JAX side)."""
+  if device.type == "cuda":
+    torch.cuda.synchronize(device)
 
 
 def _torchvision_model(min_size, max_size, matched=True):
@@ -219,8 +241,11 @@ def jax_infer(rows, key, height, width, padded_height, padded_width, prepare=Tru
 def torch_train(matched):
   """Returns a function running one torchvision train step (forward, backward, SGD)."""
   torch.manual_seed(0)
-  model = _torchvision_model(512, 512, matched).train()
+  device = _torch_device()
+  model = _torchvision_model(512, 512, matched).train().to(device)
   _, images, targets = _synthetic(np.random.default_rng(0), 2, 512, 512, 100, 28)
+  images = [im.to(device) for im in images]
+  targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
 
@@ -229,6 +254,7 @@ def torch_train(matched):
     opt.zero_grad()
     sum(losses.values()).backward()
     opt.step()
+    _torch_sync(device)
 
   return run
 
@@ -236,13 +262,17 @@ def torch_train(matched):
 def torch_infer(rows, key, height, width):
   """Returns a function running torchvision inference once."""
   torch.manual_seed(0)
-  model = _torchvision_model(min(height, width), max(height, width)).eval()
+  device = _torch_device()
+  model = _torchvision_model(min(height, width), max(height, width)).eval().to(device)
   image = np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
-  images = [torch.from_numpy(image).permute(2, 0, 1).float() / 255.0]
+  # On the device before timing, as the JAX side's image is (jax.device_put).
+  images = [(torch.from_numpy(image).permute(2, 0, 1).float() / 255.0).to(device)]
 
   def run():
     with torch.inference_mode():
-      return model(images)
+      out = model(images)
+    _torch_sync(device)
+    return out
 
   rows[key + "_detections"] = len(run()[0]["boxes"])
   return run
@@ -292,6 +322,9 @@ def _isolated(rounds, repeats):
       cmd = [sys.executable, os.path.abspath(__file__), f"--only={framework}",
              f"--repeats={repeats}", f"--threads={_THREADS.value}",
              f"--compute_dtype={_DTYPE.value}", f"--skip_train={_SKIP_TRAIN.value}"]
+      if framework == "torch":
+        # Resolved here, so the torchvision process never starts a JAX backend of its own.
+        cmd.append(f"--torch_device={_torch_device().type}")
       proc = subprocess.run(cmd, capture_output=True, text=True)
       if proc.returncode != 0 or _RESULT_TAG not in proc.stdout:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -326,7 +359,7 @@ def main(argv):
     return
   jx, tv, paired = {}, {}, {}
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
-        f"torch {torch.__version__} threads {torch.get_num_threads()}; "
+        f"torch {torch.__version__} on {_torch_device()}, threads {torch.get_num_threads()}; "
         f"compute dtype {_DTYPE.value}", flush=True)
   skip_torch = _SKIP_TORCH.value
   if _ROUNDS.value > 0:
