@@ -248,8 +248,14 @@ def test_detect_batch_equals_detect_per_image(crowded):
     assert (kept == detections) == (not c), (image, kept)
     if c:
       assert not np.array_equal(only_prefix["boxes"][image], want["boxes"][image])
-  for key in ("boxes", "scores", "classes", "valid"):
+  # The same detections in the same slots. Their values agree to float32 rounding only: the
+  # two are different programs (one jitted, one op by op), and a GPU's compiler may fuse the
+  # box decode differently in each (seen on an H200: one coordinate 1 ulp apart).
+  for key in ("classes", "valid"):
     np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+  for key in ("boxes", "scores"):
+    np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-6, atol=0,
+                               err_msg=key)
   assert np.asarray(want["valid"]).sum(-1).min() == detections
 
 
