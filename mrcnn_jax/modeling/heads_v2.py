@@ -18,15 +18,16 @@ Norm layers are :func:`mrcnn_jax.modeling.resnet.make_norm`'s (``'frozen_bn'``, 
 ``MaskRCNN`` selects them from the config (``modeling/config.py``; v1 defaults):
 ``rpn.head_convs > 1`` -> :class:`RPNHeadV2`; ``roi.box_head_convs > 0`` ->
 :class:`FastRCNNConvFCHead`; ``mask.norm != 'none'`` -> :class:`MaskRCNNHeadsNorm`; with
-``fpn.norm`` for the FPN. ``train`` reaches their norms (batch statistics for 'bn', which needs
-``config.norm = 'bn'`` so the trainer carries ``batch_stats``), and ``trainable_mask`` freezes the
+``fpn.norm`` for the FPN. ``train`` reaches their norms (batch statistics for 'bn', over the
+valid RoI slots only, see :func:`batch_stats_mask`; 'bn' needs ``config.norm = 'bn'`` so the
+trainer carries ``batch_stats``), and ``trainable_mask`` freezes the
 arrays :func:`is_frozen_norm_path` names. ``convert_torchvision_maskrcnn_v2`` returns a config
 that selects all of them (tests/convert/test_end_to_end_v2.py: whole-model parity).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -55,6 +56,20 @@ def _check_norm(norm: str) -> None:
     raise ValueError(f"head norm must be one of {NORMS}, got {norm!r}")
 
 
+def batch_stats_mask(valid: jax.Array, ndim: int) -> jax.Array:
+  """RoI-slot validity [N] -> BatchNorm ``mask`` [N, 1, ...] (``ndim`` dimensions).
+
+  Trainable BatchNorm in a head takes its batch statistics over the valid slots only: the
+  static-shape batch pads each image's RoIs to a fixed count, and torchvision's heads, which
+  see only real RoIs, never normalise with padding (or, for the mask head, background). With no
+  valid slot at all, every slot counts: a mean over nothing would put NaN into the running
+  statistics, and no output of such a batch reaches a loss anyway.
+  """
+  valid = jnp.asarray(valid, bool).reshape(-1)
+  valid = jnp.where(jnp.any(valid), valid, True)
+  return valid.reshape(valid.shape + (1,) * (ndim - 1))
+
+
 class ConvNormAct(nn.Module):
   """torchvision ``Conv2dNormActivation``: 3x3 conv (``0``), norm (``1``), ReLU.
 
@@ -69,8 +84,10 @@ class ConvNormAct(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """x: [N, H, W, C] -> [N, H, W, features]; ``train`` selects BatchNorm batch statistics."""
+  def __call__(self, x: jax.Array, train: bool = False,
+               valid: Optional[jax.Array] = None) -> jax.Array:
+    """x: [N, H, W, C] -> [N, H, W, features]; ``train`` selects BatchNorm batch statistics,
+    taken over the ``valid`` [N] rows only when given (:func:`batch_stats_mask`)."""
     _check_norm(self.norm)
     # conv_lib.Conv: nn.Conv's parameters with a matmul kernel gradient (XLA CPU's is slow).
     x = conv_lib.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)),
@@ -78,8 +95,12 @@ class ConvNormAct(nn.Module):
                       bias_init=nn.initializers.zeros, dtype=self.dtype,
                       param_dtype=jnp.float32, name="0")(x)
     if self.norm != "none":
-      x = resnet_lib.make_norm(self.norm, train=train, frozen=False, epsilon=1e-5, momentum=0.9,
-                               gn_groups=32, dtype=self.dtype, name="1")(x)
+      norm = resnet_lib.make_norm(self.norm, train=train, frozen=False, epsilon=1e-5,
+                                  momentum=0.9, gn_groups=32, dtype=self.dtype, name="1")
+      if self.norm == "bn" and train and valid is not None:
+        x = norm(x, mask=batch_stats_mask(valid, x.ndim))
+      else:
+        x = norm(x)
     return nn.relu(x)
 
 
@@ -141,12 +162,14 @@ class FastRCNNConvFCHead(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """x: [..., h, w, C] pooled RoI features -> [..., fc_sizes[-1]]."""
+  def __call__(self, x: jax.Array, train: bool = False,
+               valid: Optional[jax.Array] = None) -> jax.Array:
+    """x: [..., h, w, C] pooled RoI features -> [..., fc_sizes[-1]]; ``valid`` [...] bool
+    (optional) marks the real RoIs, over which trainable BatchNorm takes its statistics."""
     lead = x.shape[:-3]
     x = x.reshape((-1,) + x.shape[-3:])
     for i, c in enumerate(self.conv_channels):
-      x = ConvNormAct(c, self.norm, self.dtype, name=str(i))(x, train)
+      x = ConvNormAct(c, self.norm, self.dtype, name=str(i))(x, train, valid)
     x = x.reshape(lead + (-1,))  # HWC order; the converter permutes torch's CHW fc weights
     index = len(self.conv_channels) + 1  # torchvision's Flatten sits at len(conv_channels)
     for size in self.fc_sizes:
@@ -170,10 +193,12 @@ class MaskRCNNHeadsNorm(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """x: [N, 14, 14, C] -> [N, 14, 14, channels[-1]]."""
+  def __call__(self, x: jax.Array, train: bool = False,
+               valid: Optional[jax.Array] = None) -> jax.Array:
+    """x: [N, 14, 14, C] -> [N, 14, 14, channels[-1]]; ``valid`` [N] bool (optional) marks
+    the slots over which trainable BatchNorm takes its statistics (the positives)."""
     for i, c in enumerate(self.channels):
-      x = ConvNormAct(c, self.norm, self.dtype, name=str(i))(x, train)
+      x = ConvNormAct(c, self.norm, self.dtype, name=str(i))(x, train, valid)
     return x
 
 

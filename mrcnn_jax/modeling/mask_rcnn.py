@@ -99,10 +99,12 @@ class MaskRCNN(nn.Module):
       self.mask_head = roi_lib.MaskRCNNHead(tuple(cfg.mask.conv_channels), dtype)
     self.mask_predictor = roi_lib.MaskRCNNPredictor(cfg.num_classes, dtype)
 
-  def _head(self, module: nn.Module, x: jax.Array, train: bool) -> jax.Array:
-    """Calls a box/mask head, passing ``train`` to the v2 heads (their BatchNorm uses it)."""
+  def _head(self, module: nn.Module, x: jax.Array, train: bool,
+            valid: Optional[jax.Array] = None) -> jax.Array:
+    """Calls a box/mask head, passing ``train`` and the RoI slots' ``valid`` mask to the v2
+    heads (their trainable BatchNorm takes batch statistics over the valid slots only)."""
     if isinstance(module, (heads_v2.FastRCNNConvFCHead, heads_v2.MaskRCNNHeadsNorm)):
-      return module(x, train=train)
+      return module(x, train=train, valid=valid)
     return module(x)
 
   # ------------------------------------------------------------------ shared pieces
@@ -144,11 +146,13 @@ class MaskRCNN(nn.Module):
     # Shard-local under data parallelism: each device pools its own images' RoIs.
     return batch_parallel.per_example(pool, list(feats[:NUM_POOLED_LEVELS]), boxes)
 
-  def _box_branch(self, feats, rois, train: bool = False):
-    """rois [B, R, 4] -> class logits [B, R, K+1], deltas [B, R, K+1, 4] (float32)."""
+  def _box_branch(self, feats, rois, train: bool = False, valid=None):
+    """rois [B, R, 4] -> class logits [B, R, K+1], deltas [B, R, K+1, 4] (float32).
+
+    ``valid`` [B, R] bool (optional, training) marks the real RoI slots (see ``_head``)."""
     r = self.config.roi
     pooled = self._pool(feats, rois, r.pooler_size, r.sampling_ratio)
-    return self.box_predictor(self._head(self.box_head, pooled, train))
+    return self.box_predictor(self._head(self.box_head, pooled, train, valid))
 
   def _mask_branch(self, feats, rois, classes, train: bool = False, valid=None):
     """rois [B, M, 4], classes [B, M] -> [B, M, 28, 28] float32 logits of those classes.
@@ -166,10 +170,11 @@ class MaskRCNN(nn.Module):
     b, n = pooled.shape[:2]
     classes = classes.astype(jnp.int32)
 
-    def run(module, x, cls):
+    def run(module, x, cls, ok):
       # Only each RoI's own class channel is computed (not all K+1, then a gather).
       k = x.shape[1]
-      heads = module._head(module.mask_head, x.reshape((b * k,) + x.shape[2:]), train)
+      heads = module._head(module.mask_head, x.reshape((b * k,) + x.shape[2:]), train,
+                           None if ok is None else ok.reshape(b * k))
       logits = module.mask_predictor(heads, cls.reshape(b * k))
       return logits.reshape((b, k) + logits.shape[1:])  # [B, k, 28, 28]
 
@@ -182,15 +187,15 @@ class MaskRCNN(nn.Module):
     if (valid is None or not chunk or n <= chunk or mutable_stats or self.is_initializing()
         or self.is_mutable_collection("intermediates")
         or self.is_mutable_collection(conv_lib.TRANSFORMED_KERNELS)):
-      return run(self, pooled, classes)
+      return run(self, pooled, classes, valid)
     res = 2 * m.pooler_size  # the predictor's 2x2 stride-2 transposed conv: 14 -> 28
     outs = []
     for start, stop in mask_chunk_bounds(n, chunk):
       part = slice(start, stop)
       k = stop - start
-      zero = lambda module, x, cls, k=k: jnp.zeros((b, k, res, res), jnp.float32)
+      zero = lambda module, x, cls, ok, k=k: jnp.zeros((b, k, res, res), jnp.float32)
       outs.append(nn.cond(jnp.any(valid[:, part]), run, zero, self, pooled[:, part],
-                          classes[:, part]))
+                          classes[:, part], valid[:, part]))
     return jnp.concatenate(outs, axis=1)
 
   @staticmethod
@@ -254,7 +259,7 @@ class MaskRCNN(nn.Module):
         bg_iou_threshold=ro.bg_iou_threshold, batch_size_per_image=ro.batch_size_per_image,
         positive_fraction=ro.positive_fraction, weights=tuple(ro.box_weights)))(
             proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, roi_keys)
-    class_logits, box_deltas = self._box_branch(feats, s["rois"], train=True)
+    class_logits, box_deltas = self._box_branch(feats, s["rois"], train=True, valid=s["valid"])
     roi_cls, roi_box = loss_lib.fast_rcnn_losses(class_logits, box_deltas, s["labels"],
                                                  s["target"], s["valid"], beta=ro.box_loss_beta)
 
@@ -264,8 +269,8 @@ class MaskRCNN(nn.Module):
     m = cfg.mask.rois_per_image
     m_rois, m_labels, m_matched = s["rois"][:, :m], s["labels"][:, :m], s["matched"][:, :m]
     m_valid = s["valid"][:, :m] & (m_labels > 0)
-    # A trainable-BatchNorm mask head (v2 with 'bn') takes its batch statistics over all m
-    # slots, background and padding included; torchvision's sees the positives only.
+    # A trainable-BatchNorm mask head (v2 with 'bn') takes its batch statistics over the
+    # positives only (m_valid), as torchvision's, which sees no other RoI.
     m_logits = self._mask_branch(feats, m_rois, m_labels, train=True, valid=m_valid)
     resolution = m_logits.shape[-1]
     m_targets = batch_parallel.vmap(functools.partial(mask_targets, size=resolution))(

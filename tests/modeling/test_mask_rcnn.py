@@ -13,6 +13,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from mrcnn_jax import modeling
 from mrcnn_jax.modeling import conv as conv_lib
+from mrcnn_jax.modeling import heads_v2
 from mrcnn_jax.modeling import MaskRCNN
 from mrcnn_jax.modeling import winograd
 from mrcnn_jax.modeling.mask_rcnn import mask_chunk_bounds
@@ -209,9 +210,18 @@ def _tiny_v2(fpn_norm, box_norm, mask_norm):
 
 
 @pytest.mark.slow  # ~30 s on a loaded 2-core machine (init + one gradient compile)
-def test_v2_heads_train_bn_statistics_and_freeze_frozen_norms():
+def test_v2_heads_train_bn_statistics_and_freeze_frozen_norms(monkeypatch):
   """v2 switches select the heads_v2 modules; 'bn' heads update their batch statistics in
-  ``losses`` and frozen-BN heads get no gradient (and trainable_mask marks them)."""
+  ``losses``, over the valid RoI slots (tests/modeling/test_v2_heads.py checks the masking
+  against torchvision), and frozen-BN heads get no gradient (and trainable_mask marks them)."""
+  masked = []
+
+  def spy(valid, ndim):
+    masked.append(valid.shape)
+    return batch_stats_mask(valid, ndim)
+
+  batch_stats_mask = heads_v2.batch_stats_mask
+  monkeypatch.setattr(heads_v2, "batch_stats_mask", spy)
   cfg = _tiny_v2("bn", "frozen_bn", "bn")
   cfg.norm = "bn"
   model = MaskRCNN(cfg)
@@ -235,6 +245,9 @@ def test_v2_heads_train_bn_statistics_and_freeze_frozen_norms():
 
   (total, updates), grads = step(variables, batch, jax.random.key(8))
   assert np.isfinite(float(total))
+  # Each 'bn' mask-head layer got the mask slots' validity (the box head's norm is frozen).
+  slots = batch["image"].shape[0] * cfg.mask.rois_per_image
+  assert masked == [(slots,)] * len(cfg.mask.conv_channels)
   after = updates["batch_stats"]
   for path in (("fpn", "layer_blocks_1_norm"), ("mask_head", "1", "1")):
     b, a = stats, after

@@ -4,6 +4,9 @@ random v2 model (random BatchNorm statistics and biases, so a wrong mapping show
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import flax
 import jax
 import numpy as np
@@ -111,6 +114,58 @@ def test_trainable_bn_heads_keep_statistics_in_batch_stats(v2):
     ref = model.roi_heads.mask_head(tm.nchw(x))  # eval mode: running statistics
   ours = head.apply(_sub(variables, "mask_head"), x, train=False)
   assert tm.rel_err(ours, tm.nhwc(ref)) < _TOL
+
+
+def _bn_variables(model):
+  config = convert.torchvision_maskrcnn_v2_config(model.state_dict(), head_norm="bn")
+  config.norm = "bn"
+  return convert.convert_torchvision_maskrcnn_v2(model.state_dict(), config=config)[0]
+
+
+def _with_padding(rng, real, valid, shape):
+  """``real`` rows placed at the ``valid`` slots, far-off values (padding RoIs) elsewhere."""
+  x = (50.0 + 10.0 * rng.normal(size=(len(valid),) + shape)).astype(np.float32)
+  x[valid] = real
+  return x
+
+
+def test_trainable_bn_mask_head_normalises_over_valid_slots_only(v2):
+  """Training-mode BatchNorm against torchvision's in train mode, which sees the real RoIs
+  only: our static batch also carries padding slots, which ``valid`` keeps out of the batch
+  statistics (and without it, they would shift every slot's output)."""
+  model, _, _ = v2
+  variables = _sub(_bn_variables(model), "mask_head")
+  rng = np.random.default_rng(1)
+  real = rng.normal(size=(3, 14, 14, 256)).astype(np.float32)
+  valid = np.array([True, True, False, True, False])
+  x = _with_padding(rng, real, valid, (14, 14, 256))
+  with torch.no_grad():
+    ref = tm.nhwc(copy.deepcopy(model.roi_heads.mask_head).train()(tm.nchw(real)))
+  head = heads_v2.MaskRCNNHeadsNorm((256,) * 4, "bn")
+  apply = jax.jit(functools.partial(head.apply, train=True, mutable=["batch_stats"]))
+  ours, _ = apply(variables, x, valid=valid)
+  assert tm.rel_err(np.asarray(ours)[valid], ref) < _TOL
+  unmasked, _ = apply(variables, x)
+  assert tm.rel_err(np.asarray(unmasked)[valid], ref) > 0.1  # the premise
+  # No valid slot: the statistics of every slot, finite (not a mean over nothing).
+  nothing, stats = apply(variables, x, valid=np.zeros(5, bool))
+  assert tm.rel_err(nothing, unmasked) < _TOL
+  assert all(np.isfinite(a).all() for a in jax.tree.leaves(stats))
+
+
+def test_trainable_bn_box_head_normalises_over_valid_slots_only(v2):
+  model, _, _ = v2
+  variables = _sub(_bn_variables(model), "box_head")
+  rng = np.random.default_rng(2)
+  real = rng.normal(size=(4, 7, 7, 256)).astype(np.float32)
+  valid = np.array([True, False, True, True, False, True])
+  x = _with_padding(rng, real, valid, (7, 7, 256)).reshape(2, 3, 7, 7, 256)
+  with torch.no_grad():
+    ref = copy.deepcopy(model.roi_heads.box_head).train()(tm.nchw(real)).numpy()
+  head = heads_v2.FastRCNNConvFCHead((256,) * 4, (1024,), "bn")
+  ours, _ = jax.jit(functools.partial(head.apply, train=True, mutable=["batch_stats"]))(
+      variables, x, valid=valid.reshape(2, 3))
+  assert tm.rel_err(np.asarray(ours).reshape(6, -1)[valid], ref) < _TOL
 
 
 def test_frozen_norm_paths_and_bad_norm():
