@@ -214,13 +214,12 @@ def test_v2_heads_train_bn_statistics_and_freeze_frozen_norms(monkeypatch):
   """v2 switches select the heads_v2 modules; 'bn' heads update their batch statistics in
   ``losses``, over the valid RoI slots (tests/modeling/test_v2_heads.py checks the masking
   against torchvision), and frozen-BN heads get no gradient (and trainable_mask marks them)."""
-  masked = []
+  masked, real_mask = [], heads_v2.batch_stats_mask
 
-  def spy(valid, ndim):
+  def spy(valid, ndim):  # records the mask each trainable-BN layer gets (at trace time)
     masked.append(valid.shape)
-    return batch_stats_mask(valid, ndim)
+    return real_mask(valid, ndim)
 
-  batch_stats_mask = heads_v2.batch_stats_mask
   monkeypatch.setattr(heads_v2, "batch_stats_mask", spy)
   cfg = _tiny_v2("bn", "frozen_bn", "bn")
   cfg.norm = "bn"
