@@ -222,8 +222,8 @@ def jax_infer(rows, key, height, width, padded_height, padded_width, prepare=Tru
   image = np.zeros((1, padded_height, padded_width, 3), np.uint8)
   image[:, :height, :width] = np.random.default_rng(1).integers(0, 256, (1, height, width, 3))
   valid_size = jnp.asarray([[height, width]], jnp.int32)
-  predict = jax.jit(lambda v, im, vs: model.apply(v, im, vs, method=type(model).predict),
-                    compiler_options=modeling.inference_compiler_options() if prepare else None)
+  predict = (modeling.jit_predict(model) if prepare else
+             jax.jit(lambda v, im, vs: model.apply(v, im, vs, method=type(model).predict)))
   with _Clock() as c:
     compiled = predict.lower(variables, image, valid_size).compile()
   rows[key + "_compile"] = (c.wall, c.cpu)

@@ -164,8 +164,8 @@ def _model_call(mode: str, height: int, width: int, batch: int, prepare: bool = 
         jax.random.PRNGKey(0))
     if prepare:
       variables = modeling.prepare_inference(model, variables, (height, width), batch)
-    fn = jax.jit(lambda v, im, vs: model.apply(v, im, vs, method=type(model).predict),
-                 compiler_options=None if ynn_dots else modeling.inference_compiler_options())
+    fn = (jax.jit(lambda v, im, vs: model.apply(v, im, vs, method=type(model).predict))
+          if ynn_dots else modeling.jit_predict(model))
     args = [variables, jax.device_put(host_batch["image"]), jnp.asarray(host_batch["valid_size"])]
     return fn, args, lambda compiled: jax.block_until_ready(compiled(*args))
   mesh = training.make_mesh(jax.devices()[:1])

@@ -96,9 +96,7 @@ class Predictor:
     model = modeling.MaskRCNN(config.model)
     # On CPU, with the Winograd kernel transforms computed once (modeling.prepare_inference).
     self.variables = modeling.prepare_inference(model, variables, self.image_size)
-    self._predict = jax.jit(
-        lambda v, images, valid: model.apply(v, images, valid, method=type(model).predict),
-        compiler_options=modeling.inference_compiler_options())  # CPU: Eigen's dots
+    self._predict = modeling.jit_predict(model)  # on CPU: XLA's Eigen dots
 
   @classmethod
   def from_workdir(cls, config: ml_collections.ConfigDict, path: str, **kwargs) -> "Predictor":

@@ -6,11 +6,12 @@
     out = model.apply(variables, images, method=modeling.MaskRCNN.predict)
     # CPU inference: Winograd kernel transforms computed once instead of in every call.
     fast = modeling.prepare_inference(model, variables, (512, 512))
-    predict = jax.jit(lambda v, im: model.apply(v, im, method=modeling.MaskRCNN.predict),
-                      compiler_options=modeling.inference_compiler_options())  # CPU: Eigen dots
+    predict = modeling.jit_predict(model)  # on CPU: XLA's Eigen dots (inference_compiler_options)
+    out = predict(fast, images)
 """
 
 from mrcnn_jax.modeling.compiler import inference_compiler_options
+from mrcnn_jax.modeling.compiler import jit_predict
 from mrcnn_jax.modeling.config import model_config
 from mrcnn_jax.modeling.config import tiny_model_config
 from mrcnn_jax.modeling.mask_rcnn import init_variables
@@ -22,6 +23,7 @@ __all__ = [
     "MaskRCNN",
     "inference_compiler_options",
     "init_variables",
+    "jit_predict",
     "model_config",
     "prepare_inference",
     "tiny_model_config",

@@ -1,10 +1,9 @@
 """XLA compiler options for the compiled ``MaskRCNN.predict``.
 
-:func:`inference_compiler_options` is what ``inference.Predictor``, the evaluator and the
-scripts pass as ``jax.jit(..., compiler_options=...)`` when they compile ``predict``::
+:func:`inference_compiler_options` is what ``predict`` compiles with in ``inference.Predictor``,
+the evaluator and the scripts; :func:`jit_predict` is that ``jax.jit``::
 
-    predict = jax.jit(lambda v, im: model.apply(v, im, method=MaskRCNN.predict),
-                      compiler_options=modeling.inference_compiler_options())
+    predict = modeling.jit_predict(model)      # predict(variables, images[, valid_size])
 
 **What it changes, and why.** XLA:CPU (jaxlib 0.10) hands every dot to YNNPACK by default
 (``xla_cpu_experimental_ynn_fusion_type`` = individual dots, individual convolutions,
@@ -29,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import jax
 import numpy as np
@@ -69,3 +68,16 @@ def _cpu_options() -> tuple:
                     options, str(e).splitlines()[0][:200])
     return ()
   return tuple(options.items())
+
+
+def jit_predict(model: Any, **jit_kwargs) -> Callable:
+  """``jax.jit`` of ``model``'s ``predict``, compiled with :func:`inference_compiler_options`.
+
+  Returns ``predict(variables, images, valid_size=None)`` (``MaskRCNN.predict``'s arguments
+  after the variables). ``jit_kwargs`` go to ``jax.jit`` (e.g. ``in_shardings``); on CPU, pass
+  it the variables of ``modeling.prepare_inference`` for the fastest inference.
+  """
+  return jax.jit(
+      lambda variables, images, valid_size=None: model.apply(
+          variables, images, valid_size, method=type(model).predict),
+      compiler_options=inference_compiler_options(), **jit_kwargs)

@@ -91,3 +91,17 @@ def test_predictor_compiles_predict_without_ynnpack_dots():
   plain = jax.jit(lambda v, im, vs: model.apply(v, im, vs, method=modeling.MaskRCNN.predict))
   assert ynn_dots(plain.lower(*args).compile().as_text()) > 0  # the premise
   assert ynn_dots(text) == 0
+
+
+def test_jit_predict_is_predict_under_the_options():
+  model = modeling.MaskRCNN(modeling.tiny_model_config(num_classes=3))
+  variables = modeling.init_variables(model, jax.random.PRNGKey(0), (64, 64))
+  images = jnp.asarray(np.random.default_rng(2).integers(0, 256, (1, 64, 64, 3)), jnp.uint8)
+  predict = modeling.jit_predict(model)
+  assert ynn_dots(predict.lower(variables, images).compile().as_text()) == 0
+  want = model.apply(variables, images, method=modeling.MaskRCNN.predict)
+  got = predict(variables, images)
+  # Summation order differs, so near-tied detections of random weights may swap slots.
+  assert int(got["valid"].sum()) == int(want["valid"].sum()) > 0
+  np.testing.assert_allclose(np.sort(got["scores"][got["valid"]]),
+                             np.sort(want["scores"][want["valid"]]), rtol=1e-4, atol=1e-5)
