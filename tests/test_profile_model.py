@@ -40,16 +40,22 @@ def test_hlo_operations_reads_opcode_and_op_name():
 
 
 def test_profile_attributes_time_to_named_scopes():
-  """Two scopes, one doing 8x the matmuls of the other: both appear, the big one dominates."""
+  """Two scopes, one doing 24x the matmuls of the other: both appear, the big one dominates.
+
+  The margin is wide on purpose: under ``pytest -n 2`` the other worker competes for the two
+  cores, and one op's time can double or triple. The minimum over several runs, per op, and a
+  24x workload against a 4x threshold keep the check about attribution, not about timing.
+  """
 
   def f(x):
-    with jax.named_scope("small"):
-      a = jnp.tanh(x @ x)
     with jax.named_scope("big"):
       b = x
-      for _ in range(8):
+      for _ in range(24):
         b = jnp.tanh(b @ x)
-    return a + b
+    # "small" runs after "big" (it depends on it): the first op of a run also pays the thread
+    # pool's wake-up, which would otherwise be charged to "small".
+    with jax.named_scope("small"):
+      return jnp.tanh(b @ x)
 
   x = jnp.asarray(np.random.default_rng(0).standard_normal((384, 384)), jnp.float32)
 
@@ -60,6 +66,6 @@ def test_profile_attributes_time_to_named_scopes():
   compiled = jax.jit(method).lower(x).compile()
   ops = profile_model.hlo_operations(compiled.as_text())
   jax.block_until_ready(compiled(x))
-  times = profile_model.profile(lambda: jax.block_until_ready(compiled(x)), runs=3)
+  times = profile_model.profile(lambda: jax.block_until_ready(compiled(x)), runs=5)
   modules = profile_model.by_module(times, ops, depth=1)
-  assert modules["big"] > 3 * modules["small"] > 0, modules
+  assert modules["big"] > 4 * modules["small"] > 0, modules
