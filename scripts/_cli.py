@@ -52,6 +52,20 @@ def run_main(fn, argv) -> None:
     sys.exit(1)
 
 
+def cpu_cores(threads: int) -> list:
+  """The first ``threads`` of the cores this process may run on, for a ``--threads`` flag.
+
+  The benchmarks give JAX and torch the same thread count by running on these cores only:
+  XLA:CPU sizes its thread pools from the CPU affinity of the thread that starts its client,
+  and ``torch.set_num_threads`` takes the count. Raises ``ValueError`` if there are fewer.
+  """
+  allowed = sorted(os.sched_getaffinity(0))
+  if not 1 <= threads <= len(allowed):
+    raise ValueError(f"--threads={threads}: this process may run on {len(allowed)} cores "
+                     f"{allowed}, and both frameworks get the same cores")
+  return allowed[:threads]
+
+
 class DistributedFlags:
   """``--distributed`` / ``--coordinator_address`` / ``--num_processes`` / ``--process_id`` /
   ``--local_device_ids``: define them at import time (:func:`define_distributed_flags`), then

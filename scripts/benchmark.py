@@ -14,9 +14,11 @@ each framework runs in a fresh process of its own, JAX and torchvision processes
 for three rounds; the table gives the median over rounds and the "paired" ratio, the median
 of the per-round ratios, which drifting machine speed moves least. Sharing one process made
 each framework change the other's speed by up to 25% (see ``_isolated``); ``--rounds 0``
-still measures that way, runs alternating. torchvision runs with
-``torch.set_num_threads(--threads)``; XLA's CPU client uses every core of the machine (2
-here), so both see the same cores.
+still measures that way, runs alternating. ``--threads`` is the thread count of both
+frameworks: torchvision runs with ``torch.set_num_threads(--threads)``, and on a CPU run each
+measuring process is pinned to that many cores (its first allowed ones), from which XLA sizes
+its CPU thread pools. ``--threads 1`` compares the two on one core, with no threading in the
+ratio. The default, 2, is every core of this machine.
 
 On a GPU host (JAX's default backend a GPU) torchvision runs on the same GPU
 (``--torch_device``), each timed run ending when its results are on the device
@@ -43,6 +45,7 @@ from torchvision.models.detection import backbone_utils
 from torchvision.models.detection import mask_rcnn as tv_mask_rcnn
 from torchvision.ops import misc as tv_misc
 
+import contextlib
 import functools
 import json
 import os
@@ -59,10 +62,14 @@ import numpy as np
 
 from mrcnn_jax import modeling
 from mrcnn_jax import training
+import _cli  # scripts/_cli.py
 import _synthetic as _synthetic_inputs  # scripts/_synthetic.py
 
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs per measurement (median reported)")
-_THREADS = flags.DEFINE_integer("threads", 2, "torch.set_num_threads")
+_THREADS = flags.DEFINE_integer(
+    "threads", 2, "threads per framework: torch.set_num_threads, and on CPU each measuring "
+    "process pinned to this many cores, which XLA sizes its CPU thread pools from",
+    lower_bound=1)
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "time the JAX model only")
 _SKIP_TRAIN = flags.DEFINE_bool("skip_train", False, "skip the train-step measurements")
 _DTYPE = flags.DEFINE_string("compute_dtype", "float32", "JAX activation dtype")
@@ -314,6 +321,7 @@ def _isolated(rounds, repeats):
   Returns ({key: median over rounds}, {key: median over rounds}, {key: median of the
   per-round ratios JAX / torchvision}) for the JAX rows, torchvision rows and the ratios.
   """
+  cores = _cli.cpu_cores(_THREADS.value) if jax.default_backend() == "cpu" else None
   per_round = {"jax": [], "torch": []}
   for r in range(rounds):
     for framework in ("jax", "torch"):
@@ -325,7 +333,8 @@ def _isolated(rounds, repeats):
       if framework == "torch":
         # Resolved here, so the torchvision process never starts a JAX backend of its own.
         cmd.append(f"--torch_device={_torch_device().type}")
-      proc = subprocess.run(cmd, capture_output=True, text=True)
+      with _started_on(cores):  # so its XLA thread pools have --threads threads
+        proc = subprocess.run(cmd, capture_output=True, text=True)
       if proc.returncode != 0 or _RESULT_TAG not in proc.stdout:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
       out = proc.stdout
@@ -350,13 +359,45 @@ def _isolated(rounds, repeats):
 _RESULT_TAG = "BENCHMARK_ROWS_JSON:"
 
 
-def main(argv):
+@contextlib.contextmanager
+def _started_on(cores):
+  """Processes started inside run on ``cores`` (all allowed ones if None).
+
+  A child inherits the CPU affinity of the thread that starts it, so this thread is pinned
+  while inside and set back after. (``subprocess``'s ``preexec_fn`` would do it in the child,
+  but only by a plain ``fork`` of this multi-threaded process.)
+  """
+  if cores is None:
+    yield
+    return
+  before = os.sched_getaffinity(0)
+  os.sched_setaffinity(0, cores)
+  try:
+    yield
+  finally:
+    os.sched_setaffinity(0, before)
+
+
+def _check_threads(argv):
+  """On a CPU run, that ``--threads`` cores exist and can be pinned (``ValueError`` if not)."""
   del argv
+  if jax.default_backend() != "cpu":
+    return
+  cores = _cli.cpu_cores(_THREADS.value)
+  print(f"each framework on cores {cores}", flush=True)
+  if _ROUNDS.value == 0 and len(cores) < len(os.sched_getaffinity(0)):
+    # This process's XLA thread pools already exist, sized to every allowed core.
+    raise ValueError(f"--threads={_THREADS.value} with --rounds=0: fewer threads than cores "
+                     "needs fresh processes (--rounds 1 or more)")
+
+
+def main(argv):
   torch.set_num_threads(_THREADS.value)
   repeats = _REPEATS.value
-  if _ONLY.value:
+  if _ONLY.value:  # a measuring process, started (and pinned) by _isolated
     print(_RESULT_TAG + json.dumps(_measure_one(_ONLY.value, repeats)), flush=True)
     return
+  _cli.run_main(_check_threads, argv)
   jx, tv, paired = {}, {}, {}
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
         f"torch {torch.__version__} on {_torch_device()}, threads {torch.get_num_threads()}; "
@@ -438,4 +479,4 @@ def _print_table(jx, tv, paired):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_cli.parse_flags)

@@ -7,7 +7,9 @@ Cases (the sizes of a Mask R-CNN R50-FPN step on an 800x1216 image, 256 channels
 JAX: ``multilevel_roi_align`` against ``torchvision.ops.MultiScaleRoIAlign`` (both with
 aligned=False), ``nms`` against ``torchvision.ops.nms``. Compilation is timed on its own
 (``lower().compile()``); timed runs are the median of ``--repeats`` after one warm-up call.
-torchvision runs with ``torch.set_num_threads(--threads)``; XLA's CPU client uses every core.
+Both frameworks run ``--threads`` threads (default: every core this process may use): the
+process pins itself to that many cores before JAX starts its CPU client, which sizes its
+thread pools from them, and torchvision runs with ``torch.set_num_threads(--threads)``.
 
 Usage::
 
@@ -30,15 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrcnn_jax.ops.nms import nms
 from mrcnn_jax.ops.roi_align import multilevel_roi_align
-
-try:  # written alongside this script; the NMS rows are skipped until it exists
-  from mrcnn_jax.ops.nms import nms
-except ImportError:
-  nms = None
+import _cli  # scripts/_cli.py
 
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per case (the median is reported).")
-_THREADS = flags.DEFINE_integer("threads", os.cpu_count(), "torch.set_num_threads.")
+_THREADS = flags.DEFINE_integer(
+    "threads", len(os.sched_getaffinity(0)),
+    "Threads per framework: this process runs on that many cores (XLA sizes its CPU thread "
+    "pools from them) and torch.set_num_threads.", lower_bound=1)
 _CASES = flags.DEFINE_list("cases", ["roi_7x7", "roi_14x14", "nms_4k", "nms_20k"],
                            "Which cases to run.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random inputs.")
@@ -106,19 +108,26 @@ CASES = {
 }
 
 
-def main(argv):
+def _check_flags_and_pin(argv):
+  """Checks --cases; puts this thread, and the threads it starts from now on (XLA's, torch's),
+  on --threads cores."""
   del argv
+  unknown = sorted(set(_CASES.value) - set(CASES))
+  if unknown:
+    raise ValueError(f"--cases: unknown {unknown}; the cases are {sorted(CASES)}")
+  os.sched_setaffinity(0, _cli.cpu_cores(_THREADS.value))
+
+
+def main(argv):
+  _cli.run_main(_check_flags_and_pin, argv)  # before anything starts JAX's CPU client
   logging.set_verbosity(logging.WARNING)  # no "Unable to initialize backend 'tpu'" line
   torch.set_num_threads(_THREADS.value)
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({os.cpu_count()} cores), "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} "
+        f"with {torch.get_num_threads()} threads, both on cores {sorted(os.sched_getaffinity(0))}, "
         f"torchvision {torchvision.__version__}; median of {_REPEATS.value} runs")
   rows = []
   for name in _CASES.value:
     label, make = CASES[name]
-    if name.startswith("nms") and nms is None:
-      print(f"{label}: skipped, mrcnn_jax.ops.nms is not there yet")
-      continue
     fn, args, torch_fn, check = make(np.random.default_rng(_SEED.value))
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
@@ -138,4 +147,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_cli.parse_flags)
