@@ -42,10 +42,10 @@ def parse_flags(argv):
     sys.exit(2)
 
 
-def run_main(fn, argv) -> None:
-  """Calls ``fn(argv)``; a user error becomes ``error: <message>`` on stderr and exit 1."""
+def run_main(fn, argv):
+  """Returns ``fn(argv)``; a user error becomes ``error: <message>`` on stderr and exit 1."""
   try:
-    fn(argv)
+    return fn(argv)
   except USER_ERRORS as e:
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     print(f"error: {message}", file=sys.stderr)

@@ -308,8 +308,9 @@ def _measure_one(framework, repeats):
   return rows
 
 
-def _isolated(rounds, repeats):
-  """Each framework in a fresh process of its own, JAX and torchvision taking turns.
+def _isolated(rounds, repeats, cores):
+  """Each framework in a fresh process of its own, JAX and torchvision taking turns, each
+  started on ``cores`` (None: wherever this process may run).
 
   Why: in one process the two share glibc's allocator and the cores' idle-spinning worker
   threads, and each changes the other's speed. torchvision's inference at 512x512, 2.1 s in a
@@ -321,7 +322,6 @@ def _isolated(rounds, repeats):
   Returns ({key: median over rounds}, {key: median over rounds}, {key: median of the
   per-round ratios JAX / torchvision}) for the JAX rows, torchvision rows and the ratios.
   """
-  cores = _cli.cpu_cores(_THREADS.value) if jax.default_backend() == "cpu" else None
   per_round = {"jax": [], "torch": []}
   for r in range(rounds):
     for framework in ("jax", "torch"):
@@ -378,17 +378,19 @@ def _started_on(cores):
     os.sched_setaffinity(0, before)
 
 
-def _check_threads(argv):
-  """On a CPU run, that ``--threads`` cores exist and can be pinned (``ValueError`` if not)."""
+def _measuring_cores(argv):
+  """The cores a CPU run's measuring processes start on, None on a GPU run; ``ValueError``
+  if ``--threads`` cores do not exist or cannot be used."""
   del argv
   if jax.default_backend() != "cpu":
-    return
+    return None
   cores = _cli.cpu_cores(_THREADS.value)
   print(f"each framework on cores {cores}", flush=True)
   if _ROUNDS.value == 0 and len(cores) < len(os.sched_getaffinity(0)):
     # This process's XLA thread pools already exist, sized to every allowed core.
     raise ValueError(f"--threads={_THREADS.value} with --rounds=0: fewer threads than cores "
                      "needs fresh processes (--rounds 1 or more)")
+  return cores
 
 
 def main(argv):
@@ -397,14 +399,14 @@ def main(argv):
   if _ONLY.value:  # a measuring process, started (and pinned) by _isolated
     print(_RESULT_TAG + json.dumps(_measure_one(_ONLY.value, repeats)), flush=True)
     return
-  _cli.run_main(_check_threads, argv)
+  cores = _cli.run_main(_measuring_cores, argv)
   jx, tv, paired = {}, {}, {}
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
         f"torch {torch.__version__} on {_torch_device()}, threads {torch.get_num_threads()}; "
         f"compute dtype {_DTYPE.value}", flush=True)
   skip_torch = _SKIP_TORCH.value
   if _ROUNDS.value > 0:
-    jx, tv, paired = _isolated(_ROUNDS.value, repeats)
+    jx, tv, paired = _isolated(_ROUNDS.value, repeats, cores)
   else:
     _in_process(jx, tv, paired, repeats, skip_torch)
   _print_table(jx, tv, paired)
