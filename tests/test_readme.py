@@ -35,20 +35,17 @@ def _python_blocks(text: str):
   return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
-def test_readme_has_the_ops_and_model_snippets():
-  blocks = _python_blocks(_README.read_text())
-  assert len(blocks) == 2, f"expected the ops and the model snippet, found {len(blocks)}"
-  assert "roi_align" in blocks[0] and "make_train_step" in blocks[1]
-
-
 def test_readme_snippets_run(tmp_path):
   blocks = _python_blocks(_README.read_text())
+  assert any("roi_align" in b for b in blocks) and any("make_train_step" in b for b in blocks), (
+      f"the README's ops and model snippets are gone ({len(blocks)} python blocks)")
   # The data set goes under this test's directory instead of /tmp/shapes.
   code = "\n".join(blocks).replace('"/tmp/shapes"', repr(str(tmp_path / "shapes")))
   assert str(tmp_path) in code, "the model snippet no longer writes its data set to /tmp/shapes"
   script = tmp_path / "snippets.py"
   script.write_text(code + _CHECKS)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # JAX's default single device (no XLA_FLAGS), as the other subprocess tests run scripts.
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
