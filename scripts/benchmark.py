@@ -7,7 +7,10 @@ Measures, for the full default model (random weights, 91 classes):
     pads to a multiple of 32, which 800x1216 already is, and our model takes any multiple of 32;
     P6 is ``ceil(P5 / 2)`` = 13 rows either way. Padding to 832 rows, a multiple of 64, cost 4%
     more compute and fed the network 32 rows of normalised black pixels that torchvision, which
-    pads after normalising, never sees).
+    pads after normalising, never sees). torchvision is timed to the outputs our ``predict``
+    returns (``torchvision_detect``: boxes, scores, labels and 28x28 mask probabilities); its
+    whole ``model(images)`` call, which also pastes every mask into an image-sized array, is
+    timed beside it as a second ratio.
 JAX compile times are reported separately. Each timed figure is the median of ``--repeats``
 runs after one warm-up call, with a 1 s pause before each run. By default (``--rounds 3``)
 each framework runs in a fresh process of its own, JAX and torchvision processes taking turns
@@ -266,8 +269,26 @@ def torch_train(matched):
   return run
 
 
+def torchvision_detect(model, images):
+  """torchvision's eval forward up to the outputs our ``predict`` returns, per image: boxes,
+  scores, labels and the predicted class's 28x28 mask probabilities ([N, 1, 28, 28]).
+
+  ``model(images)`` does this and then ``transform.postprocess``: it scales the boxes back to
+  the input size (a no-op here: the transform does not resize) and pastes every mask into an
+  image-sized [N, 1, H, W] array (``paste_masks_in_image``). ``predict`` leaves pasting to its
+  caller (``inference.Predictor`` and the evaluator paste on the host), so the like-for-like
+  time is this one; the whole call is timed beside it.
+  """
+  image_list, _ = model.transform(images)
+  features = model.backbone(image_list.tensors)
+  proposals, _ = model.rpn(image_list, features)
+  detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+  return detections
+
+
 def torch_infer(rows, key, height, width):
-  """Returns a function running torchvision inference once."""
+  """Returns two functions running torchvision inference once, on one model: its forward to
+  our ``predict``'s outputs (``torchvision_detect``), and the whole ``model(images)`` call."""
   torch.manual_seed(0)
   device = _torch_device()
   model = _torchvision_model(min(height, width), max(height, width)).eval().to(device)
@@ -275,14 +296,19 @@ def torch_infer(rows, key, height, width):
   # On the device before timing, as the JAX side's image is (jax.device_put).
   images = [(torch.from_numpy(image).permute(2, 0, 1).float() / 255.0).to(device)]
 
-  def run():
-    with torch.inference_mode():
-      out = model(images)
-    _torch_sync(device)
-    return out
+  def timed(forward):
+    def run():
+      with torch.inference_mode():
+        out = forward(images)
+      _torch_sync(device)
+      return out
+    return run
 
-  rows[key + "_detections"] = len(run()[0]["boxes"])
-  return run
+  detect, full = timed(functools.partial(torchvision_detect, model)), timed(model)
+  rows[key + "_detections"] = len(detect()[0]["boxes"])
+  if len(full()[0]["boxes"]) != rows[key + "_detections"]:
+    raise RuntimeError("torchvision's whole call and its forward to the detections disagree")
+  return detect, full
 
 
 def _measure_one(framework, repeats):
@@ -304,7 +330,8 @@ def _measure_one(framework, repeats):
       rows["train"] = _median_times([torch_train(matched=True)], repeats)[0][0]
       rows["train_builder_default"] = _median_times([torch_train(matched=False)], repeats)[0][0]
     for key, h, w in (("infer_512", 512, 512), ("infer_800", 800, 1216)):
-      rows[key] = _median_times([torch_infer(rows, key, h, w)], repeats)[0][0]
+      (rows[key], rows[key + "_full"]), _ = _median_times(torch_infer(rows, key, h, w),
+                                                          repeats)
   return rows
 
 
@@ -349,6 +376,8 @@ def _isolated(rounds, repeats, cores):
   paired = {}
   for key, tk, jk in (("train", "train", "train"), ("train_builder_default",) * 2 + ("train",),
                       ("infer_512",) * 3, ("infer_800",) * 3,
+                      ("infer_512_full", "infer_512_full", "infer_512"),
+                      ("infer_800_full", "infer_800_full", "infer_800"),
                       ("infer_512_plain", "infer_512", "infer_512_plain")):
     if tk in tv and jk in jx:
       paired[key] = statistics.median(a[jk][0] / b[tk][0]
@@ -415,28 +444,29 @@ def main(argv):
 def _in_process(jx, tv, paired, repeats, skip_torch):
   """Both frameworks in this process, taking turns run by run (``--rounds 0``)."""
 
-  def measure(key, jax_run, torch_run=None, torch_key=None):
-    """Times the JAX and torchvision runs in turns (see ``_median_times``)."""
-    fns = [jax_run] + ([torch_run] if torch_run is not None else [])
-    times, walls = _median_times(fns, repeats)
+  def measure(key, jax_run, torch_runs=()):
+    """Times the JAX run and the torchvision runs, ``(tv key, run)`` pairs, in turns (see
+    ``_median_times``)."""
+    times, walls = _median_times([jax_run] + [run for _, run in torch_runs], repeats)
     jx[key] = times[0]
-    if torch_run is not None:
-      tv[torch_key or key] = times[1]
+    for (tk, _), t, w in zip(torch_runs, times[1:], walls[1:]):
+      tv[tk] = t
       # Each JAX run over the torchvision run right after it.
-      paired[torch_key or key] = statistics.median(a / b for a, b in zip(*walls))
-    print(key, "JAX:", jx[key], "torchvision:", tv.get(torch_key or key), flush=True)
+      paired[tk] = statistics.median(a / b for a, b in zip(walls[0], w))
+    print(key, "JAX:", jx[key], "torchvision:", {tk: tv[tk] for tk, _ in torch_runs}, flush=True)
 
   if not _SKIP_TRAIN.value:
     jax_run = jax_train(jx)
     print("JAX train compile:", jx["train_compile"], flush=True)
-    measure("train", jax_run, None if skip_torch else torch_train(matched=True))
+    measure("train", jax_run, () if skip_torch else [("train", torch_train(matched=True))])
     if not skip_torch:
       # Our step against torchvision's builder default, again in turns.
-      measure("train_vs_builder_default", jax_run, torch_train(matched=False),
-              "train_builder_default")
+      measure("train_vs_builder_default", jax_run,
+              [("train_builder_default", torch_train(matched=False))])
   for key, h, w in (("infer_512", 512, 512), ("infer_800", 800, 1216)):
     jax_run = jax_infer(jx, key, h, w, h, w)
-    measure(key, jax_run, None if skip_torch else torch_infer(tv, key, h, w))
+    measure(key, jax_run,
+            () if skip_torch else list(zip((key, key + "_full"), torch_infer(tv, key, h, w))))
   measure("infer_512_plain", jax_infer(jx, "infer_512_plain", 512, 512, 512, 512, prepare=False))
   print("JAX:", jx, flush=True)
   print("torchvision:", tv, flush=True)
@@ -462,6 +492,10 @@ def _print_table(jx, tv, paired):
   for k, label in names.items():
     if k in jx:
       row(label, k, k)
+  for k in ("infer_512", "infer_800"):
+    if k + "_full" in tv:
+      row(f"{names[k]}, against torchvision's whole call (its masks also pasted into "
+          "[N, 1, H, W])", k, k + "_full")
   if "infer_512_plain" in jx:
     row(plain, "infer_512_plain", "infer_512", "infer_512_plain")
   if "train_builder_default" in tv:

@@ -95,3 +95,26 @@ def test_a_process_on_n_cores_runs_n_xla_threads(pinned, how):
                           capture_output=True, text=True, env=ENV, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert int(proc.stdout.split()[-1]) == len(cores), proc.stdout
+
+
+def test_torchvision_detect_is_the_whole_call_before_its_postprocess():
+  """The like-for-like torchvision inference time runs the model's eval forward without its
+  postprocess: the same boxes, scores and labels, and 28x28 masks that paste into the whole
+  call's image-sized ones."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torchvision.models.detection import transform as tv_transform  # pylint: disable=g-import-not-at-top
+  benchmark = _load_benchmark()
+  torch.manual_seed(0)
+  model = benchmark._torchvision_model(160, 192).eval()  # pylint: disable=protected-access
+  images = [torch.rand(3, 160, 192, generator=torch.Generator().manual_seed(1))]
+  with torch.inference_mode():
+    whole = model(images)[0]
+    detected = benchmark.torchvision_detect(model, images)[0]
+  assert detected["boxes"].shape[0] > 0
+  assert detected["masks"].shape[1:] == (1, 28, 28)
+  for key in ("boxes", "scores", "labels"):
+    torch.testing.assert_close(detected[key], whole[key], rtol=0, atol=0)
+  assert whole["masks"].shape[2:] == (160, 192)
+  torch.testing.assert_close(
+      tv_transform.paste_masks_in_image(detected["masks"], detected["boxes"], (160, 192)),
+      whole["masks"], rtol=0, atol=0)
