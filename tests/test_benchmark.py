@@ -2,9 +2,10 @@
 
 torchvision gets ``torch.set_num_threads``; JAX gets a process pinned to that many cores,
 which works only because XLA:CPU sizes its thread pool from the CPU affinity of the thread that
-starts its client. The last tests check that premise, both ways the scripts pin (a child
+starts its client. The thread-count tests check that premise, both ways the scripts pin (a child
 started on the cores; this process pinned before JAX starts), so a jaxlib that stopped doing
-so would fail here rather than quietly give JAX every core again.
+so would fail here rather than quietly give JAX every core again. A last test checks that
+the like-for-like torchvision inference time runs the same network as its whole call.
 """
 
 from __future__ import annotations
