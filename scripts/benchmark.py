@@ -305,9 +305,9 @@ def torch_infer(rows, key, height, width):
     return run
 
   detect, full = timed(functools.partial(torchvision_detect, model)), timed(model)
+  # That the two agree is tests/test_benchmark.py's to check; one call here would only be a
+  # second warm-up of the whole call (``_median_times`` warms both up).
   rows[key + "_detections"] = len(detect()[0]["boxes"])
-  if len(full()[0]["boxes"]) != rows[key + "_detections"]:
-    raise RuntimeError("torchvision's whole call and its forward to the detections disagree")
   return detect, full
 
 
