@@ -175,9 +175,12 @@ def evaluate_coco(
       logging.warning("evaluate_coco: no detections at all; every %s number is 0", iou_type)
       metrics[iou_type] = dict({name: 0.0 for name in STAT_NAMES}, per_category={}, summary="")
       continue
-    records = results
-    if iou_type == "bbox":  # loadRes prefers segm over bbox when both are present
-      records = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    # Each pass sees only its own geometry. loadRes sets a result's ``area`` from ``bbox``
+    # whenever one is present, and COCOeval uses that area to ignore unmatched detections
+    # outside the small / medium / large ranges; mask AP must use the mask's area (as
+    # detectron2 does, by dropping ``bbox`` before its segm pass), or APs/APm/APl are off.
+    drop = "segmentation" if iou_type == "bbox" else "bbox"
+    records = [{k: v for k, v in r.items() if k != drop} for r in results]
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints; we log instead
       coco_dt = coco_gt.loadRes(list(records))
       evaluator = COCOeval(coco_gt, coco_dt, iou_type)

@@ -97,6 +97,40 @@ def test_no_results_gives_zeros():
   assert metrics["segm"]["AP"] == 0.0 and metrics["bbox"]["AR100"] == 0.0
 
 
+def test_mask_ap_size_ranges_use_mask_area():
+  """APs/APm/APl of the segm pass are by each detection's mask area, as pycocotools gives for
+  results without a ``bbox`` (detectron2 drops it for this reason): with a ``bbox`` present,
+  loadRes takes the box's area. Here a false positive whose mask is small (a 60-pixel diagonal)
+  but whose box is 60x60 (medium) outscores the one true, small detection: by mask area it
+  counts in the small range (APs 0.5), by box area it would be ignored there (APs 1.0)."""
+  h = w = 100
+  gt = np.zeros((h, w), np.uint8)
+  gt[10:30, 10:30] = 1  # 400 px: small
+  rle = mask_util.encode(np.asfortranarray(gt))
+  rle["counts"] = rle["counts"].decode("ascii")
+  coco = COCO()
+  coco.dataset = {"images": [{"id": 1, "height": h, "width": w}],
+                  "categories": [{"id": 1, "name": "a"}],
+                  "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": rle,
+                                   "area": 400.0, "bbox": [10, 10, 20, 20], "iscrowd": 0}]}
+  coco.createIndex()
+  diagonal = np.zeros((h, w), bool)
+  diagonal[np.arange(35, 95), np.arange(35, 95)] = True
+  results = [
+      {"image_id": 1, "category_id": 1, "bbox": [35.0, 35.0, 60.0, 60.0], "score": 0.9,
+       "segmentation": coco_eval.encode_mask(diagonal)},
+      {"image_id": 1, "category_id": 1, "bbox": [10.0, 10.0, 20.0, 20.0], "score": 0.5,
+       "segmentation": coco_eval.encode_mask(gt.astype(bool))},
+  ]
+  segm = coco_eval.evaluate_coco(coco, results, iou_types=("segm",))["segm"]
+  assert segm["AP"] == pytest.approx(0.5)
+  assert segm["APs"] == pytest.approx(0.5)
+  assert segm["APm"] == -1.0  # no medium ground truth: pycocotools' "no value"
+  # The box pass is unchanged: by box, the false positive is medium and ignored in APs.
+  bbox = coco_eval.evaluate_coco(coco, results, iou_types=("bbox",))["bbox"]
+  assert bbox["APs"] == pytest.approx(1.0) and bbox["AP"] == pytest.approx(0.5)
+
+
 def test_detections_to_coco_maps_back_to_original_pixels():
   """Full-box masks of GT rectangles, predicted at 2x scale, score AP 1.0 at IoU 0.5."""
   coco = _toy_coco()
