@@ -12,9 +12,11 @@ same function; the mesh spans the devices of all of them, each feeds its own sli
 all of them take part in every checkpoint save/restore (orbax coordinates them), and a SIGTERM
 that reaches any of them stops all of them after the same step (:class:`_StopSignal`).
 
-A non-finite loss stops the run with ``FloatingPointError`` naming the step and the offending
-losses. Metrics are flushed (and checked) before every checkpoint, so the last checkpoint on disk
-always holds a state whose losses were finite.
+A non-finite loss or gradient norm stops the run with ``FloatingPointError`` naming the step and
+the offending values. Metrics are flushed (and checked) before every checkpoint, so the last
+checkpoint on disk always holds a state reached by finite losses and finite updates (a step's
+``grad_norm`` is that of the update it applied: finite losses with an infinite gradient would
+otherwise save NaN parameters).
 """
 
 from __future__ import annotations
@@ -218,6 +220,10 @@ def _format_eta(seconds: float) -> str:
   return f"{h:d}:{m:02d}:{s:02d}"
 
 
+# Checked at every flush: the losses, and the norm of the gradient each step applied.
+_CHECKED_FINITE = frozenset(train_step_lib.LOSS_KEYS) | {"total_loss", "grad_norm"}
+
+
 class _MetricBuffer:
   """Per-step metric dicts kept on device until :meth:`flush` fetches them in one transfer."""
 
@@ -236,11 +242,11 @@ class _MetricBuffer:
     host = jax.device_get(list(device_metrics))
     for step, m in zip(steps, host):
       bad = {k: float(v) for k, v in m.items()
-             if (k in train_step_lib.LOSS_KEYS or k == "total_loss") and not np.isfinite(v)}
+             if k in _CHECKED_FINITE and not np.isfinite(v)}
       if bad:
         raise FloatingPointError(
-            f"non-finite loss at step {step}: {bad}; stopping (the last checkpoint holds the "
-            "last state with finite losses)")
+            f"non-finite loss or gradient at step {step}: {bad}; stopping (the last checkpoint "
+            "holds the last state reached with finite losses and gradients)")
     return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 

@@ -195,6 +195,15 @@ def test_non_finite_loss_stops_with_step_and_losses():
   assert buffer.flush() == {"total_loss": 3.0, "roi_mask": 2.0}
 
 
+def test_non_finite_gradient_with_finite_losses_stops():
+  """A step whose losses are finite but whose gradient is not applies a NaN update: it must stop
+  the run before the next checkpoint saves those parameters."""
+  buffer = loop._MetricBuffer()  # pylint: disable=protected-access
+  buffer.add(7, {"total_loss": jnp.float32(1.0), "grad_norm": jnp.float32(np.inf)})
+  with pytest.raises(FloatingPointError, match=r"step 7: .*grad_norm.*inf"):
+    buffer.flush()
+
+
 def test_missing_data_path_names_the_field(tmp_path):
   c = config_lib.get_base_config()
   c.data.train_annotations = str(tmp_path / "missing.json")
