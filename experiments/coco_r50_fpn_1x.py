@@ -26,7 +26,10 @@ def get_config(arg: str | None = None):
   del arg
   config = get_base_config()
   config.model.num_classes = 81  # 80 COCO categories (contiguous ids) + background
-  config.data.image_size = (1344, 1344)  # shorter side 800, longer <= 1333, padded square
+  # torchvision / Detectron2's resize: shorter side 800, longer <= 1333, padded to a square.
+  config.data.min_size = 800
+  config.data.max_size = 1333
+  config.data.image_size = (1344, 1344)
   config.data.scale_range = (1.0, 1.0)
   config.train.batch_size = 16
   config.train.num_steps = 90_000

@@ -24,6 +24,7 @@ from mrcnn_jax.config import load_config_file
 def get_config(arg: str | None = None):
   config = load_config_file(os.path.join(os.path.dirname(__file__), "coco_r50_fpn_1x.py"), arg)
   config.data.image_size = (1024, 1024)
+  config.data.min_size = config.data.max_size = 0  # LSJ scales to fit 1024 x 1024, then jitters
   config.data.scale_range = (0.1, 2.0)  # large-scale jitter, then a random 1024x1024 crop
   config.model.norm = "bn"
   config.model.backbone.trainable_layers = 5

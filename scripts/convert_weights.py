@@ -18,7 +18,8 @@ Usage::
       --output /tmp/maskrcnn_d2   # MSRA model zoo: STRIDE_IN_1X1, BGR (the defaults)
   python scripts/convert_weights.py --source torchvision --input coco.pth --output /tmp/ft \
       --num_classes 5   # fine-tuning: class-dependent layers re-initialised
-  python scripts/predict.py --config /tmp/maskrcnn_tv/config.py:832,1344 \
+  python scripts/predict.py --config /tmp/maskrcnn_tv/config.py:1344,1344 \
+      --config.data.min_size=800 --config.data.max_size=1333 \
       --checkpoint /tmp/maskrcnn_tv --images photos/ --out predictions/
 """
 

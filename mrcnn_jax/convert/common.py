@@ -241,11 +241,14 @@ EXPERIMENT_FILE = "config.py"  # an experiment config for --config of the script
 # --checkpoint OUTPUT` runs the converted model with the converted model config.
 _EXPERIMENT_TEMPLATE = '''"""Experiment config of the converted weights in this folder (written by convert_weights.py).
 
-  python scripts/predict.py --config {dir}/config.py:800,1344 --checkpoint {dir} \\
+  python scripts/predict.py --config {dir}/config.py:1344,1344 --checkpoint {dir} \\
+      --config.data.min_size=800 --config.data.max_size=1333 \\
       --images 'photos/*.jpg' --out predictions/
 
 The optional argument ``H,W`` is ``config.data.image_size`` (default 1024,1024): every image is
-scaled to fit it and zero-padded, see ``mrcnn_jax.convert.common.experiment_config``.
+scaled to fit it and zero-padded, or with ``config.data.min_size`` / ``max_size`` (800 / 1333 as
+torchvision and Detectron2) scaled by its shorter side and padded to it; see
+``mrcnn_jax.convert.common.experiment_config``.
 """
 
 import os
@@ -322,9 +325,11 @@ def experiment_config(output_dir: str, image_size: Optional[str] = None
     output_dir: a :func:`save_converted` folder.
     image_size: ``"H,W"``, the static network input (``config.data.image_size``); each image
       is scaled to fit it and zero-padded. torchvision and Detectron2 instead resize the
-      shorter side to 800 (longer <= 1333) and pad to a multiple of 32; an image that already
-      fits (any image at its own size, e.g. 768 x 1024 into ``768,1024``) sees exactly their
-      pixels; other sizes a slightly different bilinear resample (ours rounds to uint8 first).
+      shorter side to 800 (longer <= 1333) and pad to a multiple of 32: set
+      ``config.data.min_size`` / ``max_size`` to 800 / 1333 (with ``1344,1344``) for their
+      sizes. An image that needs no resize (e.g. 800 x 1088 at shorter side 800) sees exactly
+      their pixels; other sizes a slightly different bilinear resample (ours rounds to uint8
+      first).
       With H and W multiples of 64 their anchors equal ours on every level (see
       ``mrcnn_jax.ops.anchors.generate_anchors`` for P6 otherwise).
   """

@@ -22,6 +22,12 @@ def data_config() -> ml_collections.ConfigDict:
   """Returns the default ``config.data`` section (1024x1024 padded input, COCO JSON source)."""
   c = ml_collections.ConfigDict()
   c.image_size = (1024, 1024)  # (height, width) of the padded network input
+  # How an image is scaled (before the jitter below), in training and evaluation alike:
+  # min_size = max_size = 0 fits it into image_size (TF's TPU Mask R-CNN); min_size > 0 scales
+  # its shorter side to min_size unless its longer side would pass max_size (torchvision /
+  # Detectron2: 800 and 1333), and image_size must hold max_size on both sides.
+  c.min_size = 0
+  c.max_size = 0
   c.max_instances = 100
   c.mask_size = 112  # GT masks carried cropped to their box at this resolution
 
@@ -41,8 +47,8 @@ def data_config() -> ml_collections.ConfigDict:
   c.tfds_masks = "auto"
 
   # --- training augmentation ---
-  # The image is scaled to fit image_size, times a factor drawn uniformly from scale_range;
-  # factors above 1 give an image larger than image_size, which is randomly cropped to it.
+  # The image is scaled as above, times a factor drawn uniformly from scale_range; an image
+  # larger than image_size (factors above 1) is randomly cropped to it.
   # Large-scale jitter (Ghiasi et al. 2021): scale_range = (0.1, 2.0).
   c.scale_range = (0.8, 1.0)
   c.random_flip = True  # horizontal, p = 0.5

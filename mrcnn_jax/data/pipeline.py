@@ -126,7 +126,8 @@ def _transform_kwargs(config, training: bool) -> Dict[str, Any]:
   d = config.data
   return dict(image_size=tuple(int(v) for v in d.image_size), max_instances=int(d.max_instances),
               mask_size=int(d.mask_size), training=training,
-              scale_range=tuple(float(v) for v in d.scale_range), random_flip=bool(d.random_flip))
+              scale_range=tuple(float(v) for v in d.scale_range), random_flip=bool(d.random_flip),
+              min_size=int(d.get("min_size", 0)), max_size=int(d.get("max_size", 0)))
 
 
 def _options() -> tf.data.Options:

@@ -8,9 +8,12 @@ one element of the batch contract (``/work/notes/batch_api.md``; all shapes stat
   original_size [2] int32 (h, w) · image_scale [2] float32 (sy, sx) · valid_size [2] int32 ·
   example_valid bool   (plus ``_num_truncated`` int32, popped by the pipeline)
 
-Geometry. The image is scaled by ``min(H/h, W/w) * jitter`` (``jitter`` ~ U(scale_range) in
-training, 1 in evaluation), optionally flipped horizontally, randomly cropped to at most (H, W)
-(only when jitter > 1, i.e. large-scale jitter), then zero-padded at the bottom/right. Pixel
+Geometry. The image is scaled by ``base * jitter`` (``jitter`` ~ U(scale_range) in training, 1
+in evaluation), optionally flipped horizontally, randomly cropped to at most (H, W) (only when
+the scaled image overflows, i.e. large-scale jitter), then zero-padded at the bottom/right. The
+base scale fits the image into (H, W), ``min(H/h, W/w)`` (TF's TPU Mask R-CNN), or with
+``min_size`` > 0 follows torchvision / Detectron2: the shorter side to ``min_size`` unless the
+longer side would pass ``max_size``, ``min(min_size / min(h, w), max_size / max(h, w))``. Pixel
 (i, j) covers the continuous square [j, j+1) x [i, i+1); a box [x1, x2) maps to
 [x1 * sx - ox, x2 * sx - ox), clipped to the valid region; boxes narrower or shorter than 1 px
 afterwards are dropped, the rest keep their order, and more than G are truncated (counted).
@@ -43,7 +46,21 @@ def output_signature(image_size: Sequence[int], max_instances: int, mask_size: i
           NUM_TRUNCATED_KEY: ((), tf.int32)}
 
 
-def _draw_geometry(h, w, seed, image_size, training, scale_range, random_flip):
+def check_resize(image_size: Sequence[int], min_size: int, max_size: int) -> None:
+  """``ValueError`` unless (min_size, max_size) is off (0, 0) or a shorter-side rule whose
+  largest image fits ``image_size`` (it is padded to it; evaluation never crops)."""
+  if not min_size and not max_size:
+    return
+  if not 0 < min_size <= max_size:
+    raise ValueError(f"need 0 < min_size <= max_size (or both 0), got min_size={min_size}, "
+                     f"max_size={max_size}")
+  if min(int(v) for v in image_size) < max_size:
+    raise ValueError(f"image_size {tuple(image_size)} must hold max_size={max_size} on both "
+                     "sides: a resized image is padded to image_size, never cropped")
+
+
+def _draw_geometry(h, w, seed, image_size, training, scale_range, random_flip, min_size=0,
+                   max_size=0):
   """Scale, flip and crop parameters; stateless in ``seed`` so an example is reproducible."""
   out_h, out_w = float(image_size[0]), float(image_size[1])
   seeds = tf.random.experimental.stateless_split(seed, 4)
@@ -55,7 +72,11 @@ def _draw_geometry(h, w, seed, image_size, training, scale_range, random_flip):
     flip = tf.random.stateless_uniform([], seeds[1]) < 0.5
   else:
     flip = tf.constant(False)
-  scale = tf.minimum(out_h / h, out_w / w) * jitter
+  if min_size:
+    base = tf.minimum(min_size / tf.minimum(h, w), max_size / tf.maximum(h, w))
+  else:
+    base = tf.minimum(out_h / h, out_w / w)
+  scale = base * jitter
   rh = tf.maximum(tf.cast(tf.round(h * scale), tf.int32), 1)
   rw = tf.maximum(tf.cast(tf.round(w * scale), tf.int32), 1)
   vh = tf.minimum(rh, int(image_size[0]))
@@ -100,7 +121,8 @@ def _mask_targets(masks, idx, boxes_net, flip, h, w, sy, sx, oy, ox, mask_size):
 def transform_example(raw: Dict[str, tf.Tensor], seed: tf.Tensor, *, image_size: Tuple[int, int],
                       max_instances: int, mask_size: int, training: bool,
                       scale_range: Sequence[float] = (1.0, 1.0),
-                      random_flip: bool = False) -> Dict[str, tf.Tensor]:
+                      random_flip: bool = False, min_size: int = 0,
+                      max_size: int = 0) -> Dict[str, tf.Tensor]:
   """One raw example -> one batch-contract example (see the module docstring).
 
   Args:
@@ -113,12 +135,16 @@ def transform_example(raw: Dict[str, tf.Tensor], seed: tf.Tensor, *, image_size:
     training: draw jitter/flip/crop; evaluation only scales to fit.
     scale_range: (min, max) jitter factors.
     random_flip: flip horizontally with probability 0.5 (training only).
+    min_size, max_size: 0, 0 scales the image to fit ``image_size``; else the shorter side to
+      ``min_size``, the longer at most ``max_size`` (see the module docstring;
+      :func:`check_resize`).
   """
+  check_resize(image_size, min_size, max_size)
   image = raw["image"]
   shape = tf.shape(image)
   h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
   flip, rh, rw, vh, vw, oy, ox = _draw_geometry(h, w, seed, image_size, training, scale_range,
-                                                random_flip)
+                                                random_flip, min_size, max_size)
   sy, sx = tf.cast(rh, tf.float32) / h, tf.cast(rw, tf.float32) / w
 
   image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)

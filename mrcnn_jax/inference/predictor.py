@@ -1,8 +1,8 @@
 """``Predictor``: any image in, instances in the image's own coordinates out.
 
-The network runs at the config's static input size, so it compiles once: each image is scaled to
-fit ``config.data.image_size`` and zero-padded exactly as the evaluation pipeline does (the same
-TensorFlow transform), predicted, and the boxes and 28x28 masks are mapped back to the original
+The network runs at the config's static input size, so it compiles once: each image is scaled
+(to fit ``config.data.image_size``, or by ``config.data.min_size`` / ``max_size``) and
+zero-padded exactly as the evaluation pipeline does (the same TensorFlow transform), predicted, and the boxes and 28x28 masks are mapped back to the original
 pixels (masks pasted as torchvision's ``paste_masks_in_image``).
 
     predictor = Predictor.from_workdir(config, "workdirs/shapes")
@@ -37,12 +37,16 @@ def load_image(path: str) -> np.ndarray:
   return image
 
 
-def preprocess(image: np.ndarray, image_size: Sequence[int]) -> dict:
-  """Scales an image to fit ``image_size`` and pads it, as the evaluation pipeline does.
+def preprocess(image: np.ndarray, image_size: Sequence[int], min_size: int = 0,
+               max_size: int = 0) -> dict:
+  """Scales an image and pads it to ``image_size``, as the evaluation pipeline does.
 
   Args:
     image: [h, w, 3] uint8 RGB.
     image_size: (H, W) of the network input.
+    min_size, max_size: 0, 0 scales the image to fit ``image_size``; else its shorter side to
+      ``min_size``, its longer at most ``max_size`` (``config.data``; see
+      ``mrcnn_jax.data.transforms``).
 
   Returns:
     ``{'image': [H, W, 3] uint8, 'valid_size': [2] int32, 'image_scale': [2] float32 (sy, sx),
@@ -60,7 +64,8 @@ def preprocess(image: np.ndarray, image_size: Sequence[int]) -> dict:
          "image_id": tf.constant(0, tf.int32), "ok": tf.constant(True)}
   out = transforms.transform_example(
       raw, tf.zeros([2], tf.int64), image_size=tuple(int(v) for v in image_size),
-      max_instances=1, mask_size=1, training=False)
+      max_instances=1, mask_size=1, training=False, min_size=int(min_size),
+      max_size=int(max_size))
   return {k: out[k].numpy() for k in ("image", "valid_size", "image_scale", "original_size")}
 
 
@@ -87,6 +92,9 @@ class Predictor:
 
     self.config = config
     self.image_size = tuple(int(v) for v in config.data.image_size)
+    self.resize = (int(config.data.get("min_size", 0)), int(config.data.get("max_size", 0)))
+    from mrcnn_jax.data import transforms  # pylint: disable=g-import-not-at-top
+    transforms.check_resize(self.image_size, *self.resize)  # a bad config fails here
     num_fg = int(config.model.num_classes) - 1
     self.class_names = list(class_names) if class_names else [f"class_{k}" for k in
                                                               range(1, num_fg + 1)]
@@ -134,7 +142,7 @@ class Predictor:
       (1..K), ``labels`` N class names, ``category_ids`` [N], ``masks`` [N, h, w] bool;
       best first, scores >= ``score_threshold``.
     """
-    pre = preprocess(image, self.image_size)
+    pre = preprocess(image, self.image_size, *self.resize)
     out = self._predict(self.variables, pre["image"][None], pre["valid_size"][None])
     det = jax.device_get(out)
     h, w = (int(v) for v in pre["original_size"])

@@ -126,3 +126,42 @@ def test_degenerate_dropped_and_truncation_counted(rng):
   np.testing.assert_array_equal(out["gt_classes"], [1, 2, 3, 5])
   assert out[transforms.NUM_TRUNCATED_KEY] == 2
   assert out["gt_valid"].all()
+
+
+@pytest.mark.parametrize("hw", [(480, 640), (427, 640), (640, 480), (500, 1500), (800, 1333),
+                                (37, 1000), (1024, 1024)])
+def test_shorter_side_resize_matches_torchvision(hw):
+  """min_size / max_size: the size torchvision's GeneralizedRCNNTransform resizes to (it floors
+  h * scale and we round it, so the sides may differ by one pixel), padded to image_size."""
+  from torchvision.models.detection.transform import GeneralizedRCNNTransform
+  h, w = hw
+  tv = GeneralizedRCNNTransform(800, 1333, [0.0] * 3, [1.0] * 3)
+  tv_h, tv_w = tv.resize(torch.zeros(3, h, w), None)[0].shape[1:]
+  assert min(tv_h, tv_w) == 800 or max(tv_h, tv_w) >= 1332  # the rule under test
+  raw = {"image": np.zeros((h, w, 3), np.uint8), "boxes": np.zeros((0, 4), np.float32),
+         "classes": np.zeros((0,), np.int32), "masks": np.zeros((0, h, w), np.uint8),
+         "image_id": np.int32(0), "ok": np.bool_(True)}
+  out = _run(raw, image_size=(1344, 1344), min_size=800, max_size=1333)
+  vh, vw = out["valid_size"]
+  assert abs(vh - tv_h) <= 1 and abs(vw - tv_w) <= 1, ((vh, vw), (tv_h, tv_w))
+  assert out["image"].shape == (1344, 1344, 3)
+  np.testing.assert_allclose(out["image_scale"], [vh / h, vw / w], rtol=1e-6)
+
+
+def test_shorter_side_resize_with_jitter_spans_the_range(rng):
+  """The 3x recipe: jitter (0.8, 1.0) on a shorter side of 800 draws it from 640..800."""
+  raw = _raw(rng, h=48, w=64)
+  shorter = [min(_run(raw, seed=s, image_size=(1344, 1344), min_size=800, max_size=1333,
+                      training=True, scale_range=(0.8, 1.0))["valid_size"]) for s in range(12)]
+  assert 640 <= min(shorter) < max(shorter) <= 800, shorter
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(min_size=800, max_size=1333, image_size=(1024, 1344)), "must hold max_size"),
+    (dict(min_size=800, max_size=0), "min_size <= max_size"),
+    (dict(min_size=0, max_size=1333), "min_size <= max_size"),
+    (dict(min_size=900, max_size=800), "min_size <= max_size"),
+])
+def test_bad_resize_settings_raise(rng, kw, match):
+  with pytest.raises(ValueError, match=match):
+    _run(_raw(rng), **kw)

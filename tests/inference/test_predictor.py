@@ -38,6 +38,15 @@ def test_preprocess_matches_the_eval_geometry():
   assert pre["image"][21:].max() == 0  # zero padding below the valid region
 
 
+def test_preprocess_shorter_side_rule():
+  """With min_size / max_size the predictor resizes as torchvision does: 480 x 640 -> 800 x
+  1067 (fitting 1344 x 1344 would give 1008 x 1344)."""
+  image = np.zeros((480, 640, 3), np.uint8)
+  pre = inference.preprocess(image, (1344, 1344), 800, 1333)
+  np.testing.assert_array_equal(pre["valid_size"], [800, 1067])
+  assert pre["image"].shape == (1344, 1344, 3)
+
+
 @pytest.mark.slow
 def test_predict_any_size_and_files(predictor, tmp_path):
   rng = np.random.default_rng(1)
