@@ -7,7 +7,9 @@ Sources (``source``):
     ``DIR/annotations/instances_{train,val}.json`` and ``DIR/{train,val}/``.
   * ``'tfds'``: a TFDS builder with ``coco/2017``'s features (``tfds_name``, ``tfds_data_dir``,
     ``train_split``, ``eval_split``); see :mod:`mrcnn_jax.data.tfds_source` for where masks
-    come from.
+    come from. COCO metrics (the evaluator, evaluation during training) need an instances
+    JSON as ground truth, so they take ``'coco'``; ``eval_split`` feeds
+    ``tfds_source.build_tfds_eval_dataset`` (predictions without metrics).
 
 Batch sizes are global (over all hosts): training uses ``config.train.batch_size``, evaluation
 ``eval_batch_size``; each host reads ``global / jax.process_count()`` examples per step.

@@ -77,9 +77,16 @@ def check_local_path(name: str, path: str) -> None:
 
 def check_data_paths(config: ml_collections.ConfigDict, *, train: bool = True,
                      evaluate: bool = True) -> None:
-  """Raises ``FileNotFoundError`` with one clear line when a configured data path is missing."""
+  """Raises ``FileNotFoundError`` with one clear line when a configured data path is missing,
+  and ``ValueError`` when evaluation is asked of a source that cannot give COCO metrics (before
+  any training step, not after the last)."""
   d = config.data
   if d.source != "coco":
+    if evaluate:
+      raise ValueError(
+          f"COCO evaluation needs an instances JSON as ground truth (config.data.source='coco'),"
+          f" not source={d.source!r}: set config.eval.every_steps=0 and config.eval.at_end=False"
+          " to train from it, and evaluate on a COCO JSON (config.data.eval_annotations)")
     return
   keys = (["train_annotations", "train_images"] if train else []) + (
       ["eval_annotations", "eval_images"] if evaluate else [])

@@ -243,3 +243,14 @@ def test_url_workdir_and_data_paths_are_refused():
   config.data.train_annotations = "gs://bucket/instances_train2017.json"
   with pytest.raises(ValueError, match="config.data.train_annotations 'gs://"):
     loop.check_data_paths(config, train=True, evaluate=False)
+
+
+def test_tfds_source_with_evaluation_is_refused_before_training():
+  """The evaluator needs a COCO JSON; a TFDS run that asks for evaluation (eval.at_end is on by
+  default) must fail at the start, not after training every step."""
+  from mrcnn_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.get_base_config()
+  config.data.source = "tfds"
+  with pytest.raises(ValueError, match="COCO evaluation needs an instances JSON"):
+    loop.check_data_paths(config, train=True, evaluate=True)
+  loop.check_data_paths(config, train=True, evaluate=False)  # training alone is fine
