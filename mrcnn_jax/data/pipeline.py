@@ -11,13 +11,14 @@ Usage::
 Order. The training stream is a pure function of ``(seed, epoch, position)``: global position
 ``g`` (example g of the run, over all hosts) reads record
 ``index_shuffle(g mod n, seed=(seed, g // n))``, so every epoch is a fresh permutation, and
-host ``p`` of ``P`` takes the positions ``g = k * P + p``. Resuming at step ``s`` starts at
-``k = s * host_batch``: nothing is replayed. Augmentation draws are stateless in
+host ``p`` of ``P`` takes rows ``[p * hb, (p + 1) * hb)`` of every global batch (``hb`` = global
+batch / P), so a global batch is the same, row for row, for any host count. Resuming at step
+``s`` starts there: nothing is replayed. Augmentation draws are stateless in
 ``(seed, g)``, so the resumed examples are bit-identical. (A bad image dropped at run time shifts
 the following examples of that host by one; resume stays exact when none is dropped.)
 
-Evaluation: the n images are padded to a multiple of the global batch; host ``p`` takes
-positions ``k * P + p``; positions >= n are padding slots (``example_valid`` False,
+Evaluation: the n images are padded to a multiple of the global batch; host ``p`` takes the
+same rows of every global batch as in training; positions >= n are padding slots (``example_valid`` False,
 ``image_id`` -1), so every image is seen exactly once and every host runs the same number of
 batches. A bad image also keeps its slot, marked ``example_valid`` False.
 """
@@ -25,6 +26,8 @@ batches. A bad image also keeps its slot, marked ``example_valid`` False.
 from __future__ import annotations
 
 import math
+import re
+import threading
 from typing import Any, Dict, Iterator, Optional
 
 from absl import logging
@@ -95,6 +98,9 @@ class InputPipeline:
         # clear message it recorded rather than TF's wrapped traceback.
         if self.stats.last_error and self.stats.last_error in str(e):
           raise coco_lib.BadExampleError(self.stats.last_error) from None
+        raised = re.search(r"BadExampleError: ([^\n]+)", str(e))  # other threads counted on
+        if raised:
+          raise coco_lib.BadExampleError(raised.group(1)) from None
         raise
       batch = {k: v.numpy() for k, v in batch.items()}
       truncated = int(batch.pop(transforms.NUM_TRUNCATED_KEY).sum())
@@ -104,11 +110,28 @@ class InputPipeline:
       yield batch
 
 
-def _load_fn(source: coco_lib.CocoSource):
-  """A tf function: record index (int64, -1 = padding) -> raw example dict."""
+def _load_fn(source: coco_lib.CocoSource, give_up_after: int = 0):
+  """A tf function: record index (int64, -1 = padding) -> raw example dict.
+
+  ``give_up_after`` > 0 (training): after that many loads in a row that all fail (e.g. every
+  image missing because ``train_images`` names the wrong folder), raise ``BadExampleError``
+  naming the skip counts.
+  Training drops failed examples, so without it such a stream would never yield a batch.
+  """
+  failures = [0]  # consecutive failed loads; map calls run on several threads
+  lock = threading.Lock()
 
   def py_load(index):
     ex = source.load(int(index))
+    if give_up_after:
+      with lock:
+        failures[0] = 0 if ex["ok"] else failures[0] + 1
+        hopeless = failures[0] >= give_up_after
+      if hopeless:
+        message = (f"{give_up_after} training examples in a row could not be used, every "
+                   f"record at least once (skips so far: {source.stats.as_dict()}; last: "
+                   f"{source.stats.last_error}); check config.data.train_images")
+        raise coco_lib.BadExampleError(message)
     return tuple(ex[k] for k in _RAW_KEYS)
 
   def load(index):
@@ -181,7 +204,8 @@ def build_train_dataset(config, *, global_batch_size: Optional[int] = None,
   n = len(source)
   if n == 0:
     raise ValueError("the training source has no usable image (all skipped or empty)")
-  load = _load_fn(source)
+  # 2n positions in a row hold a whole epoch: all failing means no record can be used.
+  load = _load_fn(source, give_up_after=2 * n)
   kwargs = _transform_kwargs(config, training=True)
 
   def element(k):

@@ -1,6 +1,8 @@
 """Train/eval pipelines: static shapes, determinism, resume, 2-process sharding, global arrays."""
 
 import itertools
+import os
+import shutil
 
 import jax
 import numpy as np
@@ -127,3 +129,26 @@ def test_make_global_batch(shapes_dir):
     assert shard_rows == {2}  # 8 examples over a 4-way data axis
   with pytest.raises(ValueError):
     data.make_global_batch(host, Mesh(devices, ("batch",)))
+
+
+def test_training_stops_when_no_image_can_be_loaded(shapes_dir, tmp_path):
+  """An existing but wrong image folder: every load fails, and training drops failed examples,
+  so the stream would never yield a batch. It raises once a whole epoch has failed in a row."""
+  _, paths = shapes_dir
+  c = small_config(paths, train_images=str(tmp_path))  # exists, holds no image
+  p = data.build_train_dataset(c)
+  with pytest.raises(data.BadExampleError, match="in a row could not be used.*missing_image"):
+    _take(p, 1)
+  assert p.stats.as_dict()["missing_image"] >= 2 * len(p.source)
+
+
+def test_training_keeps_going_while_some_images_load(shapes_dir, tmp_path):
+  """One loadable image in 24 is enough: consecutive failures never reach two epochs."""
+  _, paths = shapes_dir
+  images = tmp_path / "train"
+  images.mkdir()
+  first = sorted(os.listdir(paths["train_images"]))[0]
+  shutil.copy(os.path.join(paths["train_images"], first), images / first)
+  p = data.build_train_dataset(small_config(paths, train_images=str(images)))
+  batches = _take(p, 2)
+  assert all(b["example_valid"].all() for b in batches)
