@@ -17,11 +17,15 @@ Target rules:
 * Training skips images without a usable instance (``skip_empty``); evaluation keeps all.
 
 Bad input, with ``on_bad_example='skip'`` (counted in :class:`DataStats`, logged) or ``'raise'``
-(:class:`BadExampleError`): an annotation whose image id or category id is unknown, whose
-polygon/RLE/bbox is malformed (checked at construction); an image file that is missing, cannot
-be decoded or whose size differs from the JSON (checked at load). In training a bad annotation
-removes its whole image (a partly labelled image would teach "object = background"); in
-evaluation the image is kept and only the bad annotation leaves the batch targets.
+(:class:`BadExampleError`): an image id listed more than once in ``images`` (all its entries and
+annotations are dropped); an annotation whose image id or category id is unknown (a category id
+must be an int or an integral float: 1.7, True or "1" are unknown), whose polygon/RLE/bbox is
+malformed (an RLE's counts must be non-negative and sum to height*width; a bbox must overlap the
+image) (checked at construction); an image file that is missing, cannot be decoded or whose size
+differs from the JSON, or masks pycocotools cannot decode (checked at load). In training a bad
+annotation removes its whole image (a partly labelled image would teach "object =
+background"); in evaluation the image is kept and only the bad annotation leaves the batch
+targets.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import collections
 import dataclasses
 import json
 import math
+import numbers
 import os
 import threading
 from typing import Any, Dict, List, Optional, Sequence
@@ -65,12 +70,29 @@ class DataStats:
       return dict(self.counts)
 
 
+def _as_int(value) -> Optional[int]:
+  """``value`` (an id or a size) as an int; None unless an int (not bool) or an integral float.
+
+  Integral floats (``1.0``) are accepted because JSON written via float columns (pandas, JS) has
+  them, and ``1.0`` already matches image id 1 in a dict lookup; ``int()`` would also turn 1.7,
+  True or "1" into 1, silently relabelling an instance.
+  """
+  if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    return int(value)
+  if isinstance(value, float) and value.is_integer():
+    return int(value)
+  return None
+
+
 class CategoryMap:
   """COCO category ids <-> contiguous class ids 1..K (0 = background), in increasing id order."""
 
   def __init__(self, categories: Sequence[Dict[str, Any]]):
-    cats = sorted(categories, key=lambda c: int(c["id"]))
-    self.category_ids: List[int] = [int(c["id"]) for c in cats]
+    bad = [c.get("id") for c in categories if _as_int(c.get("id")) is None]
+    if bad:
+      raise BadExampleError(f"category ids must be integers, got {bad!r}")
+    cats = sorted(categories, key=lambda c: _as_int(c["id"]))
+    self.category_ids: List[int] = [_as_int(c["id"]) for c in cats]
     if len(set(self.category_ids)) != len(cats):
       raise BadExampleError(f"duplicate category ids in {self.category_ids}")
     self.names: List[str] = [str(c.get("name", c["id"])) for c in cats]
@@ -82,13 +104,13 @@ class CategoryMap:
     return len(self.category_ids) + 1
 
   def __contains__(self, category_id) -> bool:
-    return int(category_id) in self._to_contiguous
+    return _as_int(category_id) in self._to_contiguous
 
   def to_contiguous(self, category_ids) -> np.ndarray:
-    """COCO ids [...] -> int32 contiguous ids in 1..K (KeyError on an unknown id)."""
+    """COCO ids [...] -> int32 contiguous ids in 1..K (KeyError on an unknown or non-integer id)."""
     ids = np.asarray(category_ids)
-    return np.vectorize(lambda c: self._to_contiguous[int(c)], otypes=[np.int32])(ids) if ids.size \
-        else ids.astype(np.int32)
+    return np.vectorize(lambda c: self._to_contiguous[_as_int(c)], otypes=[np.int32])(ids) \
+        if ids.size else ids.astype(np.int32)
 
   def to_category_id(self, contiguous) -> np.ndarray:
     """Contiguous ids 1..K [...] -> int64 COCO category ids (ValueError outside 1..K)."""
@@ -103,13 +125,69 @@ def _finite_numbers(values) -> bool:
              for v in values)
 
 
+def _rle_string_counts(s: str) -> Optional[List[int]]:
+  """The run lengths in a compressed COCO RLE string, read as pycocotools' C ``rleFrString`` does.
+
+  Each count is little-endian 5-bit groups, one per char (value = char - 48; bit 0x20: another
+  group follows; bit 0x10 of the last group: negative); from the 4th count on the string holds
+  the difference to the count two before. Returns None for a char outside '0'..'o', a string
+  ending inside a count, or a count over 6 chars (the C decoder's 32-bit shift would overflow):
+  C reads past the string's end or garbage bits there instead of failing.
+  """
+  counts = []
+  value = shift = 0
+  for ch in s:
+    c = ord(ch) - 48
+    if not 0 <= c < 64 or shift >= 30:
+      return None
+    value |= (c & 0x1f) << shift
+    shift += 5
+    if c & 0x20:
+      continue
+    if c & 0x10:
+      value -= 1 << shift  # sign extension
+    if len(counts) > 2:
+      value += counts[-2]
+    counts.append(value)
+    value = shift = 0
+  return None if shift else counts
+
+
+def _check_rle_counts(counts, height: int, width: int) -> Optional[str]:
+  """Why RLE ``counts`` (a list or a compressed str/bytes) is unusable, or None.
+
+  pycocotools decodes counts that do not sum to height*width without an error, into a mask with
+  uninitialised memory (different garbage each call), so the sum is checked here.
+  """
+  if isinstance(counts, (str, bytes)):
+    # latin-1 maps each byte to one char, so a non-ascii byte is rejected like any bad char.
+    runs = _rle_string_counts(counts.decode("latin-1") if isinstance(counts, bytes) else counts)
+    if runs is None:
+      return f"compressed RLE counts {counts[:20]!r} are not a valid RLE string"
+    kind = "compressed"
+  elif isinstance(counts, list):
+    runs, kind = counts, "uncompressed"
+  else:
+    return f"RLE counts must be a list or a string, got {type(counts).__name__}"
+  if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in runs):
+    return f"{kind} RLE counts must be non-negative ints"
+  if sum(runs) != height * width:
+    return f"{kind} RLE counts sum to {sum(runs)}, not height*width = {height * width}"
+  return None
+
+
 def check_annotation(ann: Dict[str, Any], height: int, width: int) -> Optional[str]:
   """Returns why ``ann`` cannot be used (bbox / segmentation checks), or None when it is fine."""
   bbox = ann.get("bbox")
   if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not _finite_numbers(bbox):
     return f"bbox must be 4 finite numbers, got {bbox!r}"
-  if bbox[2] < 0 or bbox[3] < 0:
+  x, y, w, h = bbox
+  if w < 0 or h < 0:
     return f"bbox has negative width/height: {bbox}"
+  # Pixel columns [x, x + w) must meet [0, width) (rows likewise); a box wholly off the image
+  # cannot be a label of it.
+  if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+    return f"bbox {bbox} lies outside the {width}x{height} image"
   seg = ann.get("segmentation")
   if isinstance(seg, list):
     if not seg:
@@ -121,16 +199,11 @@ def check_annotation(ann: Dict[str, Any], height: int, width: int) -> Optional[s
         return f"bad polygon part {shown!r} (need >= 3 finite (x, y) pairs)"
     return None
   if isinstance(seg, dict):
-    size, counts = seg.get("size"), seg.get("counts")
-    if not isinstance(size, (list, tuple)) or [int(s) for s in size] != [height, width]:
+    size = seg.get("size")
+    if (not isinstance(size, (list, tuple)) or len(size) != 2
+        or [_as_int(s) for s in size] != [height, width]):
       return f"RLE size {size!r} differs from the image size {[height, width]}"
-    if isinstance(counts, list):
-      if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != height * width:
-        return "uncompressed RLE counts must be non-negative ints summing to height*width"
-      return None
-    if isinstance(counts, (str, bytes)) and counts:
-      return None
-    return f"RLE counts must be a list or a string, got {type(counts).__name__}"
+    return _check_rle_counts(seg.get("counts"), height, width)
   return f"segmentation must be a polygon list or an RLE dict, got {type(seg).__name__}"
 
 
@@ -212,16 +285,27 @@ class CocoSource:
     self.stats.count(reason, message)
 
   def _build_records(self, skip_empty: bool) -> List[ImageRecord]:
-    images = {}
+    images, copies = {}, collections.Counter()
     for img in self.dataset.get("images", []):
       try:
-        images[int(img["id"])] = (str(img["file_name"]), int(img["height"]), int(img["width"]))
+        image_id = int(img["id"])
+        images[image_id] = (str(img["file_name"]), int(img["height"]), int(img["width"]))
+        copies[image_id] += 1
       except (KeyError, TypeError, ValueError):
         self._bad("bad_image_entry", f"image entry without id/file_name/height/width: {img!r}")
+    # Which entry a repeated id's annotations belong to is unknowable (keeping one would pair
+    # them with a maybe wrong file), so every entry with that id goes, with its annotations.
+    duplicates = {i for i, n in copies.items() if n > 1}
+    for image_id in sorted(duplicates):
+      del images[image_id]
+      self._bad("duplicate_image_id", f"image id {image_id} appears {copies[image_id]} times in "
+                "the 'images' list; all its entries and annotations are dropped")
     anns_by_image = collections.defaultdict(list)
     bad_images = set()
     for ann in self.dataset.get("annotations", []):
       image_id, ann_id = ann.get("image_id"), ann.get("id")
+      if image_id in duplicates:
+        continue  # already counted as duplicate_image_id
       if image_id not in images:
         self._bad("unknown_image_id", f"annotation {ann_id} refers to image id {image_id!r}, "
                   "which is not in the 'images' list")
@@ -283,9 +367,14 @@ class CocoSource:
                             f"{rec.height}x{rec.width}; its masks would not line up")
     n = len(rec.classes)
     if n:
-      rles = [segmentation_to_rle(s, rec.height, rec.width) for s in rec.segmentations]
+      try:
+        rles = [segmentation_to_rle(s, rec.height, rec.width) for s in rec.segmentations]
+        decoded = mask_utils.decode(rles)
+      except (ValueError, TypeError) as e:  # construction checks should leave nothing to fail here
+        return self._bad_load("bad_segmentation", f"image {rec.image_id}: cannot decode its masks: "
+                              f"{type(e).__name__}: {e}")
       # decode gives [h, w, N] in Fortran order; one transposing copy makes [N, h, w] C-order.
-      masks = np.ascontiguousarray(np.transpose(mask_utils.decode(rles), (2, 0, 1)))
+      masks = np.ascontiguousarray(np.transpose(decoded, (2, 0, 1)))
       xywh = np.asarray(rec.boxes_xywh, np.float32)
       boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
     else:

@@ -5,6 +5,8 @@ import os
 import shutil
 
 import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
 import pytest
 
 from mrcnn_jax import data
@@ -36,6 +38,8 @@ def _broken_copy(src_paths, out, case):
         a["segmentation"] = [[1, 1, 5, 1, 5, 5]]
   elif case == "bad_polygon":
     first["segmentation"] = [[1.0, 2.0, 3.0, 4.0]]  # 2 points: pycocotools would read a box
+  elif case == "bad_rle":  # pycocotools.decode raises on this, inside tf.numpy_function
+    first["segmentation"] = {"size": [img["height"], img["width"]], "counts": "!!!!garbage"}
   elif case == "unknown_category":
     first["category_id"] = 99
   elif case == "unknown_image_id":
@@ -47,7 +51,7 @@ def _broken_copy(src_paths, out, case):
 
 
 LOAD_CASES = ["missing_image", "corrupt_image", "image_size_mismatch"]
-BUILD_CASES = ["bad_polygon", "unknown_category", "unknown_image_id"]
+BUILD_CASES = ["bad_polygon", "bad_rle", "unknown_category", "unknown_image_id"]
 
 
 @pytest.mark.parametrize("case", LOAD_CASES + BUILD_CASES)
@@ -65,7 +69,7 @@ def test_skip_counts_and_keeps_eval_slots(shapes_dir, tmp_path, case):
   else:
     assert valid.sum() == n_images and bad_id in ids[valid]
   assert ev.stats.as_dict(), "the skip must be counted"
-  reason = case if case != "bad_polygon" else "bad_annotation"
+  reason = "bad_annotation" if case in ("bad_polygon", "bad_rle") else case
   assert ev.stats.as_dict().get(reason, 0) >= 1
   # Training never sees the broken image (unknown_image_id only loses the orphan annotation).
   tr = data.build_train_dataset(c)
@@ -103,6 +107,12 @@ def test_missing_annotation_file_is_clear(tmp_path):
                         on_bad_example="ignore")
 
 
+# A 4x5 mask with several runs (so a prefix is a truncated but well-formed string).
+_VALID_4X5 = mask_utils.encode(np.asfortranarray(
+    np.array([[0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [1, 0, 0, 1, 1], [1, 1, 0, 0, 0]], np.uint8))
+)["counts"].decode()
+
+
 @pytest.mark.parametrize("ann, problem", [
     ({"bbox": [0, 0, 1], "segmentation": [[0, 0, 1, 0, 1, 1]]}, "bbox"),
     ({"bbox": [0, 0, float("nan"), 1], "segmentation": [[0, 0, 1, 0, 1, 1]]}, "bbox"),
@@ -111,9 +121,95 @@ def test_missing_annotation_file_is_clear(tmp_path):
     ({"bbox": [0, 0, 1, 1], "segmentation": []}, "empty"),
     ({"bbox": [0, 0, 1, 1], "segmentation": {"size": [4, 5], "counts": [3, 2]}}, "sum"),
     ({"bbox": [0, 0, 1, 1], "segmentation": {"size": [9, 9], "counts": "abc"}}, "size"),
+    ({"bbox": [0, 0, 1, 1], "segmentation": {"size": ["a", "b"], "counts": "abc"}}, "size"),
+    ({"bbox": [0, 0, 1, 1], "segmentation": {"size": [4, 5], "counts": [-1, 21]}}, "negative"),
+    # Compressed RLE that pycocotools decodes into uninitialised memory or fails on later.
+    ({"bbox": [0, 0, 1, 1], "segmentation": {"size": [4, 5], "counts": "0"}}, "sum"),
+    ({"bbox": [0, 0, 1, 1], "segmentation": {"size": [4, 5], "counts": _VALID_4X5[:2]}}, "sum"),
+    ({"bbox": [0, 0, 1, 1], "segmentation": {"size": [4, 5], "counts": "!!!!garbage"}}, "valid"),
+    ({"bbox": [0, 0, 1, 1], "segmentation": {"size": [4, 5], "counts": "2P"}}, "valid"),  # cut
+    ({"bbox": [100, 100, 5, 5], "segmentation": [[0, 0, 1, 0, 1, 1]]}, "outside"),
+    ({"bbox": [-3, 0, 3, 1], "segmentation": [[0, 0, 1, 0, 1, 1]]}, "outside"),  # edge only
     ({"bbox": [0, 0, 1, 1], "segmentation": None}, "segmentation"),
 ])
 def test_check_annotation(ann, problem):
   assert problem in coco_lib.check_annotation(ann, 4, 5)
   ok = {"bbox": [0, 0, 1, 1], "segmentation": {"size": [4, 5], "counts": [3, 17]}}
   assert coco_lib.check_annotation(ok, 4, 5) is None
+
+
+def test_check_annotation_accepts_pycocotools_rle(rng):
+  masks = [np.zeros((4, 5), np.uint8), np.ones((4, 5), np.uint8)]
+  masks += [(rng.random((h, w)) < p).astype(np.uint8)
+            for h, w, p in [(4, 5, 0.5), (37, 23, 0.1), (64, 48, 0.9), (300, 200, 0.5)]]
+  big = np.zeros((900, 1000), np.uint8)  # long runs: multi-char counts
+  big[200:700, 300:950] = 1
+  masks.append(big)
+  for m in masks:
+    h, w = m.shape
+    rle = mask_utils.encode(np.asfortranarray(m))
+    for counts in (rle["counts"], rle["counts"].decode()):
+      ann = {"bbox": [0, 0, w, h], "segmentation": {"size": [h, w], "counts": counts}}
+      assert coco_lib.check_annotation(ann, h, w) is None
+
+
+def _tiny_json(tmp_path, images, annotations, categories=({"id": 1, "name": "a"},)):
+  """Writes a COCO JSON (and a 20x30 PNG per image) under tmp_path; returns (json, image dir)."""
+  for img in images:
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / img["file_name"])
+  path = tmp_path / "ann.json"
+  path.write_text(json.dumps({"images": images, "annotations": annotations,
+                              "categories": list(categories)}))
+  return str(path), str(tmp_path)
+
+
+def _ann(ann_id, image_id, **kw):
+  return dict({"id": ann_id, "image_id": image_id, "category_id": 1, "bbox": [1, 1, 9, 9],
+               "segmentation": [[1, 1, 10, 1, 10, 10]], "iscrowd": 0}, **kw)
+
+
+def _img(image_id, file_name):
+  return {"id": image_id, "file_name": file_name, "height": 20, "width": 30}
+
+
+@pytest.mark.parametrize("category_id", [1.7, True, "1", None, [1]])
+def test_non_integer_category_id_is_unknown(tmp_path, category_id):
+  ann, images = _tiny_json(tmp_path, [_img(1, "a.png")], [_ann(1, 1, category_id=category_id)])
+  src = coco_lib.CocoSource(ann, images, training=False)
+  assert src.stats.as_dict().get("unknown_category") == 1
+  assert src.records[0].classes == []  # not silently category 1
+  with pytest.raises(coco_lib.BadExampleError, match="category id"):
+    coco_lib.CocoSource(ann, images, training=False, on_bad_example="raise")
+
+
+def test_integral_float_category_id_is_accepted(tmp_path):
+  ann, images = _tiny_json(tmp_path, [_img(1, "a.png")], [_ann(1, 1, category_id=1.0)])
+  src = coco_lib.CocoSource(ann, images, training=False)
+  assert not src.stats.as_dict() and src.records[0].classes == [1]
+  with pytest.raises(coco_lib.BadExampleError, match="category ids must be integers"):
+    coco_lib.CategoryMap([{"id": "1", "name": "a"}])
+
+
+def test_duplicate_image_ids_drop_every_entry(tmp_path):
+  ann, images = _tiny_json(tmp_path, [_img(1, "a.png"), _img(2, "b.png"), _img(1, "c.png")],
+                           [_ann(1, 1), _ann(2, 2), _ann(3, 1)])
+  for training in (True, False):
+    src = coco_lib.CocoSource(ann, images, training=training)
+    assert [r.image_id for r in src.records] == [2]
+    # Counted once, under its own reason (its annotations are not also "unknown_image_id").
+    assert src.stats.as_dict() == {"duplicate_image_id": 1}
+  with pytest.raises(coco_lib.BadExampleError, match="image id 1 appears 2 times"):
+    coco_lib.CocoSource(ann, images, training=True, on_bad_example="raise")
+
+
+def test_mask_decode_failure_at_load_is_a_counted_skip(tmp_path):
+  ann, images = _tiny_json(tmp_path, [_img(1, "a.png")], [_ann(1, 1)])
+  src = coco_lib.CocoSource(ann, images, training=False)
+  assert src.load(0)["ok"]
+  # Construction rejects such RLE; this stands for anything pycocotools still fails on.
+  src.records[0].segmentations[0] = {"size": [20, 30], "counts": "!!!!garbage"}
+  assert not src.load(0)["ok"]
+  assert src.stats.as_dict() == {"bad_segmentation": 1}
+  src.on_bad_example = "raise"
+  with pytest.raises(coco_lib.BadExampleError, match="image 1: cannot decode its masks"):
+    src.load(0)
