@@ -1,12 +1,18 @@
 """The optimizer and learning-rate schedule (optax), torchvision's detection recipe.
 
 The update for a trainable parameter ``p`` with gradient ``g`` at step ``t`` is PyTorch's SGD
-(dampening 0, no Nesterov), so a run matches the reference recipe step for step::
+(dampening 0, no Nesterov)::
 
     g <- clip(g)                         # optional, global norm over trainable gradients
     g <- g + weight_decay * p            # only for kernels (ndim >= 2), not biases / norms
     m <- momentum * m + g
     p <- p - lr(t) * m
+
+One difference from the references: torchvision's detection recipe and Detectron2 (by default)
+decay biases too; here, as the project's spec asks, every parameter with fewer than 2 dims
+(biases, norm scales and offsets) is exempt. Given the same split (torch SGD with the decay and
+no-decay parameter groups that ``weight_decay_mask`` makes), the updates are PyTorch's step for
+step (``tests/training/test_optimizer.py``).
 
 Frozen parameters (frozen-BN affine, stem, stage 1; see ``modeling.trainable_mask``) get a zero
 update and carry no optimizer state at all (``optax.multi_transform`` with ``set_to_zero``).
