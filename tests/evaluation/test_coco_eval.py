@@ -132,9 +132,10 @@ def test_mask_ap_size_ranges_use_mask_area():
 
 
 def test_detections_to_coco_maps_back_to_original_pixels():
-  """Full-box masks of GT rectangles, predicted at 2x scale, score AP 1.0 at IoU 0.5."""
+  """Full-box masks of GT rectangles, predicted at (sy, sx) = (2, 1.5), score AP 1.0 at IoU 0.5
+  (unequal scales: swapping the axes would fail)."""
   coco = _toy_coco()
-  scale = 2.0
+  sy, sx = 2.0, 1.5
   boxes = np.zeros((2, 4, 4), np.float32)
   classes = np.zeros((2, 4), np.int32)
   valid = np.zeros((2, 4), bool)
@@ -142,14 +143,14 @@ def test_detections_to_coco_maps_back_to_original_pixels():
   for b, image_id in enumerate((10, 11)):
     for d, ann in enumerate(coco.imgToAnns[image_id]):
       x, y, w, h = ann["bbox"]
-      boxes[b, d] = np.array([x, y, x + w, y + h]) * scale
+      boxes[b, d] = np.array([x, y, x + w, y + h]) * [sx, sy, sx, sy]
       classes[b, d] = cat_to_class[ann["category_id"]]
       valid[b, d] = True
   masks = np.ones((2, 4, 28, 28), np.float32)
   detections = {"boxes": boxes, "scores": np.full((2, 4), 0.8, np.float32),
                 "classes": classes, "masks": masks, "valid": valid}
   batch = {"image_id": np.array([10, 11]), "original_size": np.array([[60, 80], [50, 50]]),
-           "image_scale": np.full((2, 2), scale, np.float32),
+           "image_scale": np.tile(np.float32([sy, sx]), (2, 1)),
            "example_valid": np.array([True, True])}
   results = coco_eval.detections_to_coco(detections, batch, {1: 3, 2: 7})
   assert len(results) == 3

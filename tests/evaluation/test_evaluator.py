@@ -45,7 +45,7 @@ def setup(tmp_path_factory):
   paths = data_lib.generate_shapes(out, num_train=2, num_val=7, size=64, seed=3)
   c = config_lib.get_base_config()
   c.data.update(paths)
-  c.data.image_size = (64, 64)
+  c.data.image_size = (96, 96)  # images of longer side 64 are scaled by 1.5 and mapped back
   c.data.max_instances = 12
   c.data.mask_size = 28  # GT masks at the predicted masks' resolution: pasted as predictions
   c.data.eval_batch_size = 3  # 7 images: the last batch has 2 padding slots
