@@ -54,25 +54,33 @@ def _hat_weights(u: jax.Array, n: int) -> jax.Array:
 def _roi_axis_weights(lo, hi, g_lo, g_hi, s: int, size: int, sampling_ratio: int):
   """Averaged bilinear weights of one axis: [R, size, s].
 
+  Each bin averages ``n = clip(ceil(bin_len), 1, sampling_ratio)`` samples, torchvision's
+  adaptive ``ceil(roi_side / size)`` capped at the ``sampling_ratio`` static sample slots
+  (slots ``k >= n`` get zero weight).
+
   Args:
     lo, hi: [R] float32, the RoI's extent on this axis (image pixels).
     g_lo, g_hi: [R] float32, the matched GT box's extent on this axis.
     s: static int, the cropped mask's resolution.
     size: static int, output bins.
-    sampling_ratio: static int, samples per bin on this axis.
+    sampling_ratio: static int, the most samples per bin on this axis.
   """
   # roi_align with aligned=False: the RoI is at least one pixel long.
   length = jnp.maximum(hi - lo, 1.0)
   bin_len = length / size
+  # torchvision's kernel: grid = ceil(roi_height / pooled_height), i.e. ceil(bin_len); capped
+  # at the sampling_ratio slots that the static shapes provide.
+  n = jnp.clip(jnp.ceil(bin_len), 1.0, sampling_ratio)[:, None, None]  # [R, 1, 1]
   p = jnp.arange(size, dtype=jnp.float32)[:, None]
   k = jnp.arange(sampling_ratio, dtype=jnp.float32)[None, :]
   # Same evaluation order as torchvision's kernel: start + p * bin + (k + .5) * bin / grid.
   x = (lo[:, None, None] + p * bin_len[:, None, None]
-       + (k + 0.5) * bin_len[:, None, None] / sampling_ratio)  # [R, size, sr]
+       + (k + 0.5) * bin_len[:, None, None] / n)  # [R, size, sr]
   g_len = g_hi - g_lo
   scale = jnp.where(g_len > 0, s / jnp.where(g_len > 0, g_len, 1.0), 0.0)
   u = (x + 0.5 - g_lo[:, None, None]) * scale[:, None, None] - 0.5
-  w = jnp.mean(_hat_weights(u, s), axis=2)  # [R, size, s]
+  used = (k < n)[..., None]  # [R, 1, sr, 1]: the first n slots of each bin
+  w = jnp.sum(_hat_weights(u, s) * used, axis=2) / n  # [R, size, s]
   # An empty GT box has no mask at all.
   return w * (g_len > 0)[:, None, None]
 
@@ -84,11 +92,13 @@ def mask_targets(gt_masks: ArrayLike, gt_boxes: ArrayLike, rois: ArrayLike,
 
   Equal to torchvision's ``project_masks_on_boxes``, i.e. ``roi_align(full_image_masks, rois,
   (size, size), spatial_scale=1, aligned=False)``, computed from masks cropped to their boxes.
-  The sampling grid is fixed (``sampling_ratio`` x ``sampling_ratio`` points per bin) where
-  torchvision adapts it to the RoI (``ceil(roi_side / size)`` per axis): the two agree for
-  RoIs up to ``sampling_ratio * size`` pixels a side (56 at the defaults, most foreground
-  RoIs of small and medium objects); larger RoIs are sampled more sparsely here, which only
-  blurs the target's edge a little, and keeps the shapes static.
+  Like torchvision, each bin averages ``ceil(side / size)`` bilinear samples along each axis
+  (``side`` the RoI's length on that axis, forced to >= 1 pixel), but no more than
+  ``sampling_ratio``, which keeps the shapes static. The two therefore agree for every RoI
+  whose sides are at most ``sampling_ratio * size`` pixels (56 at the defaults: most
+  foreground RoIs of small and medium objects). Along a longer side each bin takes
+  ``sampling_ratio`` samples instead of ``ceil(side / size)`` (as ``roi_align`` with that
+  fixed ``sampling_ratio`` does), which only blurs the target's edge a little.
 
   Args:
     gt_masks: [G, S, S] float32 (or bool/uint8) masks, each cropped to its GT box and
@@ -97,7 +107,7 @@ def mask_targets(gt_masks: ArrayLike, gt_boxes: ArrayLike, rois: ArrayLike,
     rois: [R, 4] float32, xyxy pixels.
     matched_idx: [R] int, the GT index of each RoI; negative gives an all-zero target.
     size: static int, output resolution.
-    sampling_ratio: static int >= 1, bilinear samples per bin and axis.
+    sampling_ratio: static int >= 1, the most bilinear samples per bin and axis.
 
   Returns:
     [R, size, size] float32 targets in ``[0, 1]`` (soft at mask edges; not thresholded, as

@@ -39,11 +39,21 @@ def _random_rois(rng, r, lo=0.5, hi=60.0):
 
 
 def _tv_targets(full, rois, idx, size, sampling_ratio):
-  """torchvision's roi_align of the matched full-image masks (0 where unmatched)."""
-  batch_rois = np.concatenate([np.maximum(idx, 0)[:, None], rois], 1).astype(np.float32)
-  out = roi_align(torch.from_numpy(full)[:, None], torch.from_numpy(batch_rois),
-                  (size, size), 1.0, sampling_ratio, False)[:, 0].numpy()
-  return np.where((idx >= 0)[:, None, None], out, 0.0)
+  """torchvision's roi_align of the matched full-image masks on mask_targets' grid.
+
+  That grid has ``n = clip(ceil(side / size), 1, sampling_ratio)`` samples per bin on each
+  axis. torchvision's roi_align takes one count for both axes, so each RoI is pooled with one
+  sample per bin at ``(n_y size) x (n_x size)`` bins (the same sample points) and each
+  ``n_y x n_x`` block of bins averaged. 0 where unmatched.
+  """
+  out = []
+  for roi, i in zip(rois, np.maximum(idx, 0)):
+    side = np.maximum(roi[2:] - roi[:2], np.float32(1.0))  # aligned=False: >= 1 pixel
+    n_x, n_y = np.clip(np.ceil(side / np.float32(size)), 1, sampling_ratio).astype(int)
+    fine = roi_align(torch.from_numpy(full[i:i + 1])[:, None], [torch.from_numpy(roi[None])],
+                     (size * n_y, size * n_x), 1.0, 1, False)[0, 0].numpy()
+    out.append(fine.reshape(size, n_y, size, n_x).mean(axis=(1, 3)))
+  return np.where((idx >= 0)[:, None, None], np.stack(out), 0.0)
 
 
 _targets_jit = jax.jit(mask_targets, static_argnames=("size", "sampling_ratio"))
@@ -65,13 +75,15 @@ def test_mask_targets_exact_crop_matches_roi_align(seed):
     np.testing.assert_allclose(out, _tv_targets(full, rois, idx, size, sr), atol=1e-5)
 
 
-def test_mask_targets_equals_torchvision_project_masks_for_medium_rois():
-  # torchvision's own target function samples adaptively, ceil(side / 28) per axis: 2 for
-  # sides in (28, 56], where it equals the fixed grid of sampling_ratio=2.
+@pytest.mark.parametrize("lo,hi", [(0.5, 4.0), (4.0, 28.0), (28.5, 55.5), (0.5, 55.5)])
+def test_mask_targets_equals_torchvision_project_masks_up_to_56(lo, hi):
+  # torchvision's own target function samples adaptively, ceil(max(side, 1) / 28) points per
+  # bin and axis: 1 for sides <= 28, 2 in (28, 56], the same as mask_targets at
+  # sampling_ratio=2. (Longer sides get 2 here, >= 3 there: see _tv_targets.)
   rng = np.random.default_rng(3)
   g, s, r = 3, 24, 32
   full, crops, gt_boxes = _exact_scene(rng, g, s)
-  rois = _random_rois(rng, r, lo=28.5, hi=55.5)
+  rois = _random_rois(rng, r, lo=lo, hi=hi)
   idx = rng.integers(0, g, r).astype(np.int32)
   ref = project_masks_on_boxes(torch.from_numpy(full), torch.from_numpy(rois),
                                torch.from_numpy(idx.astype(np.int64)), 28).numpy()
