@@ -119,9 +119,11 @@ def _axis_samples(start: jax.Array, length: jax.Array, out_len: int, grid: int,
   c = start + step + _divide(i * bin_size, grid)                # [..., P, G]
   size = extent.astype(jnp.float32)[..., None, None]
   inside = (c >= -1.0) & (c <= size)
+  # A sample outside gets weight 0 below, but 0 * NaN is NaN: move it to 0 so that a NaN
+  # coordinate (a NaN box; never inside) reaches neither the weights nor the indices.
+  c = jnp.where(inside, c, 0.0)
   # Clamping into [0, size - 1] reproduces torchvision's two border rules at once: samples in
   # [-1, 0) read pixel 0, samples in [size - 1, size] read pixel size - 1 with weight 1.
-  # (It also keeps far-away, masked-out samples' indices in range.)
   c = jnp.clip(c, 0.0, size - 1.0)
   low = jnp.floor(c)
   frac = c - low                                                 # weight of the high corner

@@ -134,6 +134,35 @@ def test_gradient_matches_torchvision_backward(ratio, aligned):
     assert _rel_err(got, want) < 1e-5, (seed, _rel_err(got, want))
 
 
+@pytest.mark.parametrize("aligned", [True, False])
+def test_nan_box_pools_to_zero(aligned):
+  # A NaN coordinate makes every sample "outside" (weight 0), and 0 * NaN would still be NaN:
+  # the box must pool to exactly 0 and leave the other boxes, and the gradient, untouched.
+  rng = np.random.default_rng(12)
+  features = rng.normal(size=(2, 10, 13, 3)).astype(np.float32)
+  boxes = _boxes(rng, 2, 8, 40, 52)
+  nan_boxes = boxes.copy()
+  nan_boxes[0, 1, 0] = np.nan  # one coordinate
+  nan_boxes[1, 5] = np.nan     # all four
+  cotangent = rng.normal(size=(2, 8, 3, 2, 3)).astype(np.float32)
+
+  @jax.jit
+  def pool_and_grad(f, b, ct):
+    out, vjp = jax.vjp(lambda x: roi_align(x, b, (3, 2), spatial_scale=0.25, aligned=aligned),
+                       f)
+    return out, vjp(ct)[0]
+
+  got, got_grad = pool_and_grad(features, nan_boxes, cotangent)
+  want, _ = pool_and_grad(features, boxes, cotangent)
+  ok = np.ones((2, 8), bool)
+  ok[0, 1] = ok[1, 5] = False
+  np.testing.assert_array_equal(np.asarray(got)[~ok], 0.0)
+  np.testing.assert_array_equal(np.asarray(got)[ok], np.asarray(want)[ok])
+  # The gradient is that of the other boxes alone.
+  _, want_grad = pool_and_grad(features, boxes, np.where(ok[..., None, None, None], cotangent, 0))
+  np.testing.assert_allclose(got_grad, want_grad, rtol=0, atol=1e-6)
+
+
 def test_vmap_over_leading_axis():
   rng = np.random.default_rng(4)
   features = rng.normal(size=(3, 1, 9, 11, 2)).astype(np.float32)
