@@ -69,8 +69,7 @@ def _greedy_keep(coords, groups, candidate, iou_threshold, max_output_size, bloc
 
   Args:
     coords: (x1, y1, x2, y2, area), each [nb, B] float32, in descending score order.
-    groups: [nb, B] int32 class ids, or None for plain NMS. Stored as float32 in the kept
-      buffer, which is exact for ids below 2**24.
+    groups: [nb, B] int32 class ids, or None for plain NMS.
     candidate: [nb, B] bool, False for padding (-inf scores, always sorted last).
     iou_threshold: scalar float32.
     max_output_size: static int; the loop may stop once this many are kept.
@@ -84,9 +83,9 @@ def _greedy_keep(coords, groups, candidate, iou_threshold, max_output_size, bloc
   tri = jnp.arange(block)[:, None] < jnp.arange(block)[None, :]  # earlier suppresses later
   thr = jnp.asarray(iou_threshold, jnp.float32)
   lane = jnp.arange(block, dtype=jnp.int32)
-  # Features stored per box: x1, y1, x2, y2, area (and the group id, exact in float32).
-  feats = list(coords) + ([groups.astype(jnp.float32)] if groups is not None else [])
-  nf = len(feats)
+  # Features stored per box: x1, y1, x2, y2, area (float32), and the group id (int32: as a
+  # float32, ids beyond 2**24 would round and compare equal). One buffer per feature.
+  feats = list(coords) + ([groups] if groups is not None else [])
 
   def suppression(src, dst):
     """[B, B] bool: src box (row) would suppress dst box (column) if src is kept."""
@@ -115,7 +114,7 @@ def _greedy_keep(coords, groups, candidate, iou_threshold, max_output_size, bloc
 
     def inner_body(s):
       t, alive = s
-      src = lax.dynamic_slice_in_dim(kept_buf, t * block, block, axis=1)
+      src = tuple(lax.dynamic_slice_in_dim(f, t * block, block) for f in kept_buf)
       src_valid = t * block + lane < count
       hit = suppression(src, dst) & src_valid[:, None]
       return t + 1, alive & ~jnp.any(hit, axis=0)
@@ -140,15 +139,15 @@ def _greedy_keep(coords, groups, candidate, iou_threshold, max_output_size, bloc
     # A block wiped out by earlier boxes (common under heavy overlap) skips the [B, B] work.
     kept_j = lax.cond(jnp.any(alive), resolve, lambda a: a, alive)
 
-    # Append the block's kept boxes to the buffer, in order (dropped ones scatter nowhere).
+    # Append the block's kept boxes to the buffers, in order (dropped ones scatter nowhere).
     rank = jnp.cumsum(kept_j, dtype=jnp.int32) - 1
     dest = jnp.where(kept_j, count + rank, capacity)
-    kept_buf = kept_buf.at[:, dest].set(jnp.stack(dst), mode="drop")
+    kept_buf = tuple(f.at[dest].set(v, mode="drop") for f, v in zip(kept_buf, dst))
     keep = keep.at[j].set(kept_j)
     return j + 1, keep, kept_buf, count + jnp.sum(kept_j, dtype=jnp.int32)
 
-  init = (jnp.int32(0), jnp.zeros_like(candidate), jnp.zeros((nf, capacity), jnp.float32),
-          jnp.int32(0))
+  kept_buf = tuple(jnp.zeros((capacity,), f.dtype) for f in feats)  # kept boxes, in order
+  init = (jnp.int32(0), jnp.zeros_like(candidate), kept_buf, jnp.int32(0))
   _, keep, _, _ = lax.while_loop(outer_cond, outer_body, init)
   return keep
 
@@ -230,7 +229,8 @@ def batched_nms(boxes: ArrayLike, scores: ArrayLike, classes: ArrayLike, iou_thr
   Args:
     boxes: [N, 4] float32, xyxy pixels.
     scores: [N] float32; ``-inf`` marks padding, which is never kept.
-    classes: [N] int, the class (or any group id) of each box.
+    classes: [N] int, the class (or any int32 group id) of each box; ids are compared
+      exactly.
     iou_threshold: suppression when IoU ``> iou_threshold`` within a class.
     max_output_size: static int, the output length.
     block_size: static int, sorted boxes per tile (performance only).

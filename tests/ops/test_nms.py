@@ -112,6 +112,19 @@ def test_identical_boxes_of_two_classes_both_kept():
   np.testing.assert_array_equal(_valid(nms(boxes, scores, 0.5, 64, block_size=64)), [0])
 
 
+@pytest.mark.parametrize("block_size", [64, 1])  # within a block; across blocks
+@pytest.mark.parametrize("ids", [[2**24, 2**24 + 1], [-(2**24) - 1, -(2**24)],
+                                 [2**31 - 1, 2**31 - 2]])
+def test_large_group_ids_are_exact(ids, block_size):
+  # Ids that round to the same float32 are still different groups (torchvision's offset trick
+  # merges them); equal ids still suppress.
+  boxes, scores = np.array([[0, 0, 10, 10]] * 3, np.float32), np.array([0.9, 0.8, 0.7], np.float32)
+  classes = np.array(ids + ids[:1], np.int32)
+  boxes, scores, classes = _pad(3, boxes, scores, classes)
+  np.testing.assert_array_equal(_valid(batched_nms(boxes, scores, classes, 0.5, 64,
+                                                   block_size=block_size)), [0, 1])
+
+
 def test_hand_computed_threshold_is_strict():
   # IoU([0,0,2,2], [0,0,2,1]) = 2 / (4 + 2 - 2) = 0.5 exactly in float32; the third box is far.
   boxes = np.array([[0, 0, 2, 2], [0, 0, 2, 1], [10, 10, 11, 11]], np.float32)
