@@ -8,7 +8,9 @@
 4. draws the predictions on validation images into ``<workdir>/predictions/``;
 5. prints mask and box AP and the wall time.
 
-Config overrides work as for train.py, e.g. ``--config.train.num_steps=100`` for a quick look.
+Config overrides work as for train.py, e.g. ``--config.train.num_steps=100`` for a quick look,
+except the data paths, which ``--data_dir`` sets (a ``--config.data.*_annotations`` or
+``*_images`` override is refused: train.py takes your own data).
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ def _run(config) -> None:
   start = time.time()
   data_dir = _DATA_DIR.value
   paths = data_lib.shapes_data_paths(data_dir)
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])  # {"data.x": v, ...}
+  overridden = sorted(k for k in paths if f"data.{k}" in overrides)
+  if overridden:
+    raise ValueError(f"main_job.py trains on the shapes data set in --data_dir; it does not take "
+                     f"config.data.{', config.data.'.join(overridden)} (use scripts/train.py "
+                     "for your own data)")
   if not os.path.exists(paths["eval_annotations"]):
     print(f"[1/4] generating the shapes data set in {data_dir}", flush=True)
     data_lib.generate_shapes(data_dir, num_train=200, num_val=50, size=128, seed=0)

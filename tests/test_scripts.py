@@ -57,3 +57,14 @@ def test_predict_missing_images_is_one_line(tmp_path):
   errors = error_lines(proc)
   assert len(errors) == 1 and "no image found" in errors[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_main_job_refuses_data_path_overrides(tmp_path):
+  """main_job.py sets the data paths from --data_dir; an override would be silently replaced."""
+  proc = run_script("main_job.py", "--workdir", str(tmp_path / "w"), "--data_dir",
+                    str(tmp_path / "d"), "--config.data.train_images=/my/images")
+  assert proc.returncode == 1
+  errors = error_lines(proc)
+  assert len(errors) == 1 and "config.data.train_images" in errors[0], proc.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "d"), "refused before generating anything"
