@@ -107,7 +107,22 @@ def test_tfds_eval_matches_coco_json(tfds_dir, masks):
     assert np.concatenate(filled).mean() > 0.9  # box-filled
 
 
-def test_tfds_auto_needs_masks_and_two_hosts_cover_eval(tfds_dir):
+@pytest.mark.parametrize("mode, match", [("auto", "has no instance masks"),
+                                         ("panoptic", "has no 'panoptic_image'"),
+                                         ("polygons", "must be 'auto'")])
+def test_tfds_mask_mode_without_panoptic_masks_is_refused(mode, match):
+  """coco/2017 itself carries boxes only: 'auto' and 'panoptic' must refuse it (not train on
+  empty masks), and an unknown mode is named."""
+  import types  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+  builder = types.SimpleNamespace(name="coco/2017",
+                                  info=types.SimpleNamespace(features={"image": None}))
+  config = types.SimpleNamespace(data=types.SimpleNamespace(tfds_masks=mode))
+  with pytest.raises(ValueError, match=match):
+    tfds_source._mask_mode(builder, config)  # pylint: disable=protected-access
+
+
+def test_tfds_two_hosts_cover_eval(tfds_dir):
   data_dir, paths = tfds_dir
   c = small_config(paths, source="tfds", tfds_name="fake_coco_shapes", tfds_data_dir=data_dir)
   ids, counts = [], []
