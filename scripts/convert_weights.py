@@ -32,6 +32,7 @@ from absl import flags
 
 from mrcnn_jax.convert import common
 from mrcnn_jax.convert import sources
+import _cli  # scripts/_cli.py
 
 _SOURCE = flags.DEFINE_enum("source", None, sources.SOURCES, "Kind of weight file.")
 _INPUT = flags.DEFINE_string("input", None, "Weight file (.pth or .pkl).")
@@ -45,9 +46,7 @@ _STRIDE_IN_1X1 = flags.DEFINE_bool("d2_stride_in_1x1", True,
 flags.mark_flags_as_required(["source", "input", "output"])
 
 
-def main(argv):
-  del argv
-  logging.getLogger().setLevel(logging.INFO)
+def _convert(_):
   variables, config = sources.convert_file(
       _SOURCE.value, _INPUT.value, num_classes=_NUM_CLASSES.value,
       input_format=_INPUT_FORMAT.value, stride_in_1x1=_STRIDE_IN_1X1.value)
@@ -55,5 +54,14 @@ def main(argv):
   logging.info("wrote %s and %s/%s", path, _OUTPUT.value, common.CONFIG_FILE)
 
 
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.getLogger().setLevel(logging.INFO)
+  # A missing file or a weight file that does not fit (ConversionError, a ValueError) is one
+  # line, "error: ...", and exit status 1, as for the other scripts.
+  _cli.run_main(_convert, argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_cli.parse_flags)

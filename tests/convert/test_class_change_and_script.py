@@ -122,5 +122,16 @@ def test_script_v2_source_fails_clearly_on_a_v1_file(tmp_path, small_state):
   torch.save({k: torch.from_numpy(v) for k, v in small_state.items()}, pth)
   proc = _run_script("--source", "torchvision-v2", "--input", str(pth), "--output",
                      str(tmp_path / "o"))
-  assert proc.returncode != 0
-  assert "ConversionError" in proc.stderr and "--source torchvision)" in proc.stderr
+  assert proc.returncode == 1
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "--source torchvision)" in errors[0], proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+
+
+def test_script_missing_input_and_stray_arguments_are_one_line(tmp_path):
+  proc = _run_script("--source", "torchvision", "--input", str(tmp_path / "nope.pth"),
+                     "--output", str(tmp_path / "o"))
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert [l for l in proc.stderr.splitlines() if l.startswith("error:")], proc.stderr[-3000:]
+  proc = _run_script("--source", "torchvision", "--input", "a.pth", "--output", "o", "extra")
+  assert proc.returncode != 0 and "unexpected arguments: extra" in proc.stderr
