@@ -94,13 +94,15 @@ class InputPipeline:
       except StopIteration:
         return
       except tf.errors.OpError as e:
-        # In 'raise' mode the loader's BadExampleError surfaces as a TF error; re-raise the
-        # clear message it recorded rather than TF's wrapped traceback.
-        if self.stats.last_error and self.stats.last_error in str(e):
-          raise coco_lib.BadExampleError(self.stats.last_error) from None
-        raised = re.search(r"BadExampleError: ([^\n]+)", str(e))  # other threads counted on
+        # A BadExampleError of the loader ('raise' mode, or a stream that cannot load
+        # anything) surfaces as a TF error; re-raise its own message rather than TF's wrapped
+        # traceback (read from the error text: other loader threads may have counted more
+        # skips, and so changed stats.last_error, since).
+        raised = re.search(r"BadExampleError: ([^\n]+)", str(e))
         if raised:
           raise coco_lib.BadExampleError(raised.group(1)) from None
+        if self.stats.last_error and self.stats.last_error in str(e):
+          raise coco_lib.BadExampleError(self.stats.last_error) from None
         raise
       batch = {k: v.numpy() for k, v in batch.items()}
       truncated = int(batch.pop(transforms.NUM_TRUNCATED_KEY).sum())
