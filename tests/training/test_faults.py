@@ -298,7 +298,8 @@ def test_non_finite_loss_stops_with_one_line_error(side_runs):
   errors = [l for l in log.splitlines() if l.startswith("error:")]
   assert len(errors) == 1, log[-3000:]
   # The 4th batch is poisoned: step 4, counted from 1 like the progress lines.
-  assert re.match(r"error: non-finite loss at step 4: \{.*'total_loss': nan", errors[0]), errors
+  assert re.match(r"error: non-finite loss or gradient at step 4: \{.*'total_loss': nan",
+                  errors[0]), errors
   assert "Traceback" not in log
   assert "step 3/8" in log and "step 4/8" not in log  # stopped at the first flush after it
 
