@@ -213,3 +213,25 @@ def test_mask_decode_failure_at_load_is_a_counted_skip(tmp_path):
   src.on_bad_example = "raise"
   with pytest.raises(coco_lib.BadExampleError, match="image 1: cannot decode its masks"):
     src.load(0)
+
+
+def test_check_annotation_accepts_long_runs_and_zero_size_boxes_at_the_edge():
+  """A run of 2**29+ pixels takes 7 chars (pycocotools reads it); a zero-width box at x = 0 is
+  not "outside" (the transform drops it as degenerate, without losing its image)."""
+  for h, w in [(30000, 20000), (40000, 30000)]:
+    rle = mask_utils.frPyObjects({"size": [h, w], "counts": [h * w]}, h, w)
+    assert int(mask_utils.area(rle)) == 0
+    ann = {"bbox": [0, 0, 5, 5], "segmentation": {"size": [h, w], "counts": rle["counts"]}}
+    assert coco_lib.check_annotation(ann, h, w) is None
+  for bbox in ([0, 5, 0, 3], [5, 0, 3, 0]):
+    assert coco_lib.check_annotation({"bbox": bbox, "segmentation": [[0, 0, 1, 0, 1, 1]]},
+                                     20, 30) is None
+
+
+@pytest.mark.parametrize("image_id", [1.5, True, "1", None])
+def test_non_integer_image_id_is_a_bad_entry(tmp_path, image_id):
+  ann, images = _tiny_json(tmp_path, [_img(1, "a.png"), _img(image_id, "b.png")],
+                           [_ann(1, 1)])
+  src = coco_lib.CocoSource(ann, images, training=False)
+  assert [r.image_id for r in src.records] == [1]  # not a duplicate of image 1
+  assert src.stats.as_dict() == {"bad_image_entry": 1}
