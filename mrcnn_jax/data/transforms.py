@@ -8,12 +8,13 @@ one element of the batch contract (``/work/notes/batch_api.md``; all shapes stat
   original_size [2] int32 (h, w) · image_scale [2] float32 (sy, sx) · valid_size [2] int32 ·
   example_valid bool   (plus ``_num_truncated`` int32, popped by the pipeline)
 
-Geometry. The image is scaled by ``base * jitter`` (``jitter`` ~ U(scale_range) in training, 1
-in evaluation), optionally flipped horizontally, randomly cropped to at most (H, W) (only when
-the scaled image overflows, i.e. large-scale jitter), then zero-padded at the bottom/right. The
-base scale fits the image into (H, W), ``min(H/h, W/w)`` (TF's TPU Mask R-CNN), or with
-``min_size`` > 0 follows torchvision / Detectron2: the shorter side to ``min_size`` unless the
-longer side would pass ``max_size``, ``min(min_size / min(h, w), max_size / max(h, w))``. Pixel
+Geometry. The image is scaled, optionally flipped horizontally, randomly cropped to at most
+(H, W) (only when the scaled image overflows, i.e. large-scale jitter), then zero-padded at the
+bottom/right. The scale fits the image into (H, W) times the jitter, ``min(H/h, W/w) * jitter``
+(TF's TPU Mask R-CNN; ``jitter`` ~ U(scale_range) in training, 1 in evaluation), or with
+``min_size`` > 0 follows torchvision / Detectron2: the shorter side to ``min_size * jitter``
+unless the longer side would pass ``max_size``, ``min(min_size * jitter / min(h, w), max_size
+/ max(h, w))``. Pixel
 (i, j) covers the continuous square [j, j+1) x [i, i+1); a box [x1, x2) maps to
 [x1 * sx - ox, x2 * sx - ox), clipped to the valid region; boxes narrower or shorter than 1 px
 afterwards are dropped, the rest keep their order, and more than G are truncated (counted).
@@ -73,10 +74,10 @@ def _draw_geometry(h, w, seed, image_size, training, scale_range, random_flip, m
   else:
     flip = tf.constant(False)
   if min_size:
-    base = tf.minimum(min_size / tf.minimum(h, w), max_size / tf.maximum(h, w))
+    # Detectron2's multi-scale rule: the jitter draws the shorter side, the cap stays max_size.
+    scale = tf.minimum(min_size * jitter / tf.minimum(h, w), max_size / tf.maximum(h, w))
   else:
-    base = tf.minimum(out_h / h, out_w / w)
-  scale = base * jitter
+    scale = tf.minimum(out_h / h, out_w / w) * jitter
   rh = tf.maximum(tf.cast(tf.round(h * scale), tf.int32), 1)
   rw = tf.maximum(tf.cast(tf.round(w * scale), tf.int32), 1)
   vh = tf.minimum(rh, int(image_size[0]))

@@ -149,11 +149,15 @@ def test_shorter_side_resize_matches_torchvision(hw):
 
 
 def test_shorter_side_resize_with_jitter_spans_the_range(rng):
-  """The 3x recipe: jitter (0.8, 1.0) on a shorter side of 800 draws it from 640..800."""
-  raw = _raw(rng, h=48, w=64)
-  shorter = [min(_run(raw, seed=s, image_size=(1344, 1344), min_size=800, max_size=1333,
-                      training=True, scale_range=(0.8, 1.0))["valid_size"]) for s in range(12)]
+  """The 3x recipe: jitter (0.8, 1.0) on a shorter side of 800 draws it from 640..800, and, as
+  Detectron2's multi-scale resize, the longer side stays capped at 1333, not at 0.8 x 1333."""
+  kw = dict(image_size=(1344, 1344), min_size=800, max_size=1333, training=True,
+            scale_range=(0.8, 1.0))
+  shorter = [min(_run(_raw(rng, h=48, w=64), seed=s, **kw)["valid_size"]) for s in range(12)]
   assert 640 <= min(shorter) < max(shorter) <= 800, shorter
+  # 1:3: the cap (1333 / 150) binds for every draw (800 * 0.8 / 50 is larger).
+  wide = [tuple(_run(_raw(rng, h=50, w=150), seed=s, **kw)["valid_size"]) for s in range(6)]
+  assert set(wide) == {(444, 1333)}, wide
 
 
 @pytest.mark.parametrize("kw, match", [
