@@ -18,8 +18,8 @@ batch / P), so a global batch is the same, row for row, for any host count. Resu
 the following examples of that host by one; resume stays exact when none is dropped.)
 
 Evaluation: the n images are padded to a multiple of the global batch; host ``p`` takes the
-same rows of every global batch as in training; positions >= n are padding slots (``example_valid`` False,
-``image_id`` -1), so every image is seen exactly once and every host runs the same number of
+same rows of every global batch as in training; positions >= n are padding slots
+(``example_valid`` False, ``image_id`` -1), so every image is seen exactly once and every host runs the same number of
 batches. A bad image also keeps its slot, marked ``example_valid`` False.
 """
 
@@ -115,24 +115,26 @@ class InputPipeline:
 def _load_fn(source: coco_lib.CocoSource, give_up_after: int = 0):
   """A tf function: record index (int64, -1 = padding) -> raw example dict.
 
-  ``give_up_after`` > 0 (training): after that many loads in a row that all fail (e.g. every
-  image missing because ``train_images`` names the wrong folder), raise ``BadExampleError``
-  naming the skip counts.
-  Training drops failed examples, so without it such a stream would never yield a batch.
+  ``give_up_after`` > 0 (training): when that many loads have all failed and none has ever
+  succeeded (e.g. every image missing because ``train_images`` names the wrong folder), raise
+  ``BadExampleError`` naming the skip counts. Training drops failed examples, so such a stream
+  would otherwise never yield a batch. (Only "none ever": failures in a row would also fire on
+  a mostly broken but usable set, as parallel loads and hosts interleave.)
   """
-  failures = [0]  # consecutive failed loads; map calls run on several threads
+  loads = [0, False]  # loads so far, whether one succeeded; map calls run on several threads
   lock = threading.Lock()
 
   def py_load(index):
     ex = source.load(int(index))
     if give_up_after:
       with lock:
-        failures[0] = 0 if ex["ok"] else failures[0] + 1
-        hopeless = failures[0] >= give_up_after
+        loads[0] += 1
+        loads[1] = loads[1] or bool(ex["ok"])
+        hopeless = not loads[1] and loads[0] >= give_up_after
       if hopeless:
-        message = (f"{give_up_after} training examples in a row could not be used, every "
-                   f"record at least once (skips so far: {source.stats.as_dict()}; last: "
-                   f"{source.stats.last_error}); check config.data.train_images")
+        message = (f"none of the first {give_up_after} training examples could be used (skips "
+                   f"so far: {source.stats.as_dict()}; last: {source.stats.last_error}); check "
+                   "config.data.train_images")
         raise coco_lib.BadExampleError(message)
     return tuple(ex[k] for k in _RAW_KEYS)
 
@@ -206,7 +208,7 @@ def build_train_dataset(config, *, global_batch_size: Optional[int] = None,
   n = len(source)
   if n == 0:
     raise ValueError("the training source has no usable image (all skipped or empty)")
-  # 2n positions in a row hold a whole epoch: all failing means no record can be used.
+  # This host's first 2n loads try most records at least once: none usable means none is.
   load = _load_fn(source, give_up_after=2 * n)
   kwargs = _transform_kwargs(config, training=True)
 

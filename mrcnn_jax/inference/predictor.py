@@ -2,8 +2,9 @@
 
 The network runs at the config's static input size, so it compiles once: each image is scaled
 (to fit ``config.data.image_size``, or by ``config.data.min_size`` / ``max_size``) and
-zero-padded exactly as the evaluation pipeline does (the same TensorFlow transform), predicted, and the boxes and 28x28 masks are mapped back to the original
-pixels (masks pasted as torchvision's ``paste_masks_in_image``).
+zero-padded exactly as the evaluation pipeline does (the same TensorFlow transform), predicted,
+and the boxes and 28x28 masks are mapped back to the original pixels (masks pasted as
+torchvision's ``paste_masks_in_image``).
 
     predictor = Predictor.from_workdir(config, "workdirs/shapes")
     result = predictor(image)                 # image: [h, w, 3] uint8 RGB
