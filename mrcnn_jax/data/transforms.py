@@ -14,10 +14,10 @@ bottom/right. The scale fits the image into (H, W) times the jitter, ``min(H/h, 
 (TF's TPU Mask R-CNN; ``jitter`` ~ U(scale_range) in training, 1 in evaluation), or with
 ``min_size`` > 0 follows torchvision / Detectron2: the shorter side to ``min_size * jitter``
 unless the longer side would pass ``max_size``, ``min(min_size * jitter / min(h, w), max_size
-/ max(h, w))``. Pixel
-(i, j) covers the continuous square [j, j+1) x [i, i+1); a box [x1, x2) maps to
-[x1 * sx - ox, x2 * sx - ox), clipped to the valid region; boxes narrower or shorter than 1 px
-afterwards are dropped, the rest keep their order, and more than G are truncated (counted).
+/ max(h, w))``. Pixel (i, j) covers the continuous square [j, j+1) x [i, i+1); a box [x1, x2)
+maps to [x1 * sx - ox, x2 * sx - ox), clipped to the valid region; boxes narrower or shorter
+than 1 px afterwards are dropped, the rest keep their order, and more than G are truncated
+(counted).
 
 Masks. Each kept instance's mask target is sampled directly from its *original* full-size
 mask (no intermediate resize), at the centres of an S x S grid laid over its final box: cell
@@ -137,8 +137,8 @@ def transform_example(raw: Dict[str, tf.Tensor], seed: tf.Tensor, *, image_size:
     scale_range: (min, max) jitter factors.
     random_flip: flip horizontally with probability 0.5 (training only).
     min_size, max_size: 0, 0 scales the image to fit ``image_size``; else the shorter side to
-      ``min_size``, the longer at most ``max_size`` (see the module docstring;
-      :func:`check_resize`).
+      ``min_size`` (times the jitter in training), the longer at most ``max_size`` (see the
+      module docstring; :func:`check_resize`).
   """
   check_resize(image_size, min_size, max_size)
   image = raw["image"]
