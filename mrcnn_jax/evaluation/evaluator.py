@@ -254,6 +254,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
   from mrcnn_jax.training import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
 
   loop.check_data_paths(config, train=False, evaluate=True)
+  ckpt_lib.check_checkpoint_model(config, checkpoint)
   variables, step = ckpt_lib.load_variables(checkpoint)
   mesh = loop.make_run_mesh(config)
   variables = jax.device_put(variables, sharding_lib.replicated(mesh))

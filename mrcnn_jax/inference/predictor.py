@@ -116,6 +116,7 @@ class Predictor:
     from mrcnn_jax.training import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
     import flax  # pylint: disable=g-import-not-at-top
 
+    ckpt_lib.check_checkpoint_model(config, path)  # parameters load by name, not by meaning
     flat = ckpt_lib.load_params(path)
     variables = {"params": flax.traverse_util.unflatten_dict(
         {k: jnp.asarray(v) for k, v in flat.items()}, sep="/")}

@@ -239,6 +239,22 @@ def restore_checkpoint(path: str, abstract_state: PyTree,
   return state, meta
 
 
+def check_checkpoint_model(config: ml_collections.ConfigDict, path: str) -> None:
+  """``ValueError`` when the checkpoint at ``path`` (workdir, ``checkpoints/`` folder or step
+  folder) was trained with another ``config.model``; weights files (no saved config) pass.
+
+  For inference and evaluation, which load parameters by name: a changed anchor size, pixel
+  mean or RoIAlign alignment would otherwise give wrong detections without any error.
+  """
+  if os.path.isfile(os.path.expanduser(path)):
+    return
+  ckpt, step = _resolve_checkpoint(path)
+  try:
+    check_model_config(config, ckpt.read_meta(step), f"{path} (step {step})")
+  finally:
+    ckpt.close()
+
+
 def _restore_raw(path: str) -> dict:
   """A checkpoint's saved state as nested dicts of numpy arrays (no target structure)."""
   ckpt, step = _resolve_checkpoint(path)

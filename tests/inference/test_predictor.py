@@ -93,3 +93,25 @@ def test_predict_any_size_and_files(predictor, tmp_path):
 def test_expand_image_paths_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="no image found"):
     inference.expand_image_paths(str(tmp_path / "*.png"))
+
+
+def test_from_workdir_refuses_a_checkpoint_of_another_model_config(predictor, tmp_path):
+  """Parameters load by name: a checkpoint trained with other anchors, pixel mean or RoIAlign
+  alignment would predict wrong boxes without any error, so predict and evaluate check the
+  model config saved with it, as resuming training does."""
+  from mrcnn_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.training import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  config = predictor.config
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  ckpt.save(3, {"params": predictor.variables["params"]}, ckpt_lib.checkpoint_meta(config, 3, 3),
+            force=True)
+  ckpt.close()
+  assert inference.Predictor.from_workdir(config, str(tmp_path)).config is config  # same: loads
+  other = config.copy_and_resolve_references()
+  other.model.roi.aligned = not other.model.roi.aligned
+  with pytest.raises(ValueError, match=r"different model config \(model.roi.aligned"):
+    inference.Predictor.from_workdir(other, str(tmp_path))
+  (tmp_path / "instances.json").write_text("{}")  # only checked to exist before the model
+  other.data.eval_annotations, other.data.eval_images = str(tmp_path / "instances.json"), "."
+  with pytest.raises(ValueError, match="different model config"):
+    evaluator.evaluate_checkpoint(other, str(tmp_path))
