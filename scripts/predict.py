@@ -4,10 +4,13 @@
       --images 'data_cache/shapes/val/*.png' --out predictions/
 
 ``--checkpoint`` picks one step folder instead of the workdir's latest. Unreadable images are
-skipped and listed (in the log and in ``<out>/results.json``); they do not stop the batch.
+skipped and listed (in the log and in ``<out>/results.json``); they do not stop the batch, but
+if none can be read the exit status is 1.
 """
 
 from __future__ import annotations
+
+import os
 
 import _cli  # noqa: F401
 from absl import app
@@ -30,11 +33,16 @@ def _predict(config):
   if not source:
     raise ValueError("give --workdir or --checkpoint")
   paths = inference.expand_image_paths(_IMAGES.value)
+  if os.path.exists(_OUT.value) and not os.path.isdir(_OUT.value):  # before loading the model
+    raise ValueError(f"--out {_OUT.value!r} is a file, not a folder")
   predictor = inference.Predictor.from_workdir(config, source, score_threshold=_SCORE.value)
   out = inference.predict_files(predictor, paths, _OUT.value)
   print(f"{len(out['overlays'])} images, {out['num_instances']} instances -> {out['results']}")
   for path, reason in out["failed"]:
     print(f"skipped (unreadable): {path}: {reason}")
+  if not out["overlays"]:
+    raise ValueError(f"none of the {len(paths)} images could be read (listed above and in "
+                     f"{out['results']})")
 
 
 def main(argv):

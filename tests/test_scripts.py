@@ -68,3 +68,37 @@ def test_main_job_refuses_data_path_overrides(tmp_path):
   errors = error_lines(proc)
   assert len(errors) == 1 and "config.data.train_images" in errors[0], proc.stderr[-2000:]
   assert not os.path.exists(tmp_path / "d"), "refused before generating anything"
+
+
+@pytest.mark.slow
+def test_predict_exits_1_when_no_image_can_be_read(tmp_path):
+  """Every image unreadable: results.json lists them, and the exit status says it failed."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax import modeling  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.config import load_config_file  # pylint: disable=g-import-not-at-top
+  config = load_config_file(os.path.join(ROOT, "experiments", "shapes.py"))
+  variables = modeling.init_variables(modeling.MaskRCNN(config.model), jax.random.PRNGKey(0),
+                                      tuple(config.data.image_size))
+  weights = tmp_path / "weights.npz"
+  np.savez(weights, **flax.traverse_util.flatten_dict(variables["params"], sep="/"))
+  (tmp_path / "broken.png").write_bytes(b"not a png")
+  proc = run_script("predict.py", "--config", "experiments/shapes.py", "--checkpoint",
+                    str(weights), "--images", str(tmp_path / "broken.png"),
+                    "--out", str(tmp_path / "out"))
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  errors = error_lines(proc)
+  assert len(errors) == 1 and "none of the 1 images could be read" in errors[0], errors
+  assert os.path.exists(tmp_path / "out" / "results.json")
+
+
+def test_predict_out_that_is_a_file_is_one_line(tmp_path):
+  (tmp_path / "a.png").write_bytes(b"x")
+  (tmp_path / "out").write_text("a file")
+  proc = run_script("predict.py", "--config", "experiments/shapes.py", "--workdir", str(tmp_path),
+                    "--images", str(tmp_path / "a.png"), "--out", str(tmp_path / "out"))
+  assert proc.returncode == 1
+  errors = error_lines(proc)
+  assert len(errors) == 1 and "is a file, not a folder" in errors[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr

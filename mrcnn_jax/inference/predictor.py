@@ -230,12 +230,15 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str) -> d
   from absl import logging  # pylint: disable=g-import-not-at-top
   from mrcnn_jax.inference import visualize  # pylint: disable=g-import-not-at-top
 
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
   os.makedirs(out_dir, exist_ok=True)
   records, overlays, failed = [], [], []
   for index, path in enumerate(paths):
     try:
       image = load_image(path)
-    except (OSError, ValueError) as e:
+    # Pillow refuses images over ~179 M pixels with DecompressionBombError, not an OSError.
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
       reason = f"{type(e).__name__}: {e}".splitlines()[0]
       logging.warning("skipping unreadable image %s (%s)", path, reason)
       failed.append((path, reason))

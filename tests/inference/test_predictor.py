@@ -90,6 +90,20 @@ def test_predict_any_size_and_files(predictor, tmp_path):
     assert mask.shape == (h, w)
 
 
+def test_predict_files_skips_an_image_pillow_refuses_as_too_large(predictor, tmp_path,
+                                                                  monkeypatch):
+  """Pillow's DecompressionBombError (images over ~179 M pixels) is not an OSError: one such
+  file must be a listed skip, not the end of the batch and of its results.json."""
+  small, big = tmp_path / "small.png", tmp_path / "big.png"
+  Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(small)
+  Image.fromarray(np.zeros((60, 90, 3), np.uint8)).save(big)
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 60x90 is over twice that, 20x30 not
+  out = inference.predict_files(predictor, [str(small), str(big)], str(tmp_path / "out"))
+  assert [p for p, _ in out["failed"]] == [str(big)]
+  assert "DecompressionBombError" in out["failed"][0][1]
+  assert len(out["overlays"]) == 1 and os.path.exists(out["results"])
+
+
 def test_expand_image_paths_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="no image found"):
     inference.expand_image_paths(str(tmp_path / "*.png"))
