@@ -109,11 +109,22 @@ class MaskRCNN(nn.Module):
 
   # ------------------------------------------------------------------ shared pieces
 
-  def _features(self, images: jax.Array, train: bool):
-    """uint8 [B, H, W, 3] -> [P2..P6] in the compute dtype."""
+  def _features(self, images: jax.Array, train: bool, valid_size: Optional[jax.Array] = None):
+    """uint8 [B, H, W, 3] -> [P2..P6] in the compute dtype.
+
+    ``valid_size`` [B, 2] int (h, w): pixels outside each image's valid region (its padding)
+    are 0 after normalising, as torchvision pads its normalised batch with zeros. Normalising
+    the zero padding instead makes it the mean-subtracted black (about -2), which changes what
+    the convolutions see near the border and with it the detections of any padded image.
+    """
     cfg = self.config
     x = images.astype(jnp.float32)
     x = (x - jnp.asarray(cfg.pixel_mean, jnp.float32)) / jnp.asarray(cfg.pixel_std, jnp.float32)
+    if valid_size is not None:
+      vs = jnp.asarray(valid_size, jnp.int32)
+      rows = jnp.arange(x.shape[1])[None, :, None] < vs[:, 0, None, None]  # [B, H, 1]
+      cols = jnp.arange(x.shape[2])[None, None, :] < vs[:, 1, None, None]  # [B, 1, W]
+      x = jnp.where((rows & cols)[..., None], x, 0.0)
     x = x.astype(jnp.dtype(cfg.compute_dtype))
     return self.fpn(self.backbone(x, train=train), train=train)
 
@@ -234,7 +245,7 @@ class MaskRCNN(nn.Module):
     valid_size = self._valid_size(images, batch.get("valid_size"))
     rpn_keys, roi_keys = jnp.split(jax.random.split(self.make_rng("sampling"), 2 * b), 2)
 
-    feats = self._features(images, train=True)
+    feats = self._features(images, train=True, valid_size=valid_size)
     objectness, deltas = self.rpn_head(feats)
     anchors, level_sizes = self._anchors((h, w))
 
@@ -306,7 +317,7 @@ class MaskRCNN(nn.Module):
     cfg = self.config
     h, w = images.shape[1:3]
     valid_size = self._valid_size(images, valid_size)
-    feats = self._features(images, train=False)
+    feats = self._features(images, train=False, valid_size=valid_size)
     objectness, deltas = self.rpn_head(feats)
     anchors, level_sizes = self._anchors((h, w))
     proposals, _, proposal_valid = self._proposals(objectness, deltas, anchors, level_sizes,

@@ -191,3 +191,36 @@ def test_trained_torchvision_model_same_detections(trained):
                   r["masks"][i, 0].numpy() > 0.5)
   print(worst)
   assert worst.total >= 8 and worst.confident >= 2, str(worst)  # the training took
+
+
+@pytest.mark.slow
+def test_padded_images_of_other_sizes_same_detections(trained):
+  """Images smaller than the static input, zero-padded, with their valid_size: torchvision pads
+  its normalised batch with zeros, so ours must see zeros there too (not normalised black).
+  Every crop keeps a 128 px longer side, so torchvision does not resize it."""
+  images, _ = synthetic_shapes(123, 4)
+  sizes = [(128, 128), (96, 128), (128, 80), (64, 128)]
+  crops = [im[:h, :w] for im, (h, w) in zip(images, sizes)]
+  with torch.no_grad():
+    ref = trained(_to_torch(crops))
+  padded = np.zeros((4, _SIZE, _SIZE, 3), np.uint8)
+  for i, c in enumerate(crops):
+    padded[i, :c.shape[0], :c.shape[1]] = c
+  variables, config = convert.convert_torchvision_maskrcnn(trained.state_dict())
+  config.roi.score_threshold = _SCORE_THRESHOLD
+  model = modeling.MaskRCNN(config)
+  out = jax.jit(lambda v, x, s: model.apply(v, x, s, method=modeling.MaskRCNN.predict))(
+      variables, jnp.asarray(padded), jnp.asarray(sizes, jnp.int32))
+  out = jax.tree.map(np.asarray, out)
+  worst = _Worst()
+  for b, r in enumerate(ref):
+    n = len(r["scores"])
+    assert int(out["valid"][b].sum()) == n, (sizes[b], n, int(out["valid"][b].sum()))
+    for i in range(n):
+      box = out["boxes"][b, i]
+      worst.check((b, i), box, r["boxes"][i].numpy(), out["classes"][b, i], int(r["labels"][i]),
+                  out["scores"][b, i], float(r["scores"][i]),
+                  paste_mask(out["masks"][b, i], box, sizes[b]) > 0.5,
+                  r["masks"][i, 0].numpy() > 0.5)
+  print(worst)
+  assert worst.total >= 8, str(worst)

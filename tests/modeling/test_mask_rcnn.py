@@ -161,6 +161,28 @@ def test_predict_finds_detections_with_a_confident_classifier(tiny, predict):
   assert masks.std() > 0 and np.all((masks > 0) & (masks < 1))
 
 
+def test_padding_content_does_not_change_predictions_or_losses(tiny, predict):
+  """Pixels outside valid_size are 0 after normalising, as in torchvision's padded batch: what
+  the uint8 padding holds (zeros from the pipeline, or anything else) must not matter. Before,
+  zero padding became normalised black and changed the detections near the border."""
+  cfg, model, variables = tiny
+  batch = make_batch(seed=3, num_valid=(3, 2))
+  other = dict(batch, image=batch["image"].copy())
+  for i, (h, w) in enumerate(batch["valid_size"]):
+    other["image"][i, h:] = 255
+    other["image"][i, :, w:] = 7
+  assert (batch["image"] != other["image"]).any()  # the second image is padded
+  a = predict(variables, batch["image"], batch["valid_size"])
+  b = predict(variables, other["image"], other["valid_size"])
+  for k in a:
+    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+  loss = jax.jit(lambda v, bt: model.apply(v, bt, method=MaskRCNN.losses,
+                                           rngs={"sampling": jax.random.key(1)})[0])
+  la, lb = loss(variables, batch), loss(variables, other)
+  for k in la:
+    np.testing.assert_array_equal(np.asarray(la[k]), np.asarray(lb[k]), err_msg=k)
+
+
 def test_bfloat16_losses_are_finite(tiny):
   _, _, variables = tiny  # parameters are float32 whatever the compute dtype
   cfg = modeling.tiny_model_config()
