@@ -114,3 +114,28 @@ def test_logs_and_stop(kit_env):
     time.sleep(0.1)
   else:
     pytest.fail("the training process survived stop.sh")
+
+
+def test_run_refuses_while_the_last_run_is_alive_and_takes_an_absolute_log_dir(kit_env,
+                                                                              tmp_path):
+  """A second run.sh while the first runs would share its workdir and orphan it (stop.sh reads
+  the pid file): it must refuse and keep the first run's log. LOG_DIR may be absolute."""
+  env, _, _ = kit_env
+  env = dict(env, LOG_DIR=str(tmp_path / "abs_logs"))
+  logs = pathlib.Path(env["LOG_DIR"])
+  first = _run("run.sh", env, "--", sys.executable, "-c",
+               "import time; print('first run', flush=True); time.sleep(60)")
+  assert first.returncode == 0, first.stderr
+  for _ in range(100):
+    if (logs / "pid").exists() and "first run" in (logs / "train.log").read_text():
+      break
+    time.sleep(0.1)
+  pid = int((logs / "pid").read_text())
+  try:
+    second = _run("run.sh", env, "--", sys.executable, "-c", "print('second run')")
+    assert second.returncode != 0 and "still going" in second.stderr, second.stderr
+    assert int((logs / "pid").read_text()) == pid
+    assert "first run" in (logs / "train.log").read_text()
+    assert "first run" in _run("logs.sh", env, "all", "5").stdout
+  finally:
+    assert f"sent SIGTERM to {pid}" in _run("stop.sh", env).stdout

@@ -13,7 +13,12 @@ set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME (the TPU VM or pod slice name)}"
 : "${ZONE:?set ZONE (e.g. us-central2-b)}"
 REPO_DIR="${REPO_DIR:-mrcnn_jax}"     # relative to the worker's home directory
-LOG_DIR="${LOG_DIR:-mrcnn_jax_logs}"
+LOG_DIR="${LOG_DIR:-mrcnn_jax_logs}"   # relative to the worker's home directory, or absolute
+# The log folder as the worker's shell reads it ($HOME expanded there, not here).
+case "$LOG_DIR" in
+  /*) LOG_PATH="$LOG_DIR" ;;
+  *) LOG_PATH="\$HOME/$LOG_DIR" ;;
+esac
 
 GCLOUD_TPU=(gcloud compute tpus tpu-vm)
 GCLOUD_FLAGS=(--zone="$ZONE")

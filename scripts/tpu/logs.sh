@@ -7,7 +7,7 @@ source "$(dirname "$0")/common.sh"
 worker="${1:-0}"
 lines="${2:-20}"
 if [[ "$worker" == "all" ]]; then
-  on_all_workers "echo \"== \$(hostname)\"; tail -n $lines ~/$LOG_DIR/train.log"
+  on_all_workers "echo \"== \$(hostname)\"; tail -n $lines $LOG_PATH/train.log"
 else
-  on_worker "$worker" "tail -n $lines -f ~/$LOG_DIR/train.log"
+  on_worker "$worker" "tail -n $lines -f $LOG_PATH/train.log"
 fi

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Starts the same command on every worker, detached, each logging to $LOG_DIR/train.log.
+# Starts the same command on every worker, detached, each appending to $LOG_DIR/train.log.
 # Usage: scripts/tpu/run.sh -- python scripts/train.py --config experiments/coco_r50_fpn_1x.py \
 #            --workdir /mnt/shared/r50_1x --config.data.train_images=...
 #
@@ -15,9 +15,17 @@ if [[ $# -eq 0 ]]; then
   exit 2
 fi
 printf -v cmd '%q ' "$@"
-on_all_workers "set -e; mkdir -p $LOG_DIR; cd $REPO_DIR
+# A worker whose last run is still alive refuses (two runs would share the workdir, and the
+# first would lose its pid file, so stop.sh could not reach it); the log is appended to.
+on_all_workers "set -e; mkdir -p $LOG_PATH; cd $REPO_DIR
+  if [[ -f $LOG_PATH/pid ]] && kill -0 \"\$(cat $LOG_PATH/pid)\" 2>/dev/null; then
+    echo \"worker \$(hostname): the last run (pid \$(cat $LOG_PATH/pid)) is still going;\" \
+      \"scripts/tpu/stop.sh first\" >&2
+    exit 1
+  fi
   source ~/mrcnn_jax_venv/bin/activate
-  nohup $cmd > ~/$LOG_DIR/train.log 2>&1 < /dev/null &
-  echo \$! > ~/$LOG_DIR/pid
+  echo \"=== run.sh started \$(date -u +%Y-%m-%dT%H:%M:%SZ)\" >> $LOG_PATH/train.log
+  nohup $cmd >> $LOG_PATH/train.log 2>&1 < /dev/null &
+  echo \$! > $LOG_PATH/pid
   echo \"worker \$(hostname): started pid \$!\""
 echo "follow with: scripts/tpu/logs.sh   (worker 0)   or   scripts/tpu/logs.sh all"

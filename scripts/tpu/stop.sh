@@ -7,7 +7,7 @@ source "$(dirname "$0")/common.sh"
 signal=TERM
 if [[ "${1:-}" == "--kill" ]]; then signal=KILL; fi
 # Only the process run.sh started (its pid file), never other Python jobs on the worker.
-on_all_workers "pid=\$(cat ~/$LOG_DIR/pid 2>/dev/null || true)
+on_all_workers "pid=\$(cat $LOG_PATH/pid 2>/dev/null || true)
   if [[ -n \"\$pid\" ]] && kill -$signal \"\$pid\" 2>/dev/null; then
     echo \"\$(hostname): sent SIG$signal to \$pid\"
   else
