@@ -240,6 +240,8 @@ def decode_image_rgb(path: str) -> np.ndarray:
     img.load()
   if img.mode == "RGB":
     return np.asarray(img)
+  if img.mode == "F":  # float pixels have no fixed range: [0, 1] data would convert to black
+    raise ValueError(f"{path}: a 32-bit float image (mode F); save it as 8-bit RGB")
   if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: keep the high bits
     a = np.asarray(img).astype(np.int64)
     a = (a >> 8) if a.max(initial=0) > 255 else a

@@ -62,6 +62,14 @@ def test_category_map_round_trip():
     coco_lib.CategoryMap([{"id": 1}, {"id": 1}])
 
 
+def test_decode_refuses_float_images(tmp_path):
+  """A float TIFF in [0, 1] would convert to an all-black image: refused (a counted skip)."""
+  path = str(tmp_path / "x.tif")
+  Image.fromarray(np.full((9, 13), 0.75, np.float32), mode="F").save(path)
+  with pytest.raises(ValueError, match="float image"):
+    coco_lib.decode_image_rgb(path)
+
+
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "LA", "I;16"])
 def test_decode_converts_to_rgb(tmp_path, rng, mode):
   rgb = rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)
