@@ -7,9 +7,9 @@ Launch (the README's main job runs this, after generating the data set)::
   # or all of it, plus evaluation and drawn predictions:
   python scripts/main_job.py --workdir workdirs/shapes
 
-Hardware: any CPU. Measured (``make demo`` in a fresh clone, idle 2-core VM, 2026-11-26): 1000
-steps at 0.13-0.16 s/step, 3.7 min end to end (data, training, evaluation, drawing).
-Result (50-image val split): mask AP 0.697, AP50 0.903, AP75 0.794; box AP 0.710, AP50 0.914
+Hardware: any CPU. Measured (``make demo`` in a fresh clone, idle 2-core VM, 2026-11-27): 1000
+steps at 0.13-0.16 s/step, 3.1 min end to end (data, training, evaluation, drawing).
+Result (50-image val split): mask AP 0.729, AP50 0.940, AP75 0.860; box AP 0.769, AP50 0.940
 (docs/benchmarks.md, "Main job", has the history). An earlier version of this recipe, stopped
 at 600 steps (decay at 450/550), reached mask AP 0.513, AP50 0.701.
 
