@@ -42,6 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from absl import logging
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 from pycocotools import mask as mask_utils
 
 
@@ -233,11 +234,17 @@ class ImageRecord:
   num_crowd: int = 0
 
 
-def decode_image_rgb(path: str) -> np.ndarray:
-  """[h, w, 3] uint8 RGB of any image PIL reads; raises OSError/ValueError on a bad file."""
+def decode_image_rgb(path: str, exif_transpose: bool = False) -> np.ndarray:
+  """[h, w, 3] uint8 RGB of any image PIL reads; raises OSError/ValueError on a bad file.
+
+  ``exif_transpose``: turn the pixels as the file's EXIF orientation says (as a photo viewer
+  shows them). Off for data sets: COCO annotations refer to the stored pixels.
+  """
   with open(path, "rb") as f:
     img = Image.open(f)
     img.load()
+  if exif_transpose:
+    img = ImageOps.exif_transpose(img)
   if img.mode == "RGB":
     return np.asarray(img)
   if img.mode == "F":  # float pixels have no fixed range: [0, 1] data would convert to black

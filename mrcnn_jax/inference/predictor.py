@@ -26,13 +26,15 @@ PyTree = Any
 
 
 def load_image(path: str) -> np.ndarray:
-  """[h, w, 3] uint8 RGB from any file Pillow reads (grayscale, RGBA, CMYK converted).
+  """[h, w, 3] uint8 RGB from any file Pillow reads (grayscale, RGBA, CMYK converted), turned
+  as its EXIF orientation says (a phone photo comes out upright, as a viewer shows it; boxes
+  and masks are in those pixels).
 
   Raises:
     OSError or ValueError: the file is missing or not a readable image.
   """
   from mrcnn_jax.data.coco import decode_image_rgb  # pylint: disable=g-import-not-at-top
-  image = decode_image_rgb(path)
+  image = decode_image_rgb(path, exif_transpose=True)
   if image.ndim != 3 or image.shape[-1] != 3 or min(image.shape[:2]) < 1:
     raise ValueError(f"{path}: not an RGB image (decoded shape {image.shape})")
   return image

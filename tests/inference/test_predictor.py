@@ -104,6 +104,22 @@ def test_predict_files_skips_an_image_pillow_refuses_as_too_large(predictor, tmp
   assert len(out["overlays"]) == 1 and os.path.exists(out["results"])
 
 
+def test_load_image_turns_by_exif_orientation(tmp_path):
+  """A photo stored 32 x 64 with EXIF orientation 6 (turn 90 degrees clockwise) is shown 64 x
+  32: the predictor loads it upright; data-set decoding keeps the stored pixels (COCO's)."""
+  from mrcnn_jax.data import coco  # pylint: disable=g-import-not-at-top
+  stored = np.zeros((32, 64, 3), np.uint8)
+  stored[:, :8] = 255  # a white band on the stored image's left edge
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  path = str(tmp_path / "photo.jpg")
+  Image.fromarray(stored).save(path, exif=exif, quality=95)
+  upright = inference.load_image(path)
+  assert upright.shape == (64, 32, 3)
+  assert upright[:8].mean() > 200 and upright[-8:].mean() < 50  # the band is now on top
+  assert coco.decode_image_rgb(path).shape == (32, 64, 3)
+
+
 def test_expand_image_paths_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="no image found"):
     inference.expand_image_paths(str(tmp_path / "*.png"))
