@@ -239,9 +239,26 @@ def restore_checkpoint(path: str, abstract_state: PyTree,
   return state, meta
 
 
+# Model-config fields that do not change what trained weights mean: inference settings (how
+# many proposals and detections, thresholds, dtype, chunking) and training-only ones (sampling,
+# loss, which layers train). Predicting or evaluating with other values is legitimate; any
+# other field (architecture, anchors, normalisation, RoIAlign, box coding) must match.
+INFERENCE_FREE_FIELDS = frozenset(f"model.{k}" for k in (
+    "compute_dtype", "detections_per_image", "backbone.trainable_layers", "backbone.bn_momentum",
+    "rpn.pre_nms_top_k_train", "rpn.pre_nms_top_k_test", "rpn.post_nms_top_k_train",
+    "rpn.post_nms_top_k_test", "rpn.nms_threshold", "rpn.min_size", "rpn.score_threshold",
+    "rpn.fg_iou_threshold", "rpn.bg_iou_threshold", "rpn.batch_size_per_image",
+    "rpn.positive_fraction", "rpn.box_loss_beta", "roi.fg_iou_threshold",
+    "roi.bg_iou_threshold", "roi.batch_size_per_image", "roi.positive_fraction",
+    "roi.box_loss_beta", "roi.score_threshold", "roi.nms_threshold", "roi.min_size",
+    "roi.pre_nms_top_k", "mask.rois_per_image", "mask.chunk_size"))
+
+
 def check_checkpoint_model(config: ml_collections.ConfigDict, path: str) -> None:
   """``ValueError`` when the checkpoint at ``path`` (workdir, ``checkpoints/`` folder or step
-  folder) was trained with another ``config.model``; weights files (no saved config) pass.
+  folder) was trained with a model whose weights mean something else than ``config.model``'s
+  (architecture, anchors, pixel normalisation, RoIAlign, box coding: every field but
+  :data:`INFERENCE_FREE_FIELDS`); weights files (no saved config) pass.
 
   For inference and evaluation, which load parameters by name: a changed anchor size, pixel
   mean or RoIAlign alignment would otherwise give wrong detections without any error.
@@ -250,9 +267,21 @@ def check_checkpoint_model(config: ml_collections.ConfigDict, path: str) -> None
     return
   ckpt, step = _resolve_checkpoint(path)
   try:
-    check_model_config(config, ckpt.read_meta(step), f"{path} (step {step})")
+    saved = ckpt.read_meta(step).get("model_config")
   finally:
     ckpt.close()
+  if saved is None:
+    return
+  from mrcnn_jax.modeling.config import model_config  # local: keeps this module light
+  defaults = json.loads(model_config().to_json_best_effort())
+  current = json.loads(config.model.to_json_best_effort())
+  diffs = sorted(d for d in _diff(_with_defaults(saved, defaults), current)
+                 if d not in INFERENCE_FREE_FIELDS)
+  if diffs:
+    raise ValueError(
+        f"checkpoint {path} (step {step}) was trained with another model "
+        f"({', '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''} differ): use the config "
+        "it was trained with; only inference settings such as thresholds may change")
 
 
 def _restore_raw(path: str) -> dict:
