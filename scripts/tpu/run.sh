@@ -15,14 +15,15 @@ if [[ $# -eq 0 ]]; then
   exit 2
 fi
 printf -v cmd '%q ' "$@"
-# A worker whose last run is still alive refuses (two runs would share the workdir, and the
-# first would lose its pid file, so stop.sh could not reach it); the log is appended to.
-on_all_workers "set -e; mkdir -p $LOG_PATH; cd $REPO_DIR
-  if [[ -f $LOG_PATH/pid ]] && kill -0 \"\$(cat $LOG_PATH/pid)\" 2>/dev/null; then
+# First every worker checks that its last run has ended; if one has not, none starts (two runs
+# would share the workdir, the first would lose its pid file so stop.sh could not reach it,
+# and a partial start would wait forever for the missing hosts). The log is appended to.
+on_all_workers "if [[ -f $LOG_PATH/pid ]] && kill -0 \"\$(cat $LOG_PATH/pid)\" 2>/dev/null; then
     echo \"worker \$(hostname): the last run (pid \$(cat $LOG_PATH/pid)) is still going;\" \
       \"scripts/tpu/stop.sh first\" >&2
     exit 1
-  fi
+  fi"
+on_all_workers "set -e; mkdir -p $LOG_PATH; cd $REPO_DIR
   source ~/mrcnn_jax_venv/bin/activate
   echo \"=== run.sh started \$(date -u +%Y-%m-%dT%H:%M:%SZ)\" >> $LOG_PATH/train.log
   nohup $cmd >> $LOG_PATH/train.log 2>&1 < /dev/null &
