@@ -6,10 +6,10 @@ Measures, for the full default model (random weights, 91 classes):
   * inference latency, batch 1 at 512x512 and at 800x1216 (unpadded on both sides: torchvision
     pads to a multiple of 32, which 800x1216 already is, and our model takes any multiple of 32;
     P6 is ``ceil(P5 / 2)`` = 13 rows either way. Padding to 832 rows, a multiple of 64, cost 4%
-    more compute, for 32 rows torchvision does not have). torchvision is timed to the outputs our ``predict``
-    returns (``torchvision_detect``: boxes, scores, labels and 28x28 mask probabilities); its
-    whole ``model(images)`` call, which also pastes every mask into an image-sized array, is
-    timed beside it as a second ratio.
+    more compute, for 32 rows torchvision does not have). torchvision is timed to the outputs
+    our ``predict`` returns (``torchvision_detect``: boxes, scores, labels and 28x28 mask
+    probabilities); its whole ``model(images)`` call, which also pastes every mask into an
+    image-sized array, is timed beside it as a second ratio.
 JAX compile times are reported separately. Each timed figure is the median of ``--repeats``
 runs after one warm-up call, with a 1 s pause before each run. By default (``--rounds 3``)
 each framework runs in a fresh process of its own, JAX and torchvision processes taking turns
