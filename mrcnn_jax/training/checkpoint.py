@@ -169,8 +169,13 @@ def checkpoint_meta(config: ml_collections.ConfigDict, step: int, data_position:
           "model_config": json.loads(config.model.to_json_best_effort())}
 
 
-def check_model_config(config: ml_collections.ConfigDict, meta: dict, source: str) -> None:
-  """Raises ``ValueError`` when a checkpoint's model config differs from ``config.model``."""
+_RESUME_ADVICE = "use a fresh workdir or config.init_weights to start from its parameters"
+
+
+def check_model_config(config: ml_collections.ConfigDict, meta: dict, source: str, *,
+                       ignore: frozenset = frozenset(), advice: str = _RESUME_ADVICE) -> None:
+  """Raises ``ValueError`` when a checkpoint's model config differs from ``config.model`` in a
+  field not in ``ignore`` (dotted paths such as ``'model.roi.score_threshold'``)."""
   saved = meta.get("model_config")
   if saved is None:
     return
@@ -179,12 +184,11 @@ def check_model_config(config: ml_collections.ConfigDict, meta: dict, source: st
   # JSON; it counts as unchanged while the current value is that field's default.
   from mrcnn_jax.modeling.config import model_config  # local: keeps this module light
   defaults = json.loads(model_config().to_json_best_effort())
-  diffs = sorted(_diff(_with_defaults(saved, defaults), current))
+  diffs = sorted(d for d in _diff(_with_defaults(saved, defaults), current) if d not in ignore)
   if diffs:
     raise ValueError(
         f"checkpoint {source} was trained with a different model config "
-        f"({', '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}); "
-        "use a fresh workdir or config.init_weights to start from its parameters")
+        f"({', '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}); {advice}")
 
 
 def _with_defaults(saved: Any, defaults: Any) -> Any:
@@ -267,21 +271,12 @@ def check_checkpoint_model(config: ml_collections.ConfigDict, path: str) -> None
     return
   ckpt, step = _resolve_checkpoint(path)
   try:
-    saved = ckpt.read_meta(step).get("model_config")
+    meta = ckpt.read_meta(step)
   finally:
     ckpt.close()
-  if saved is None:
-    return
-  from mrcnn_jax.modeling.config import model_config  # local: keeps this module light
-  defaults = json.loads(model_config().to_json_best_effort())
-  current = json.loads(config.model.to_json_best_effort())
-  diffs = sorted(d for d in _diff(_with_defaults(saved, defaults), current)
-                 if d not in INFERENCE_FREE_FIELDS)
-  if diffs:
-    raise ValueError(
-        f"checkpoint {path} (step {step}) was trained with another model "
-        f"({', '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''} differ): use the config "
-        "it was trained with; only inference settings such as thresholds may change")
+  check_model_config(config, meta, f"{path} (step {step})", ignore=INFERENCE_FREE_FIELDS,
+                     advice="use the config it was trained with; only inference settings "
+                     "such as thresholds may change")
 
 
 def _restore_raw(path: str) -> dict:

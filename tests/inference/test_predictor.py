@@ -143,9 +143,9 @@ def test_from_workdir_refuses_a_checkpoint_of_another_model_config(predictor, tm
   assert inference.Predictor.from_workdir(tuned, str(tmp_path)).config is tuned
   other = config.copy_and_resolve_references()
   other.model.roi.aligned = not other.model.roi.aligned
-  with pytest.raises(ValueError, match=r"another model \(model.roi.aligned differ"):
+  with pytest.raises(ValueError, match=r"different model config \(model.roi.aligned\)"):
     inference.Predictor.from_workdir(other, str(tmp_path))
   (tmp_path / "instances.json").write_text("{}")  # only checked to exist before the model
   other.data.eval_annotations, other.data.eval_images = str(tmp_path / "instances.json"), "."
-  with pytest.raises(ValueError, match="another model"):
+  with pytest.raises(ValueError, match="different model config"):
     evaluator.evaluate_checkpoint(other, str(tmp_path))
