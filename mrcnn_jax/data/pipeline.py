@@ -19,8 +19,9 @@ the following examples of that host by one; resume stays exact when none is drop
 
 Evaluation: the n images are padded to a multiple of the global batch; host ``p`` takes the
 same rows of every global batch as in training; positions >= n are padding slots
-(``example_valid`` False, ``image_id`` -1), so every image is seen exactly once and every host runs the same number of
-batches. A bad image also keeps its slot, marked ``example_valid`` False.
+(``example_valid`` False, ``image_id`` -1), so every image is seen exactly once and every host
+runs the same number of batches. A bad image also keeps its slot, marked ``example_valid``
+False.
 """
 
 from __future__ import annotations
@@ -101,8 +102,6 @@ class InputPipeline:
         raised = re.search(r"BadExampleError: ([^\n]+)", str(e))
         if raised:
           raise coco_lib.BadExampleError(raised.group(1)) from None
-        if self.stats.last_error and self.stats.last_error in str(e):
-          raise coco_lib.BadExampleError(self.stats.last_error) from None
         raise
       batch = {k: v.numpy() for k, v in batch.items()}
       truncated = int(batch.pop(transforms.NUM_TRUNCATED_KEY).sum())
