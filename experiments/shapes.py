@@ -7,11 +7,9 @@ Launch (the README's main job runs this, after generating the data set)::
   # or all of it, plus evaluation and drawn predictions:
   python scripts/main_job.py --workdir workdirs/shapes
 
-Hardware: any CPU. Measured (``make demo`` in a fresh clone, idle 2-core VM, 2026-11-27): 1000
-steps at 0.13-0.16 s/step, 3.1 min end to end (data, training, evaluation, drawing).
-Result (50-image val split): mask AP 0.729, AP50 0.940, AP75 0.860; box AP 0.769, AP50 0.940
-(docs/benchmarks.md, "Main job", has the history). An earlier version of this recipe, stopped
-at 600 steps (decay at 450/550), reached mask AP 0.513, AP50 0.701.
+Hardware and time: any CPU; on an idle 2-core machine 1000 steps at 0.13-0.16 s/step, about
+3 min end to end (data, training, evaluation, drawing). Known result (50-image val split): mask
+AP 0.729, AP50 0.940, AP75 0.860; box AP 0.769, AP50 0.940 (docs/benchmarks.md, "Main job").
 
 The model is a narrow ResNet-FPN (same code paths as R50-FPN: all five FPN levels, RPN, box and
 mask branches) sized for 128-pixel images of 3 shape classes; anchors are scaled down with the

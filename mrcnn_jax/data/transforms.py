@@ -1,7 +1,7 @@
 """Per-example TensorFlow transforms: flip, scale jitter, crop, pad, box and mask targets.
 
 :func:`transform_example` turns a *raw* example (original pixels, full-size instance masks) into
-one element of the batch contract (``/work/notes/batch_api.md``; all shapes static):
+one element of the batch contract (all shapes static):
 
   image [H, W, 3] uint8 · gt_boxes [G, 4] float32 xyxy pixels of the padded input ·
   gt_classes [G] int32 · gt_masks [G, S, S] uint8 · gt_valid [G] bool · image_id int32 ·

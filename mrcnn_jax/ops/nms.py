@@ -15,8 +15,8 @@ fixed-size tiles so that it compiles once under ``jax.jit`` (CPU, GPU, TPU) and 
    Within a block, "box ``k`` is kept iff no *kept* earlier box of the block suppresses it"
    is a triangular system whose unique solution is the greedy one; iterating ``keep <-
    candidates & ~any(keep & suppresses)`` from ``keep = candidates`` fixes one more leading
-   entry per pass, so a small ``while_loop`` to the fixed point reaches it (2-4 passes on
-   random and clustered boxes).
+   entry per pass, so a small ``while_loop`` to the fixed point reaches it (at most ``B``
+   passes, in practice a handful).
 3. The loop stops early once ``max_output_size`` boxes are kept or the next block holds only
    ``-inf`` scores, so proposal NMS (a few thousand boxes, ~1000 kept) does not pay for
    the tail.
