@@ -53,6 +53,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.seed = 0
   # Devices of the data-parallel mesh: 0 = every device of every host.
   config.num_devices = 0
+  # Platform kernels (mrcnn_jax.kernels.select): 'auto' (CPU ones on CPU), 'plain' or 'cpu'.
+  config.kernels = "auto"
   config.model = model_config()
   config.data = data_config()
   config.train = train_config()

@@ -52,20 +52,6 @@ def run_main(fn, argv):
     sys.exit(1)
 
 
-def cpu_cores(threads: int) -> list:
-  """The first ``threads`` of the cores this process may run on, for a ``--threads`` flag.
-
-  The benchmarks give JAX and torch the same thread count by running on these cores only:
-  XLA:CPU sizes its thread pools from the CPU affinity of the thread that starts its client,
-  and ``torch.set_num_threads`` takes the count. Raises ``ValueError`` if there are fewer.
-  """
-  allowed = sorted(os.sched_getaffinity(0))
-  if not 1 <= threads <= len(allowed):
-    raise ValueError(f"--threads={threads}: this process may run on {len(allowed)} cores "
-                     f"{allowed}, and both frameworks get the same cores")
-  return allowed[:threads]
-
-
 class DistributedFlags:
   """``--distributed`` / ``--coordinator_address`` / ``--num_processes`` / ``--process_id`` /
   ``--local_device_ids``: define them at import time (:func:`define_distributed_flags`), then
@@ -90,8 +76,8 @@ class DistributedFlags:
         "(e.g. one GPU per process; default: all, or JAX's choice under SLURM / Open MPI)")
 
   def initialize(self):
-    """``mrcnn_jax.training.distributed.initialize`` with the flags' values."""
-    from mrcnn_jax.training import distributed  # pylint: disable=g-import-not-at-top
+    """``mrcnn_jax.run.distributed.initialize`` with the flags' values."""
+    from mrcnn_jax.run import distributed  # pylint: disable=g-import-not-at-top
     ids = self.local_device_ids.value
     return distributed.initialize(
         self.coordinator_address.value, self.num_processes.value, self.process_id.value,

@@ -12,7 +12,7 @@ Several processes (hosts) run the same command; the workdir must be shared by al
   python scripts/train.py ... --coordinator_address=host0:12345 --num_processes=2 --process_id=1
 
 ``--distributed=auto|on|off`` (default auto) says whether to start JAX's multi-process runtime;
-see ``mrcnn_jax.training.distributed``. A thin wrapper over
+see ``mrcnn_jax.run.distributed``. A thin wrapper over
 ``mrcnn_jax.training.train_and_evaluate(config, workdir)``.
 """
 

@@ -21,6 +21,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+
+from mrcnn_jax import modeling
+from mrcnn_jax.modeling.config import upgrade_model_config
+from mrcnn_jax.modeling import roi_heads
+from mrcnn_jax.run.checkpoint import CHECKPOINT_DIR
 
 Path = Tuple[str, ...]
 Flat = Dict[Path, np.ndarray]
@@ -114,20 +120,10 @@ class SourceWeights:
     self.used: set = set()
     self.missing: list = []
 
-  def __contains__(self, name: str) -> bool:
-    return name in self.arrays
-
   def take(self, name: str) -> Optional[np.ndarray]:
     """The array called ``name`` (marked used), or None (recorded as missing)."""
     if name not in self.arrays:
       self.missing.append(name)
-      return None
-    self.used.add(name)
-    return self.arrays[name]
-
-  def take_optional(self, name: str) -> Optional[np.ndarray]:
-    """Like :meth:`take`, but a missing name is not an error."""
-    if name not in self.arrays:
       return None
     self.used.add(name)
     return self.arrays[name]
@@ -148,8 +144,6 @@ class SourceWeights:
 
 def expected_variables(config: ml_collections.ConfigDict) -> Flat:
   """Our model's variable shapes for ``config``: ``{path: ShapeDtypeStruct}`` (no compute)."""
-  from mrcnn_jax import modeling  # pylint: disable=g-import-not-at-top
-
   model = modeling.MaskRCNN(config)
   shapes = jax.eval_shape(lambda k: modeling.init_variables(model, k, (64, 64)),
                           jax.random.key(0))
@@ -183,17 +177,6 @@ def check_against_expected(converted: Flat, expected: Flat, src: SourceWeights) 
     raise ConversionError("cannot convert " + src.source + ":\n  " + "\n  ".join(problems))
 
 
-def norm_paths(prefix: Path, norm: str) -> Dict[str, Path]:
-  """Where a norm layer's four arrays live for ``config.norm``: ``{'scale': path, ...}``."""
-  if norm == "frozen_bn":
-    return {k: ("params",) + prefix + (k,) for k in NORM_LEAVES}
-  if norm == "bn":
-    return {"scale": ("params",) + prefix + ("scale",), "bias": ("params",) + prefix + ("bias",),
-            "mean": ("batch_stats",) + prefix + ("mean",),
-            "var": ("batch_stats",) + prefix + ("var",)}
-  raise ConversionError(f"BatchNorm weights need config.norm 'frozen_bn' or 'bn', got {norm!r}")
-
-
 def unflatten(flat: Flat) -> Dict[str, Any]:
   """``{path: array}`` -> nested dicts of float32 ``jnp`` arrays."""
   return flax.traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
@@ -210,8 +193,6 @@ def reinit_class_layers(flat: Flat, config: ml_collections.ConfigDict, key: jax.
   class logits, class-specific box deltas and per-class mask logits are drawn from the model's
   own initialisers (the same the trainer would use).
   """
-  from mrcnn_jax.modeling import roi_heads  # pylint: disable=g-import-not-at-top
-
   k_box, k_mask = jax.random.split(key)
   rep = config.roi.representation_size
   box = roi_heads.FastRCNNPredictor(config.num_classes).init(k_box, jnp.zeros((1, rep)))
@@ -233,7 +214,6 @@ def reinit_class_layers(flat: Flat, config: ml_collections.ConfigDict, key: jax.
 
 # ---------------------------------------------------------------------------- checkpoints
 
-CHECKPOINT_DIR = "checkpoints"  # the layout of mrcnn_jax/training/checkpoint.py
 CONFIG_FILE = "model_config.json"
 EXPERIMENT_FILE = "config.py"  # an experiment config for --config of the scripts
 
@@ -266,24 +246,9 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
-  """Inverse of :func:`config_to_json` on top of the defaults (JSON lists become tuples)."""
-  from mrcnn_jax.modeling import model_config  # pylint: disable=g-import-not-at-top
-
-  def tuples(v):
-    return tuple(tuples(x) for x in v) if isinstance(v, list) else v
-
-  config = model_config()
-
-  def fill(c, d):
-    for k, v in d.items():
-      if isinstance(v, dict):
-        fill(c[k], v)
-      else:
-        with c.ignore_type():
-          c[k] = tuples(v)
-
-  fill(config, json.loads(text))
-  return config
+  """Inverse of :func:`config_to_json`, upgraded to the current fields (JSON lists become
+  tuples)."""
+  return upgrade_model_config(json.loads(text))
 
 
 def save_converted(variables: Mapping[str, Any], config: ml_collections.ConfigDict,
@@ -298,8 +263,6 @@ def save_converted(variables: Mapping[str, Any], config: ml_collections.ConfigDi
   Returns:
     the checkpoint step directory.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
   output_dir = os.path.abspath(output_dir)
   os.makedirs(output_dir, exist_ok=True)
   state = {k: jax.tree.map(np.asarray, flax.core.unfreeze(v)) for k, v in variables.items()}
@@ -333,6 +296,8 @@ def experiment_config(output_dir: str, image_size: Optional[str] = None
       With H and W multiples of 64 their anchors equal ours on every level (see
       ``mrcnn_jax.ops.anchors.generate_anchors`` for P6 otherwise).
   """
+  # Here, not at the top: the base config pulls in the training package, which converting
+  # weights does not need.
   from mrcnn_jax.config import get_base_config  # pylint: disable=g-import-not-at-top
 
   with open(os.path.join(output_dir, CONFIG_FILE)) as f:
@@ -351,8 +316,6 @@ def experiment_config(output_dir: str, image_size: Optional[str] = None
 
 def load_converted(output_dir: str) -> Tuple[Dict[str, Any], ml_collections.ConfigDict]:
   """Reads what :func:`save_converted` wrote: ``(variables, model config)``."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
   output_dir = os.path.abspath(output_dir)
   with open(os.path.join(output_dir, CONFIG_FILE)) as f:
     config = config_from_json(f.read())

@@ -6,7 +6,6 @@ Public API::
                       process_index=None, process_count=None, source=None) -> InputPipeline
   build_eval_dataset(config, *, global_batch_size=None, process_index=None,
                      process_count=None, source=None) -> InputPipeline
-  make_global_batch(host_batch, mesh, axis='data') -> dict of jax.Array
   generate_shapes(out_dir, num_train=200, num_val=50, size=128, seed=0,
                   image_format='mixed') -> dict of config.data paths
   shapes_data_paths(out_dir) -> the same paths, for a folder already written
@@ -15,15 +14,18 @@ Public API::
 Iterating an :class:`InputPipeline` yields host batches in the format of the batch contract
 (image, gt_boxes, gt_classes, gt_masks, gt_valid, image_id, original_size, image_scale,
 valid_size, example_valid). See :mod:`mrcnn_jax.data.pipeline` for ordering, sharding and
-resume, :mod:`mrcnn_jax.data.transforms` for the geometry.
+resume, :mod:`mrcnn_jax.data.transforms` for the geometry. Host batches become global arrays
+with ``mrcnn_jax.run.make_global_batch`` (data sits below run and never imports it).
 """
+
+import importlib
 
 # Attributes load lazily (PEP 562) so that `python -m mrcnn_jax.data.shapes` and the shapes
 # generator do not pay for importing TensorFlow and JAX.
 _EXPORTS = {
     "BadExampleError": "coco", "CategoryMap": "coco", "CocoSource": "coco", "DataStats": "coco",
     "data_config": "config", "build_eval_dataset": "pipeline", "build_train_dataset": "pipeline",
-    "InputPipeline": "pipeline", "batch_sharding": "sharding", "make_global_batch": "sharding",
+    "InputPipeline": "batching",
     "generate_shapes": "shapes", "shapes_data_paths": "shapes",
 }
 __all__ = sorted(_EXPORTS)
@@ -32,7 +34,6 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name):
   if name not in _EXPORTS:
     raise AttributeError(f"module 'mrcnn_jax.data' has no attribute {name!r}")
-  import importlib  # pylint: disable=g-import-not-at-top
   module = importlib.import_module(f"mrcnn_jax.data.{_EXPORTS[name]}")
   value = getattr(module, {"generate_shapes": "generate",
                            "shapes_data_paths": "data_paths"}.get(name, name))

@@ -4,7 +4,7 @@ Usage::
 
   train = build_train_dataset(config, start_step=step)   # infinite, host-local batches
   for host_batch in train:                               # dicts of numpy arrays
-    batch = make_global_batch(host_batch, mesh)          # global jax.Arrays, 'data'-sharded
+    batch = run.make_global_batch(host_batch, mesh)      # global jax.Arrays, 'data'-sharded
   for host_batch in build_eval_dataset(config):          # finite; same batch count per host
     ...  # use host_batch['example_valid'] to ignore padding slots
 
@@ -27,88 +27,25 @@ False.
 from __future__ import annotations
 
 import math
-import re
 import threading
-from typing import Any, Dict, Iterator, Optional
+from typing import Optional
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
 from mrcnn_jax.data import coco as coco_lib
+from mrcnn_jax.data import tfds_source
 from mrcnn_jax.data import transforms
+from mrcnn_jax.data.batching import dataset_options
+from mrcnn_jax.data.batching import host_batch_size
+from mrcnn_jax.data.batching import host_info
+from mrcnn_jax.data.batching import InputPipeline
+from mrcnn_jax.data.batching import transform_kwargs
 
 _RAW_DTYPES = (tf.uint8, tf.float32, tf.int32, tf.uint8, tf.int32, tf.bool)
 _RAW_KEYS = ("image", "boxes", "classes", "masks", "image_id", "ok")
 _RAW_SHAPES = ((None, None, 3), (None, 4), (None,), (None, None, None), (), ())
-
-
-def host_info(process_index: Optional[int] = None, process_count: Optional[int] = None):
-  """(process_index, process_count), defaulting to JAX's."""
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  return int(process_index), int(process_count)
-
-
-def host_batch_size(global_batch_size: int, process_count: int) -> int:
-  """Per-host batch; the global batch must split evenly over hosts."""
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f"global batch size {global_batch_size} must be a positive multiple of the "
-                     f"process count {process_count}")
-  return global_batch_size // process_count
-
-
-class InputPipeline:
-  """An iterable of host batches (dicts of numpy arrays, the batch contract).
-
-  Attributes:
-    dataset: the ``tf.data.Dataset`` of host batches (with the extra ``_num_truncated`` [B]
-      field, which iteration pops and counts).
-    source: the random-access source (:class:`~mrcnn_jax.data.coco.CocoSource`) or None (TFDS).
-    categories: the :class:`~mrcnn_jax.data.coco.CategoryMap` (contiguous <-> dataset ids).
-    stats: :class:`~mrcnn_jax.data.coco.DataStats` (skips and truncations, by reason).
-    global_batch_size, host_batch_size: batch sizes.
-    num_batches: batches per host (evaluation), None for the infinite training stream.
-    num_examples: images in the source (evaluation: the number of valid slots over all hosts).
-  """
-
-  def __init__(self, dataset, *, source, categories, stats, global_batch_size, host_batch_size,
-               num_batches, num_examples):
-    self.dataset = dataset
-    self.source = source
-    self.categories = categories
-    self.stats = stats
-    self.global_batch_size = global_batch_size
-    self.host_batch_size = host_batch_size
-    self.num_batches = num_batches
-    self.num_examples = num_examples
-
-  def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
-    it = iter(self.dataset)
-    while True:
-      try:
-        batch = next(it)
-      except StopIteration:
-        return
-      except tf.errors.OpError as e:
-        # A BadExampleError of the loader ('raise' mode, or a stream that cannot load
-        # anything) surfaces as a TF error; re-raise its own message rather than TF's wrapped
-        # traceback (read from the error text: other loader threads may have counted more
-        # skips, and so changed stats.last_error, since).
-        raised = re.search(r"BadExampleError: ([^\n]+)", str(e))
-        if raised:
-          raise coco_lib.BadExampleError(raised.group(1)) from None
-        raise
-      batch = {k: v.numpy() for k, v in batch.items()}
-      truncated = int(batch.pop(transforms.NUM_TRUNCATED_KEY).sum())
-      if truncated:
-        self.stats.count("truncated_instances", f"{truncated} instances beyond max_instances "
-                         "dropped in a batch", n=truncated)
-      yield batch
 
 
 def _load_fn(source: coco_lib.CocoSource, give_up_after: int = 0):
@@ -148,21 +85,6 @@ def _load_fn(source: coco_lib.CocoSource, give_up_after: int = 0):
   return load
 
 
-def _transform_kwargs(config, training: bool) -> Dict[str, Any]:
-  d = config.data
-  return dict(image_size=tuple(int(v) for v in d.image_size), max_instances=int(d.max_instances),
-              mask_size=int(d.mask_size), training=training,
-              scale_range=tuple(float(v) for v in d.scale_range), random_flip=bool(d.random_flip),
-              min_size=int(d.get("min_size", 0)), max_size=int(d.get("max_size", 0)))
-
-
-def _options() -> tf.data.Options:
-  options = tf.data.Options()
-  options.deterministic = True
-  options.experimental_optimization.map_parallelization = True
-  return options
-
-
 def _make_source(config, training: bool, stats) -> coco_lib.CocoSource:
   d = config.data
   ann, images = ((d.train_annotations, d.train_images) if training
@@ -191,7 +113,6 @@ def build_train_dataset(config, *, global_batch_size: Optional[int] = None,
   """
   d = config.data
   if d.source == "tfds":
-    from mrcnn_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     return tfds_source.build_tfds_train_dataset(
         config, global_batch_size=global_batch_size, seed=seed, start_step=start_step,
         process_index=process_index, process_count=process_count)
@@ -209,7 +130,7 @@ def build_train_dataset(config, *, global_batch_size: Optional[int] = None,
     raise ValueError("the training source has no usable image (all skipped or empty)")
   # This host's first 2n loads try most records at least once: none usable means none is.
   load = _load_fn(source, give_up_after=2 * n)
-  kwargs = _transform_kwargs(config, training=True)
+  kwargs = transform_kwargs(config, training=True)
 
   def element(k):
     # Global position in the run: host p holds rows [p*hb, (p+1)*hb) of each global batch, so
@@ -226,7 +147,7 @@ def build_train_dataset(config, *, global_batch_size: Optional[int] = None,
   ds = tf.data.Dataset.range(int(start_step) * hb, np.iinfo(np.int64).max)
   ds = ds.map(element, num_parallel_calls=int(d.num_parallel_calls), deterministic=True)
   ds = ds.filter(lambda ex: ex["example_valid"])  # bad examples (counted in stats) leave training
-  ds = ds.batch(hb, drop_remainder=True).prefetch(int(d.prefetch)).with_options(_options())
+  ds = ds.batch(hb, drop_remainder=True).prefetch(int(d.prefetch)).with_options(dataset_options())
   return InputPipeline(ds, source=source, categories=source.categories, stats=stats,
                        global_batch_size=gb, host_batch_size=hb, num_batches=None, num_examples=n)
 
@@ -255,7 +176,6 @@ def build_eval_dataset(config, *, global_batch_size: Optional[int] = None,
   """
   d = config.data
   if d.source == "tfds":
-    from mrcnn_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     return tfds_source.build_tfds_eval_dataset(
         config, global_batch_size=global_batch_size, process_index=process_index,
         process_count=process_count)
@@ -269,12 +189,12 @@ def build_eval_dataset(config, *, global_batch_size: Optional[int] = None,
   stats = source.stats
   positions = eval_positions(len(source), gb, p, num_p)
   load = _load_fn(source)
-  kwargs = _transform_kwargs(config, training=False)
+  kwargs = transform_kwargs(config, training=False)
   zero_seed = tf.zeros([2], tf.int64)
   ds = tf.data.Dataset.from_tensor_slices(positions)
   ds = ds.map(lambda r: transforms.transform_example(load(r), zero_seed, **kwargs),
               num_parallel_calls=int(d.num_parallel_calls), deterministic=True)
-  ds = ds.batch(hb, drop_remainder=True).prefetch(int(d.prefetch)).with_options(_options())
+  ds = ds.batch(hb, drop_remainder=True).prefetch(int(d.prefetch)).with_options(dataset_options())
   logging.info("eval input: %d images, %d batches of %d per host", len(source),
                len(positions) // hb, hb)
   return InputPipeline(ds, source=source, categories=source.categories, stats=stats,

@@ -31,8 +31,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mrcnn_jax.data import batching
 from mrcnn_jax.data import coco as coco_lib
-from mrcnn_jax.data import pipeline
 from mrcnn_jax.data import transforms
 
 _SHUFFLE_BUFFER = 1024
@@ -101,17 +101,17 @@ def _read(builder, split: str, mode: str):
 def build_tfds_train_dataset(config, *, global_batch_size: Optional[int] = None,
                              seed: Optional[int] = None, start_step: int = 0,
                              process_index: Optional[int] = None,
-                             process_count: Optional[int] = None) -> pipeline.InputPipeline:
+                             process_count: Optional[int] = None) -> batching.InputPipeline:
   """The TFDS training stream; same arguments as :func:`pipeline.build_train_dataset`."""
   d = config.data
-  p, num_p = pipeline.host_info(process_index, process_count)
+  p, num_p = batching.host_info(process_index, process_count)
   gb = int(global_batch_size or config.train.batch_size)
-  hb = pipeline.host_batch_size(gb, num_p)
+  hb = batching.host_batch_size(gb, num_p)
   seed = int(config.seed if seed is None else seed)
   builder = _builder(config)
   mode = _mask_mode(builder, config)
   split = tfds.even_splits(d.train_split, n=num_p)[p]
-  kwargs = pipeline._transform_kwargs(config, training=True)  # pylint: disable=protected-access
+  kwargs = batching.transform_kwargs(config, training=True)
 
   def element(k, features):
     raw = _to_raw(features, mode)
@@ -126,8 +126,8 @@ def build_tfds_train_dataset(config, *, global_batch_size: Optional[int] = None,
   ds = ds.map(element, num_parallel_calls=int(d.num_parallel_calls), deterministic=True)
   ds = ds.filter(lambda ex: ex["example_valid"])
   ds = ds.batch(hb, drop_remainder=True).prefetch(int(d.prefetch))
-  ds = ds.with_options(pipeline._options())  # pylint: disable=protected-access
-  return pipeline.InputPipeline(
+  ds = ds.with_options(batching.dataset_options())
+  return batching.InputPipeline(
       ds, source=None, categories=_categories(builder, mode), stats=coco_lib.DataStats(),
       global_batch_size=gb, host_batch_size=hb, num_batches=None,
       num_examples=builder.info.splits[d.train_split].num_examples)
@@ -135,18 +135,18 @@ def build_tfds_train_dataset(config, *, global_batch_size: Optional[int] = None,
 
 def build_tfds_eval_dataset(config, *, global_batch_size: Optional[int] = None,
                             process_index: Optional[int] = None,
-                            process_count: Optional[int] = None) -> pipeline.InputPipeline:
+                            process_count: Optional[int] = None) -> batching.InputPipeline:
   """The TFDS evaluation stream; same arguments as :func:`pipeline.build_eval_dataset`."""
   d = config.data
-  p, num_p = pipeline.host_info(process_index, process_count)
+  p, num_p = batching.host_info(process_index, process_count)
   gb = int(global_batch_size or d.eval_batch_size)
-  hb = pipeline.host_batch_size(gb, num_p)
+  hb = batching.host_batch_size(gb, num_p)
   builder = _builder(config)
   mode = _mask_mode(builder, config)
   splits = tfds.even_splits(d.eval_split, n=num_p)
   counts = [builder.info.splits[s].num_examples for s in splits]
   num_batches = math.ceil(max(counts) / hb) if max(counts) else 0
-  kwargs = pipeline._transform_kwargs(config, training=False)  # pylint: disable=protected-access
+  kwargs = batching.transform_kwargs(config, training=False)
   zero_seed = tf.zeros([2], tf.int64)
   real = _read(builder, splits[p], mode).map(lambda f: _to_raw(f, mode))
   placeholder = {k: tf.constant(v) for k, v in coco_lib.placeholder_example().items()}
@@ -154,8 +154,8 @@ def build_tfds_eval_dataset(config, *, global_batch_size: Optional[int] = None,
   ds = real.concatenate(pad).map(lambda raw: transforms.transform_example(raw, zero_seed, **kwargs),
                                  num_parallel_calls=int(d.num_parallel_calls), deterministic=True)
   ds = ds.batch(hb, drop_remainder=True).prefetch(int(d.prefetch))
-  ds = ds.with_options(pipeline._options())  # pylint: disable=protected-access
-  return pipeline.InputPipeline(
+  ds = ds.with_options(batching.dataset_options())
+  return batching.InputPipeline(
       ds, source=None, categories=_categories(builder, mode), stats=coco_lib.DataStats(),
       global_batch_size=gb, host_batch_size=hb, num_batches=num_batches,
       num_examples=int(np.sum(counts)))

@@ -1,6 +1,8 @@
 """COCO evaluation of a model over a whole split: jitted inference, host post-processing, COCOeval.
 
-The device runs ``MaskRCNN.predict`` on fixed-size batches (sharded over the mesh); the host maps
+The evaluator is given a batched predict function
+(:func:`mrcnn_jax.inference.batch_predict.make_batch_predict`), not a model or a trainer. The
+device runs it on fixed-size batches (sharded over the mesh); the host maps
 each detection back to its original image, pastes and RLE-encodes its mask
 (:func:`mrcnn_jax.evaluation.coco_eval.detections_to_coco`) and finally runs pycocotools. The
 host work of batch ``i`` overlaps the device work of batch ``i + 1`` (the next batch is
@@ -19,18 +21,32 @@ import json
 import os
 import pickle
 import time
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 from pycocotools.coco import COCO
+from tqdm import tqdm
 
+from mrcnn_jax import data as data_lib
+from mrcnn_jax import kernels
+from mrcnn_jax import modeling
 from mrcnn_jax.evaluation import coco_eval
+from mrcnn_jax.inference import batch_predict
+from mrcnn_jax.inference import visualize
+from mrcnn_jax.inference.masks import paste_mask
+from mrcnn_jax.run import checkpoint as ckpt_lib
+from mrcnn_jax.run import checks
+from mrcnn_jax.run import distributed
+from mrcnn_jax.run import sharding as sharding_lib
 
 PyTree = Any
+# predict(variables, images [B, H, W, 3] uint8, valid_size [B, 2] int32) -> detections dict.
+PredictFn = Callable[[PyTree, jax.Array, jax.Array], Mapping[str, jax.Array]]
 
 
 def coco_from_dataset(dataset: Mapping) -> COCO:
@@ -60,8 +76,6 @@ def _allgather_records(records: list) -> list:
   """Every process's records, concatenated in process order (a no-op on one process)."""
   if jax.process_count() == 1:
     return records
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
   payload = np.frombuffer(pickle.dumps(records), np.uint8)
   sizes = multihost_utils.process_allgather(np.asarray([payload.size], np.int64))
   padded = np.zeros(int(np.max(sizes)), np.uint8)
@@ -74,40 +88,27 @@ def _allgather_records(records: list) -> list:
 
 
 class Evaluator:
-  """Runs COCO evaluation for one model on one mesh; the predict function compiles once.
+  """Runs COCO evaluation of one predict function on one mesh; it compiles once.
 
   Args:
-    config: the full config (reads ``model`` and ``eval``).
-    model: the ``MaskRCNN`` module.
+    config: the full config (reads ``eval``).
+    predict_fn: ``predict(variables, images, valid_size) -> detections`` over global,
+      batch-sharded arrays (``boxes`` [B, N, 4] xyxy network-input pixels, ``scores``,
+      ``classes``, ``masks`` [B, N, M, M], ``valid``), e.g.
+      :func:`~mrcnn_jax.inference.batch_predict.make_batch_predict`.
     mesh: the mesh whose ``'data'`` axis splits eval batches.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, model, mesh: Mesh):
-    from mrcnn_jax import modeling  # pylint: disable=g-import-not-at-top
-    from mrcnn_jax.modeling import batch_parallel  # pylint: disable=g-import-not-at-top
-    from mrcnn_jax.training import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-
+  def __init__(self, config: ml_collections.ConfigDict, predict_fn: Optional[PredictFn],
+               mesh: Mesh):
     self.config = config
-    self.model = model
     self.mesh = mesh
-    batch_sh = sharding_lib.batch_sharding(mesh)
-
-    def predict(variables, images, valid_size):
-      # Per-image parts (RoIAlign, proposals, detection) run shard-locally: no device
-      # gathers another's feature maps (modeling/batch_parallel.py).
-      with batch_parallel.data_parallel(mesh, sharding_lib.DATA_AXIS):
-        return model.apply(variables, images, valid_size, method=type(model).predict)
-
-    self._predict = jax.jit(predict, in_shardings=(sharding_lib.replicated(mesh), batch_sh,
-                                                    batch_sh), out_shardings=batch_sh,
-                            compiler_options=modeling.inference_compiler_options())
+    self._predict = predict_fn
     self._compiled = None
 
   def predict_batch(self, variables: PyTree, host_batch: Mapping[str, np.ndarray]) -> dict:
     """Dispatches ``predict`` on this host's batch; returns global device arrays (not fetched)."""
-    from mrcnn_jax.data import sharding as data_sharding  # pylint: disable=g-import-not-at-top
-    from mrcnn_jax.training import distributed  # pylint: disable=g-import-not-at-top
-    batch = data_sharding.make_global_batch(
+    batch = sharding_lib.make_global_batch(
         {k: host_batch[k] for k in ("image", "valid_size")}, self.mesh)
     args = (variables, batch["image"], batch["valid_size"])
     if self._compiled is None:  # all processes start predicting together (a no-op on one)
@@ -149,7 +150,6 @@ class Evaluator:
     first = {}  # when the first batch was done (its time includes compiling predict)
     bar = None
     if progress and jax.process_index() == 0:
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       bar = tqdm(total=dataset.num_batches, desc="eval", unit="batch", leave=False)
 
     def finish(pending):
@@ -175,7 +175,8 @@ class Evaluator:
 
     pending = None
     for host_batch in dataset:
-      out = self.predict_batch(variables, host_batch)  # async: runs while the host finishes the last
+      # Dispatched before the previous batch's host work: the device runs while the host pastes.
+      out = self.predict_batch(variables, host_batch)
       if pending is not None:
         finish(pending)
       pending = (host_batch, out)
@@ -222,8 +223,6 @@ class Evaluator:
 
   def _draw(self, host_batch, det, categories, limit: int) -> list:
     """Overlays of the first ``limit`` valid images of a batch, drawn on the network input."""
-    from mrcnn_jax.inference import visualize  # pylint: disable=g-import-not-at-top
-
     out = []
     thr = float(self.config.eval.draw_score_threshold)
     for b in range(host_batch["image"].shape[0]):
@@ -235,7 +234,7 @@ class Evaluator:
       image = host_batch["image"][b, :vh, :vw]
       keep = np.flatnonzero(det["valid"][b] & (det["scores"][b] >= thr))
       boxes = det["boxes"][b, keep]
-      masks = np.stack([coco_eval.paste_mask(det["masks"][b, d], det["boxes"][b, d], (vh, vw))
+      masks = np.stack([paste_mask(det["masks"][b, d], det["boxes"][b, d], (vh, vw))
                         for d in keep]) if keep.size else np.zeros((0, vh, vw), np.float32)
       labels = [categories.names[int(c) - 1] for c in det["classes"][b, keep]]
       out.append(visualize.draw_instances(image, boxes, det["scores"][b, keep], labels,
@@ -247,21 +246,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
                         workdir: Optional[str] = None, *, progress: bool = True) -> dict:
   """Loads a checkpoint (workdir, ``checkpoints/`` folder, step folder or weights file) and
   evaluates it on ``config.data``'s eval split; results JSON go to ``<workdir>/eval``."""
-  from mrcnn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from mrcnn_jax import modeling  # pylint: disable=g-import-not-at-top
-  from mrcnn_jax.training import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from mrcnn_jax.training import loop  # pylint: disable=g-import-not-at-top
-  from mrcnn_jax.training import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-
-  loop.check_data_paths(config, train=False, evaluate=True)
+  checks.check_data_paths(config, train=False, evaluate=True)
   ckpt_lib.check_checkpoint_model(config, checkpoint)
   variables, step = ckpt_lib.load_variables(checkpoint)
-  mesh = loop.make_run_mesh(config)
+  mesh = sharding_lib.make_run_mesh(config)
   variables = jax.device_put(variables, sharding_lib.replicated(mesh))
   dataset = data_lib.build_eval_dataset(config)
-  loop.check_num_classes(config, dataset.categories)
-  model = modeling.MaskRCNN(config.model)
-  evaluator = Evaluator(config, model, mesh)
+  checks.check_num_classes(config, dataset.categories)
+  model = modeling.MaskRCNN(config.model, kernels=kernels.select(config.kernels, mesh=mesh),
+                            mesh=mesh)
+  evaluator = Evaluator(config, batch_predict.make_batch_predict(model, mesh), mesh)
   metrics = evaluator.evaluate(variables, dataset, workdir=workdir, step=step, progress=progress)
   metrics.pop("images", None)
   return metrics
@@ -270,7 +264,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
 def _allgather_counts(n: int) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray([n])
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(np.asarray([n], np.int64)))
 
 

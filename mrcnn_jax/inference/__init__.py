@@ -4,7 +4,13 @@
   result = predictor(image)   # boxes, scores, classes, labels, category_ids, masks (original px)
   overlay = draw_instances(image, result["boxes"], result["scores"], result["labels"],
                            result["masks"])
+
+Batched over a mesh (what evaluators are given): ``make_batch_predict(model, mesh)``.
 """
+
+from mrcnn_jax.inference.batch_predict import make_batch_predict
+from mrcnn_jax.inference.masks import encode_mask
+from mrcnn_jax.inference.masks import paste_mask
 
 from mrcnn_jax.inference.predictor import expand_image_paths
 from mrcnn_jax.inference.predictor import load_image
@@ -16,6 +22,7 @@ from mrcnn_jax.inference.visualize import draw_instances
 from mrcnn_jax.inference.visualize import save_png
 
 __all__ = [
-    "Predictor", "draw_instances", "expand_image_paths", "load_image", "predict_files",
-    "preprocess", "save_png", "to_coco_results",
+    "Predictor", "draw_instances", "encode_mask", "expand_image_paths", "load_image",
+    "make_batch_predict", "paste_mask", "predict_files", "preprocess", "save_png",
+    "to_coco_results",
 ]

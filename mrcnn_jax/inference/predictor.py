@@ -13,14 +13,28 @@ torchvision's ``paste_masks_in_image``).
 
 from __future__ import annotations
 
+import glob
+import json
+import os
 from typing import Any, Mapping, Optional, Sequence
 
+from absl import logging
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from PIL import Image
+import tensorflow as tf
 
-from mrcnn_jax.evaluation import coco_eval
+from mrcnn_jax import kernels
+from mrcnn_jax import modeling
+from mrcnn_jax.data import transforms
+from mrcnn_jax.data.coco import decode_image_rgb
+from mrcnn_jax.inference import visualize
+from mrcnn_jax.inference.masks import encode_mask
+from mrcnn_jax.inference.masks import paste_mask
+from mrcnn_jax.run import checkpoint as ckpt_lib
 
 PyTree = Any
 
@@ -33,7 +47,6 @@ def load_image(path: str) -> np.ndarray:
   Raises:
     OSError or ValueError: the file is missing or not a readable image.
   """
-  from mrcnn_jax.data.coco import decode_image_rgb  # pylint: disable=g-import-not-at-top
   image = decode_image_rgb(path, exif_transpose=True)
   if image.ndim != 3 or image.shape[-1] != 3 or min(image.shape[:2]) < 1:
     raise ValueError(f"{path}: not an RGB image (decoded shape {image.shape})")
@@ -55,9 +68,6 @@ def preprocess(image: np.ndarray, image_size: Sequence[int], min_size: int = 0,
     ``{'image': [H, W, 3] uint8, 'valid_size': [2] int32, 'image_scale': [2] float32 (sy, sx),
     'original_size': [2] int32}``.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from mrcnn_jax.data import transforms  # pylint: disable=g-import-not-at-top
-
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
     raise ValueError(f"image must be [h, w, 3] uint8, got shape {image.shape} {image.dtype}")
@@ -79,7 +89,7 @@ class Predictor:
     config: the full experiment config (``model``, ``data.image_size``).
     variables: the model variables (``{'params': ...}`` [+ ``'batch_stats'``]); kept as
       ``self.variables`` with, on CPU, the Winograd kernel transforms added
-      (``modeling.prepare_inference``).
+      (``kernels.prepare_inference``).
     class_names: name of each contiguous class 1..K (index 0 = class 1); default ``class_k``.
     category_ids: COCO category id of each contiguous class (for COCO-results JSON); default
       1..K.
@@ -91,12 +101,9 @@ class Predictor:
                class_names: Optional[Sequence[str]] = None,
                category_ids: Optional[Sequence[int]] = None,
                score_threshold: float = 0.5, mask_threshold: float = 0.5):
-    from mrcnn_jax import modeling  # pylint: disable=g-import-not-at-top
-
     self.config = config
     self.image_size = tuple(int(v) for v in config.data.image_size)
     self.resize = (int(config.data.get("min_size", 0)), int(config.data.get("max_size", 0)))
-    from mrcnn_jax.data import transforms  # pylint: disable=g-import-not-at-top
     transforms.check_resize(self.image_size, *self.resize)  # a bad config fails here
     num_fg = int(config.model.num_classes) - 1
     self.class_names = list(class_names) if class_names else [f"class_{k}" for k in
@@ -104,10 +111,10 @@ class Predictor:
     self.category_ids = list(category_ids) if category_ids else list(range(1, num_fg + 1))
     self.score_threshold = float(score_threshold)
     self.mask_threshold = float(mask_threshold)
-    model = modeling.MaskRCNN(config.model)
-    # On CPU, with the Winograd kernel transforms computed once (modeling.prepare_inference).
-    self.variables = modeling.prepare_inference(model, variables, self.image_size)
-    self._predict = modeling.jit_predict(model)  # on CPU: XLA's Eigen dots
+    model = modeling.MaskRCNN(config.model, kernels=kernels.select(config.kernels))
+    # With the CPU kernels: Winograd kernel transforms computed once, XLA:CPU's Eigen dots.
+    self.variables = kernels.prepare_inference(model, variables, self.image_size)
+    self._predict = kernels.jit_predict(model)
 
   @classmethod
   def from_workdir(cls, config: ml_collections.ConfigDict, path: str, **kwargs) -> "Predictor":
@@ -115,9 +122,6 @@ class Predictor:
 
     Class names and category ids come from ``config.data.eval_annotations`` when it exists.
     """
-    from mrcnn_jax.training import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-    import flax  # pylint: disable=g-import-not-at-top
-
     ckpt_lib.check_checkpoint_model(config, path)  # parameters load by name, not by meaning
     flat = ckpt_lib.load_params(path)
     variables = {"params": flax.traverse_util.unflatten_dict(
@@ -156,7 +160,7 @@ class Predictor:
     boxes = np.clip(boxes, 0.0, np.array([w, h, w, h], np.float32)).astype(np.float32)
     masks = np.zeros((len(keep), h, w), bool)
     for i, d in enumerate(keep):
-      masks[i] = coco_eval.paste_mask(det["masks"][0, d], boxes[i], (h, w)) > self.mask_threshold
+      masks[i] = paste_mask(det["masks"][0, d], boxes[i], (h, w)) > self.mask_threshold
     classes = det["classes"][0, keep].astype(np.int32)
     return {"boxes": boxes, "scores": det["scores"][0, keep].astype(np.float32),
             "classes": classes, "labels": [self.class_names[c - 1] for c in classes],
@@ -172,7 +176,7 @@ def to_coco_results(result: Mapping[str, Any], image_id: int,
     x0, y0, x1, y1 = (float(v) for v in result["boxes"][i])
     record = {"image_id": int(image_id), "category_id": int(result["category_ids"][i]),
               "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(result["scores"][i]),
-              "segmentation": coco_eval.encode_mask(result["masks"][i])}
+              "segmentation": encode_mask(result["masks"][i])}
     if file_name is not None:
       record["file_name"] = file_name
     records.append(record)
@@ -181,9 +185,6 @@ def to_coco_results(result: Mapping[str, Any], image_id: int,
 
 def _categories_from_config(config: ml_collections.ConfigDict):
   """(names, category ids) from the eval annotations JSON, or ``(None, None)``."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-
   path = config.data.get("eval_annotations") or config.data.get("train_annotations")
   if not path or not os.path.exists(path):
     return None, None
@@ -201,9 +202,6 @@ def expand_image_paths(spec: str) -> list[str]:
   Raises:
     FileNotFoundError: nothing matches.
   """
-  import glob  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-
   spec = os.path.expanduser(spec)
   if os.path.isdir(spec):
     paths = [os.path.join(spec, n) for n in sorted(os.listdir(spec))
@@ -227,13 +225,6 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str) -> d
     'num_instances': int}``. ``results.json`` holds the COCO result records (``image_id`` =
     the file's index in ``paths``, plus its ``file_name``) and the list of failures.
   """
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from mrcnn_jax.inference import visualize  # pylint: disable=g-import-not-at-top
-
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
   os.makedirs(out_dir, exist_ok=True)
   records, overlays, failed = [], [], []
   for index, path in enumerate(paths):

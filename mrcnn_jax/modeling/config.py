@@ -8,6 +8,8 @@ sit at the top level because the training and evaluation code read them directly
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import ml_collections
 
 
@@ -133,3 +135,28 @@ def tiny_model_config(num_classes: int = 3) -> ml_collections.ConfigDict:
   c.mask.chunk_size = 8  # two chunks: the skipping path runs in the tests
   c.detections_per_image = 10
   return c
+
+
+def upgrade_model_config(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A model config saved by any version (its JSON as a dict) as a current ``ConfigDict``.
+
+  The one place an old config is upgraded: fields it lacks take today's defaults (which keep
+  the layout it was trained with: v1 heads, no norms), JSON lists become tuples, and fields
+  it has that the defaults do not are kept (so a comparison still sees them).
+  """
+  config = model_config()
+  _overlay(config, saved)
+  return config
+
+
+def _overlay(config: ml_collections.ConfigDict, saved: Mapping[str, Any]) -> None:
+  for key, value in saved.items():
+    if isinstance(value, Mapping) and isinstance(config.get(key), ml_collections.ConfigDict):
+      _overlay(config[key], value)
+    else:
+      with config.ignore_type():
+        config[key] = _as_tuples(value)
+
+
+def _as_tuples(value: Any) -> Any:
+  return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrcnn_jax.modeling import conv as conv_lib
 from mrcnn_jax.modeling import resnet as resnet_lib
 
 # torchvision's FPN init: kaiming_uniform_(a=1), i.e. U(+-sqrt(3 / fan_in)), bias 0.
@@ -50,11 +49,13 @@ class FPN(nn.Module):
     dtype: activation dtype.
     norm: 'none' (v1) or a norm of ``resnet.make_norm`` ('frozen_bn', 'bn', 'gn'; v2: BatchNorm)
       after each conv.
+    conv: the conv layer class (``KernelSet.conv``).
   """
 
   channels: int = 256
   dtype: Any = jnp.float32
   norm: str = "none"
+  conv: Any = nn.Conv
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array], train: bool = False) -> List[jax.Array]:
@@ -67,12 +68,10 @@ class FPN(nn.Module):
 
     def conv(kernel, name):
       pad = (kernel - 1) // 2
-      # conv_lib.Conv: nn.Conv's parameters with a matmul kernel gradient (XLA CPU's conv
-      # kernel gradient took ~6x the forward for the 3x3 at P2).
-      layer = conv_lib.Conv(self.channels, (kernel, kernel), padding=((pad, pad), (pad, pad)),
-                      use_bias=self.norm == "none", kernel_init=fpn_init,
-                      bias_init=nn.initializers.zeros, dtype=self.dtype, param_dtype=jnp.float32,
-                      name=name)
+      layer = self.conv(self.channels, (kernel, kernel), padding=((pad, pad), (pad, pad)),
+                        use_bias=self.norm == "none", kernel_init=fpn_init,
+                        bias_init=nn.initializers.zeros, dtype=self.dtype,
+                        param_dtype=jnp.float32, name=name)
       if self.norm == "none":
         return layer
       norm = resnet_lib.make_norm(self.norm, train=train, frozen=False, epsilon=1e-5,

@@ -33,7 +33,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling import conv as conv_lib
 from mrcnn_jax.modeling import resnet as resnet_lib
 from mrcnn_jax.modeling import rpn as rpn_lib
 
@@ -77,11 +76,13 @@ class ConvNormAct(nn.Module):
     features: output channels.
     norm: one of :data:`NORMS`; ``'none'`` gives the conv a bias and no norm layer.
     dtype: activation dtype.
+    conv: the conv layer class (``KernelSet.conv``).
   """
 
   features: int
   norm: str = "none"
   dtype: Any = jnp.float32
+  conv: Any = nn.Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -89,11 +90,10 @@ class ConvNormAct(nn.Module):
     """x: [N, H, W, C] -> [N, H, W, features]; ``train`` selects BatchNorm batch statistics,
     taken over the ``valid`` [N] rows only when given (:func:`batch_stats_mask`)."""
     _check_norm(self.norm)
-    # conv_lib.Conv: nn.Conv's parameters with a matmul kernel gradient (XLA CPU's is slow).
-    x = conv_lib.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)),
-                      use_bias=self.norm == "none", kernel_init=resnet_lib.conv_init,
-                      bias_init=nn.initializers.zeros, dtype=self.dtype,
-                      param_dtype=jnp.float32, name="0")(x)
+    x = self.conv(self.features, (3, 3), padding=((1, 1), (1, 1)),
+                  use_bias=self.norm == "none", kernel_init=resnet_lib.conv_init,
+                  bias_init=nn.initializers.zeros, dtype=self.dtype,
+                  param_dtype=jnp.float32, name="0")(x)
     if self.norm != "none":
       norm = resnet_lib.make_norm(self.norm, train=train, frozen=False, epsilon=1e-5,
                                   momentum=0.9, gn_groups=32, dtype=self.dtype, name="1")
@@ -115,11 +115,13 @@ class RPNHeadV2(nn.Module):
     num_anchors: anchors per location ``A``.
     num_convs: 3x3 conv + ReLU layers before the predictors (v2: 2).
     dtype: activation dtype; the outputs are float32.
+    conv: the conv layer class (``KernelSet.conv``).
   """
 
   num_anchors: int
   num_convs: int = 2
   dtype: Any = jnp.float32
+  conv: Any = nn.Conv
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array]) -> Tuple[jax.Array, jax.Array]:
@@ -133,10 +135,10 @@ class RPNHeadV2(nn.Module):
     a = self.num_anchors
     kw = dict(kernel_init=_rpn_init, bias_init=nn.initializers.zeros, dtype=self.dtype,
               param_dtype=jnp.float32)
-    convs = [conv_lib.Conv(c, (3, 3), padding=((1, 1), (1, 1)), name=f"conv_{i}", **kw)
+    convs = [self.conv(c, (3, 3), padding=((1, 1), (1, 1)), name=f"conv_{i}", **kw)
              for i in range(self.num_convs)]
-    cls = conv_lib.Conv(a, (1, 1), name="cls_logits", **kw)
-    bbox = conv_lib.Conv(4 * a, (1, 1), name="bbox_pred", **kw)
+    cls = self.conv(a, (1, 1), name="cls_logits", **kw)
+    bbox = self.conv(4 * a, (1, 1), name="bbox_pred", **kw)
 
     def trunk(t):
       for conv in convs:
@@ -154,12 +156,14 @@ class FastRCNNConvFCHead(nn.Module):
     fc_sizes: width of each fc + ReLU (v2: (1024,)).
     norm: one of :data:`NORMS` (v2: BatchNorm).
     dtype: activation dtype.
+    conv: the conv layer class (``KernelSet.conv``).
   """
 
   conv_channels: Sequence[int] = (256, 256, 256, 256)
   fc_sizes: Sequence[int] = (1024,)
   norm: str = "bn"
   dtype: Any = jnp.float32
+  conv: Any = nn.Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -169,7 +173,7 @@ class FastRCNNConvFCHead(nn.Module):
     lead = x.shape[:-3]
     x = x.reshape((-1,) + x.shape[-3:])
     for i, c in enumerate(self.conv_channels):
-      x = ConvNormAct(c, self.norm, self.dtype, name=str(i))(x, train, valid)
+      x = ConvNormAct(c, self.norm, self.dtype, self.conv, name=str(i))(x, train, valid)
     x = x.reshape(lead + (-1,))  # HWC order; the converter permutes torch's CHW fc weights
     index = len(self.conv_channels) + 1  # torchvision's Flatten sits at len(conv_channels)
     for size in self.fc_sizes:
@@ -186,11 +190,13 @@ class MaskRCNNHeadsNorm(nn.Module):
     channels: output channels of each layer (v2: (256,) * 4).
     norm: one of :data:`NORMS` (v2: BatchNorm).
     dtype: activation dtype.
+    conv: the conv layer class (``KernelSet.conv``).
   """
 
   channels: Sequence[int] = (256, 256, 256, 256)
   norm: str = "bn"
   dtype: Any = jnp.float32
+  conv: Any = nn.Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -198,7 +204,7 @@ class MaskRCNNHeadsNorm(nn.Module):
     """x: [N, 14, 14, C] -> [N, 14, 14, channels[-1]]; ``valid`` [N] bool (optional) marks
     the slots over which trainable BatchNorm takes its statistics (the positives)."""
     for i, c in enumerate(self.channels):
-      x = ConvNormAct(c, self.norm, self.dtype, name=str(i))(x, train, valid)
+      x = ConvNormAct(c, self.norm, self.dtype, self.conv, name=str(i))(x, train, valid)
     return x
 
 
@@ -208,7 +214,7 @@ def is_frozen_norm_path(keys: Sequence[str], config: Any) -> bool:
   if not keys:
     return False
   if keys[0] == "fpn":
-    return config.fpn.get("norm", "none") == "frozen_bn" and keys[1].endswith("_norm")
-  norm = {"box_head": config.roi.get("box_head_norm", "none"),
-          "mask_head": config.mask.get("norm", "none")}.get(keys[0])
+    return config.fpn.norm == "frozen_bn" and keys[1].endswith("_norm")
+  norm = {"box_head": config.roi.box_head_norm,
+          "mask_head": config.mask.norm}.get(keys[0])
   return norm == "frozen_bn" and len(keys) >= 3 and keys[2] == "1"

@@ -14,26 +14,31 @@ and mask-head norms (``modeling.heads_v2``; ``convert_torchvision_maskrcnn_v2`` 
 Sub-module names follow torchvision's ``MaskRCNN`` (``backbone`` is torchvision's
 ``backbone.body``, ``fpn`` its ``backbone.fpn``, ``rpn_head`` its ``rpn.head``, the rest its
 ``roi_heads.*``) so a weight converter is a table of renames and transposes.
+
+Layers are plain Flax / ``lax`` unless ``kernels`` (a ``KernelSet``, see ``kernel_set.py``)
+names platform-specific forms of the convs, mask predictor and RoI pooling; ``mesh`` runs the
+per-image parts shard-locally under data parallelism (``batch_parallel.py``).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jax.sharding import Mesh
 
 from mrcnn_jax.modeling import batch_parallel
-from mrcnn_jax.modeling import conv as conv_lib
 from mrcnn_jax.modeling import heads_v2
 from mrcnn_jax.modeling import losses as loss_lib
 from mrcnn_jax.modeling import resnet as resnet_lib
 from mrcnn_jax.modeling import roi_heads as roi_lib
 from mrcnn_jax.modeling import rpn as rpn_lib
 from mrcnn_jax.modeling.fpn import FPN
+from mrcnn_jax.modeling.kernel_set import KernelSet
+from mrcnn_jax.modeling.kernel_set import PLAIN
 from mrcnn_jax.ops import anchors as anchor_ops
 from mrcnn_jax.ops.masks import mask_targets
 from mrcnn_jax.ops.roi_align import multilevel_roi_align
@@ -59,53 +64,67 @@ def mask_chunk_bounds(num_slots: int, first: int) -> List[Tuple[int, int]]:
   return bounds
 
 
+class GroundTruth(NamedTuple):
+  """A batch's ground truth, padded to G instances per image."""
+
+  boxes: jax.Array    # [B, G, 4] float32 xyxy network-input pixels
+  classes: jax.Array  # [B, G] int32, 1..K
+  masks: jax.Array    # [B, G, S, S] float32 {0, 1}, each cropped to its box
+  valid: jax.Array    # [B, G] bool
+
+  @classmethod
+  def from_batch(cls, batch: Batch) -> "GroundTruth":
+    return cls(boxes=jnp.asarray(batch["gt_boxes"], jnp.float32),
+               classes=jnp.asarray(batch["gt_classes"], jnp.int32),
+               masks=jnp.asarray(batch["gt_masks"], jnp.float32),
+               valid=jnp.asarray(batch["gt_valid"], bool))
+
+
 class MaskRCNN(nn.Module):
   """Mask R-CNN with a ResNet-FPN backbone.
 
   Attributes:
     config: ``config.model`` (see ``modeling/config.py``).
+    kernels: implementations of the convs, mask predictor and RoI pooling (``PLAIN``: Flax and
+      ``lax``; ``mrcnn_jax.kernels.select()`` picks per platform). Parameters are the same.
+    mesh: the data-parallel mesh whose ``'data'`` axis splits the batch, or None.
   """
 
   config: Any
+  kernels: KernelSet = PLAIN
+  mesh: Optional[Mesh] = None
 
   def setup(self):
     cfg = self.config
     dtype = jnp.dtype(cfg.compute_dtype)
+    conv = self.kernels.conv
     _check_head_norms(cfg)
-    self.backbone = resnet_lib.ResNet(cfg)
-    self.fpn = FPN(cfg.fpn.channels, dtype, norm=cfg.fpn.get("norm", "none"))
+    self.backbone = resnet_lib.ResNet(cfg, conv)
+    self.fpn = FPN(cfg.fpn.channels, dtype, norm=cfg.fpn.norm, conv=conv)
     num_anchors = anchor_ops.num_anchors_per_location(cfg.anchors.sizes, cfg.anchors.aspect_ratios)
     if len(set(num_anchors)) != 1:
       raise ValueError(f"the shared RPN head needs the same anchors per level, got {num_anchors}")
-    # v1 layouts (and parameter names) unless the config selects maskrcnn_resnet50_fpn_v2's
-    # heads; the ``.get`` defaults keep configs written before these fields loading as v1.
-    head_convs = cfg.rpn.get("head_convs", 1)
-    if head_convs > 1:
-      self.rpn_head = heads_v2.RPNHeadV2(num_anchors[0], head_convs, dtype)
+    # v1 layouts (and parameter names) unless the config selects maskrcnn_resnet50_fpn_v2's.
+    if cfg.rpn.head_convs > 1:
+      self.rpn_head = heads_v2.RPNHeadV2(num_anchors[0], cfg.rpn.head_convs, dtype, conv)
     else:
-      self.rpn_head = rpn_lib.RPNHead(num_anchors[0], dtype)
+      self.rpn_head = rpn_lib.RPNHead(num_anchors[0], dtype, conv)
+    # Every box / mask head is called as ``head(x, train, valid)``: the v2 heads' trainable
+    # BatchNorm takes its statistics over the valid RoI slots only; v1 heads ignore both.
     ro = cfg.roi
-    if ro.get("box_head_convs", 0) > 0:
+    if ro.box_head_convs > 0:
       self.box_head = heads_v2.FastRCNNConvFCHead(
           (ro.box_head_conv_channels,) * ro.box_head_convs, (ro.representation_size,),
-          ro.box_head_norm, dtype)
+          ro.box_head_norm, dtype, conv)
     else:
       self.box_head = roi_lib.TwoMLPHead(ro.representation_size, dtype)
     self.box_predictor = roi_lib.FastRCNNPredictor(cfg.num_classes, dtype)
-    if cfg.mask.get("norm", "none") != "none":
+    if cfg.mask.norm != "none":
       self.mask_head = heads_v2.MaskRCNNHeadsNorm(tuple(cfg.mask.conv_channels), cfg.mask.norm,
-                                                  dtype)
+                                                  dtype, conv)
     else:
-      self.mask_head = roi_lib.MaskRCNNHead(tuple(cfg.mask.conv_channels), dtype)
-    self.mask_predictor = roi_lib.MaskRCNNPredictor(cfg.num_classes, dtype)
-
-  def _head(self, module: nn.Module, x: jax.Array, train: bool,
-            valid: Optional[jax.Array] = None) -> jax.Array:
-    """Calls a box/mask head, passing ``train`` and the RoI slots' ``valid`` mask to the v2
-    heads (their trainable BatchNorm takes batch statistics over the valid slots only)."""
-    if isinstance(module, (heads_v2.FastRCNNConvFCHead, heads_v2.MaskRCNNHeadsNorm)):
-      return module(x, train=train, valid=valid)
-    return module(x)
+      self.mask_head = roi_lib.MaskRCNNHead(tuple(cfg.mask.conv_channels), dtype, conv)
+    self.mask_predictor = self.kernels.mask_predictor(cfg.num_classes, dtype)
 
   # ------------------------------------------------------------------ shared pieces
 
@@ -132,7 +151,7 @@ class MaskRCNN(nn.Module):
     """Static anchors: ([N, 4] float32 array, anchors per level)."""
     a = self.config.anchors
     per_level = anchor_ops.generate_anchors(image_size, a.strides, a.sizes, a.aspect_ratios,
-                                            round_to_pixels=a.get("round", True))
+                                            round_to_pixels=a.round)
     return jnp.asarray(rpn_lib.concat_anchors(per_level)), rpn_lib.level_sizes(per_level)
 
   def _proposals(self, objectness, deltas, anchors, level_sizes, valid_size, train: bool):
@@ -143,8 +162,8 @@ class MaskRCNN(nn.Module):
         post_nms_top_k=r.post_nms_top_k_train if train else r.post_nms_top_k_test,
         nms_threshold=r.nms_threshold, min_size=r.min_size, score_threshold=r.score_threshold,
         weights=tuple(r.box_weights))
-    return batch_parallel.vmap(fn, in_axes=(0, 0, None, 0))(objectness, deltas, anchors,
-                                                            valid_size)
+    return batch_parallel.vmap(fn, in_axes=(0, 0, None, 0), mesh=self.mesh)(
+        objectness, deltas, anchors, valid_size)
 
   def _pool(self, feats, boxes, output_size: int, sampling_ratio: int):
     """[B, N, 4] boxes -> [B, N, s, s, C] pooled from P2..P5."""
@@ -153,17 +172,18 @@ class MaskRCNN(nn.Module):
         multilevel_roi_align, output_size=output_size,
         strides=tuple(cfg.anchors.strides[:NUM_POOLED_LEVELS]), sampling_ratio=sampling_ratio,
         aligned=cfg.roi.aligned, canonical_scale=cfg.roi.canonical_scale,
-        canonical_level=cfg.roi.canonical_level)
+        canonical_level=cfg.roi.canonical_level, pool_rois=self.kernels.pool_rois)
     # Shard-local under data parallelism: each device pools its own images' RoIs.
-    return batch_parallel.per_example(pool, list(feats[:NUM_POOLED_LEVELS]), boxes)
+    return batch_parallel.per_example(pool, list(feats[:NUM_POOLED_LEVELS]), boxes,
+                                      mesh=self.mesh)
 
   def _box_branch(self, feats, rois, train: bool = False, valid=None):
     """rois [B, R, 4] -> class logits [B, R, K+1], deltas [B, R, K+1, 4] (float32).
 
-    ``valid`` [B, R] bool (optional, training) marks the real RoI slots (see ``_head``)."""
+    ``valid`` [B, R] bool (optional, training) marks the real RoI slots."""
     r = self.config.roi
     pooled = self._pool(feats, rois, r.pooler_size, r.sampling_ratio)
-    return self.box_predictor(self._head(self.box_head, pooled, train, valid))
+    return self.box_predictor(self.box_head(pooled, train, valid))
 
   def _mask_branch(self, feats, rois, classes, train: bool = False, valid=None):
     """rois [B, M, 4], classes [B, M] -> [B, M, 28, 28] float32 logits of those classes.
@@ -184,20 +204,20 @@ class MaskRCNN(nn.Module):
     def run(module, x, cls, ok):
       # Only each RoI's own class channel is computed (not all K+1, then a gather).
       k = x.shape[1]
-      heads = module._head(module.mask_head, x.reshape((b * k,) + x.shape[2:]), train,
-                           None if ok is None else ok.reshape(b * k))
+      heads = module.mask_head(x.reshape((b * k,) + x.shape[2:]), train,
+                               None if ok is None else ok.reshape(b * k))
       logits = module.mask_predictor(heads, cls.reshape(b * k))
       return logits.reshape((b, k) + logits.shape[1:])  # [B, k, 28, 28]
 
-    chunk = int(m.get("chunk_size", 0) or 0)
+    chunk = int(m.chunk_size or 0)
     # Trainable BatchNorm in the mask head (v2 'bn') updates statistics, which a skipped
     # branch could not; initialisation must create the parameters; values sown into
-    # 'intermediates' (stage-by-stage inspection) or stored by prepare_inference would differ
-    # between the two branches.
-    mutable_stats = train and m.get("norm", "none") == "bn"
+    # 'intermediates' (stage-by-stage inspection) or stored by the kernels' inference
+    # collections (kernels.prepare_inference) would differ between the two branches.
+    mutable_stats = train and m.norm == "bn"
     if (valid is None or not chunk or n <= chunk or mutable_stats or self.is_initializing()
-        or self.is_mutable_collection("intermediates")
-        or self.is_mutable_collection(conv_lib.TRANSFORMED_KERNELS)):
+        or any(self.is_mutable_collection(c)
+               for c in ("intermediates",) + self.kernels.inference_collections)):
       return run(self, pooled, classes, valid)
     res = 2 * m.pooler_size  # the predictor's 2x2 stride-2 transposed conv: 14 -> 28
     outs = []
@@ -219,7 +239,8 @@ class MaskRCNN(nn.Module):
   # ------------------------------------------------------------------ training
 
   def losses(self, batch: Batch) -> Tuple[Dict[str, jax.Array], Dict[str, jax.Array]]:
-    """Training forward pass.
+    """Training forward pass: the multi-task loss of eq. 1 of the paper, L = L_cls + L_box +
+    L_mask, plus the RPN's two losses (Faster R-CNN's joint training).
 
     Args:
       batch: the batch contract's dict: ``image`` uint8 [B, H, W, 3], ``gt_boxes`` [B, G, 4],
@@ -232,72 +253,101 @@ class MaskRCNN(nn.Module):
       stats: float32 scalars, per-image means: ``rpn_num_fg``, ``rpn_num_bg``,
         ``roi_num_fg``, ``roi_num_bg``, ``num_proposals``.
     """
-    cfg = self.config
-    if conv_lib.TRANSFORMED_KERNELS in self.variables:
-      raise ValueError("these variables come from prepare_inference (precomputed Winograd "
-                       "kernels, which would not follow the parameters): train on the plain "
-                       "variables instead")
+    self._refuse_inference_state()
     images = batch["image"]
     b, h, w = images.shape[:3]
-    gt_boxes = jnp.asarray(batch["gt_boxes"], jnp.float32)
-    gt_classes = jnp.asarray(batch["gt_classes"], jnp.int32)
-    gt_valid = jnp.asarray(batch["gt_valid"], bool)
+    gt = GroundTruth.from_batch(batch)
     valid_size = self._valid_size(images, batch.get("valid_size"))
     rpn_keys, roi_keys = jnp.split(jax.random.split(self.make_rng("sampling"), 2 * b), 2)
 
     feats = self._features(images, train=True, valid_size=valid_size)
     objectness, deltas = self.rpn_head(feats)
     anchors, level_sizes = self._anchors((h, w))
+    rpn_losses, rpn_stats = self._rpn_losses(objectness, deltas, anchors, gt, rpn_keys)
+    # Proposals are constants for the second stage (stop-gradient inside generate_proposals).
+    proposals, _, proposal_valid = self._proposals(objectness, deltas, anchors, level_sizes,
+                                                   valid_size, train=True)
+    rois = self._sample_rois(proposals, proposal_valid, gt, roi_keys)
+    box_losses = self._box_losses(feats, rois)
+    mask_losses = self._mask_losses(feats, rois, gt)
 
-    # ---- RPN losses over sampled anchors.
-    r = cfg.rpn
+    per_image = lambda x: jnp.sum(x.astype(jnp.float32)) / b
+    stats = dict(
+        **rpn_stats,
+        roi_num_fg=per_image(rois["valid"] & (rois["labels"] > 0)),
+        roi_num_bg=per_image(rois["valid"] & (rois["labels"] == 0)),
+        num_proposals=per_image(proposal_valid))
+    return {**rpn_losses, **box_losses, **mask_losses}, stats
+
+  def _refuse_inference_state(self) -> None:
+    for collection in self.kernels.inference_collections:
+      if collection in self.variables:
+        raise ValueError(f"these variables carry {collection!r} from prepare_inference "
+                         "(precomputed kernel state, which would not follow the parameters): "
+                         "train on the plain variables instead")
+
+  def _rpn_losses(self, objectness, deltas, anchors, gt: "GroundTruth", keys):
+    """RPN losses over a balanced sample of anchors (Faster R-CNN, sec. 3.1.3).
+
+    Args:
+      objectness: [B, A] logits; deltas: [B, A, 4]; anchors: [A, 4] float32 xyxy.
+      gt: the batch's ground truth; keys: [B] sampling keys.
+
+    Returns:
+      ({``rpn_objectness``, ``rpn_box``}, {``rpn_num_fg``, ``rpn_num_bg``}) float32 scalars.
+    """
+    r = self.config.rpn
     t = batch_parallel.vmap(functools.partial(
         rpn_lib.rpn_targets, fg_iou_threshold=r.fg_iou_threshold,
         bg_iou_threshold=r.bg_iou_threshold, batch_size_per_image=r.batch_size_per_image,
         positive_fraction=r.positive_fraction, weights=tuple(r.box_weights)),
-        in_axes=(None, 0, 0, 0))(anchors, gt_boxes, gt_valid, rpn_keys)
-    rpn_obj, rpn_box = loss_lib.rpn_losses(
+        in_axes=(None, 0, 0, 0), mesh=self.mesh)(anchors, gt.boxes, gt.valid, keys)
+    objectness_loss, box_loss = loss_lib.rpn_losses(
         jnp.take_along_axis(objectness, t["index"], axis=1),
         jnp.take_along_axis(deltas, t["index"][..., None], axis=1),
         t["label"], t["target"], t["positive"], t["valid"], beta=r.box_loss_beta)
+    b = objectness.shape[0]
+    per_image = lambda x: jnp.sum(x.astype(jnp.float32)) / b
+    return (dict(rpn_objectness=objectness_loss, rpn_box=box_loss),
+            dict(rpn_num_fg=per_image(t["positive"]),
+                 rpn_num_bg=per_image(t["valid"] & ~t["positive"])))
 
-    # ---- Proposals, then RoI sampling with the GT boxes appended.
-    proposals, _, proposal_valid = self._proposals(objectness, deltas, anchors, level_sizes,
-                                                   valid_size, train=True)
-    ro = cfg.roi
-    s = batch_parallel.vmap(functools.partial(
+  def _sample_rois(self, proposals, proposal_valid, gt: "GroundTruth", keys) -> Batch:
+    """Training RoIs: proposals plus the GT boxes, matched at IoU 0.5, a fixed sample per image
+    with at most 25% foreground (``roi_heads.sample_rois``'s dict, batched)."""
+    ro = self.config.roi
+    return batch_parallel.vmap(functools.partial(
         roi_lib.sample_rois, fg_iou_threshold=ro.fg_iou_threshold,
         bg_iou_threshold=ro.bg_iou_threshold, batch_size_per_image=ro.batch_size_per_image,
-        positive_fraction=ro.positive_fraction, weights=tuple(ro.box_weights)))(
-            proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, roi_keys)
-    class_logits, box_deltas = self._box_branch(feats, s["rois"], train=True, valid=s["valid"])
-    roi_cls, roi_box = loss_lib.fast_rcnn_losses(class_logits, box_deltas, s["labels"],
-                                                 s["target"], s["valid"], beta=ro.box_loss_beta)
+        positive_fraction=ro.positive_fraction, weights=tuple(ro.box_weights)),
+        mesh=self.mesh)(proposals, proposal_valid, gt.boxes, gt.classes, gt.valid, keys)
 
-    # ---- Mask loss on a fixed number of foreground RoIs. The sampler puts positives first and
-    # takes at most batch_size_per_image * positive_fraction of them, so with the default
-    # rois_per_image the leading slots hold every sampled positive.
-    m = cfg.mask.rois_per_image
-    m_rois, m_labels, m_matched = s["rois"][:, :m], s["labels"][:, :m], s["matched"][:, :m]
-    m_valid = s["valid"][:, :m] & (m_labels > 0)
-    # A trainable-BatchNorm mask head (v2 with 'bn') takes its batch statistics over the
-    # positives only (m_valid), as torchvision's, which sees no other RoI.
-    m_logits = self._mask_branch(feats, m_rois, m_labels, train=True, valid=m_valid)
-    resolution = m_logits.shape[-1]
-    m_targets = batch_parallel.vmap(functools.partial(mask_targets, size=resolution))(
-        jnp.asarray(batch["gt_masks"], jnp.float32), gt_boxes, m_rois, m_matched)
-    roi_mask = loss_lib.mask_loss(m_logits, jax.lax.stop_gradient(m_targets), m_valid)
+  def _box_losses(self, feats, rois: Batch) -> Dict[str, jax.Array]:
+    """L_cls and L_box of the sampled RoIs (Fast R-CNN): {``roi_class``, ``roi_box``}."""
+    class_logits, box_deltas = self._box_branch(feats, rois["rois"], train=True,
+                                                valid=rois["valid"])
+    class_loss, box_loss = loss_lib.fast_rcnn_losses(
+        class_logits, box_deltas, rois["labels"], rois["target"], rois["valid"],
+        beta=self.config.roi.box_loss_beta)
+    return dict(roi_class=class_loss, roi_box=box_loss)
 
-    losses = dict(rpn_objectness=rpn_obj, rpn_box=rpn_box, roi_class=roi_cls, roi_box=roi_box,
-                  roi_mask=roi_mask)
-    per_image = lambda x: jnp.sum(x.astype(jnp.float32)) / b
-    stats = dict(
-        rpn_num_fg=per_image(t["positive"]),
-        rpn_num_bg=per_image(t["valid"] & ~t["positive"]),
-        roi_num_fg=per_image(s["valid"] & (s["labels"] > 0)),
-        roi_num_bg=per_image(s["valid"] & (s["labels"] == 0)),
-        num_proposals=per_image(proposal_valid))
-    return losses, stats
+  def _mask_losses(self, feats, rois: Batch, gt: "GroundTruth") -> Dict[str, jax.Array]:
+    """L_mask (sec. 3 of the paper): per-pixel BCE of the GT class's 28x28 mask on the
+    foreground RoIs: {``roi_mask``}.
+
+    A fixed number of leading RoI slots: the sampler puts positives first and takes at most
+    ``batch_size_per_image * positive_fraction`` of them, so with the default
+    ``mask.rois_per_image`` these slots hold every sampled positive.
+    """
+    m = self.config.mask.rois_per_image
+    boxes, labels, matched = rois["rois"][:, :m], rois["labels"][:, :m], rois["matched"][:, :m]
+    # Only positives count; a trainable-BatchNorm mask head (v2 'bn') also takes its batch
+    # statistics over them only, as torchvision's, which sees no other RoI.
+    valid = rois["valid"][:, :m] & (labels > 0)
+    logits = self._mask_branch(feats, boxes, labels, train=True, valid=valid)
+    targets = batch_parallel.vmap(functools.partial(mask_targets, size=logits.shape[-1]),
+                                  mesh=self.mesh)(gt.masks, gt.boxes, boxes, matched)
+    return dict(roi_mask=loss_lib.mask_loss(logits, jax.lax.stop_gradient(targets), valid))
 
   # ------------------------------------------------------------------ inference
 
@@ -328,7 +378,7 @@ class MaskRCNN(nn.Module):
         roi_lib.detect_batch, weights=tuple(ro.box_weights), score_threshold=ro.score_threshold,
         nms_threshold=ro.nms_threshold, min_size=ro.min_size,
         detections=cfg.detections_per_image, pre_nms_top_k=ro.pre_nms_top_k),
-        class_logits, box_deltas, proposals, proposal_valid, valid_size)
+        class_logits, box_deltas, proposals, proposal_valid, valid_size, mesh=self.mesh)
     mask_logits = self._mask_branch(feats, det["boxes"], det["classes"], valid=det["valid"])
     masks = jnp.where(det["valid"][:, :, None, None], jax.nn.sigmoid(mask_logits), 0.0)
     return dict(boxes=det["boxes"], scores=det["scores"], classes=det["classes"], masks=masks,
@@ -344,17 +394,15 @@ class MaskRCNN(nn.Module):
     b = images.shape[0]
     c = feats[0].shape[-1]
     r, m = self.config.roi.pooler_size, self.config.mask.pooler_size
-    self.box_predictor(self._head(self.box_head, jnp.zeros((b, r, r, c), feats[0].dtype), False))
-    return self.mask_predictor(
-        self._head(self.mask_head, jnp.zeros((b, m, m, c), feats[0].dtype), False))
+    self.box_predictor(self.box_head(jnp.zeros((b, r, r, c), feats[0].dtype)))
+    return self.mask_predictor(self.mask_head(jnp.zeros((b, m, m, c), feats[0].dtype)))
 
 
 def _check_head_norms(cfg: Any) -> None:
   """Trainable BatchNorm in the FPN or heads needs ``config.norm == 'bn'``: only then do the
   trainer and ``init_variables`` users carry the mutable ``batch_stats`` collection."""
-  heads = {"fpn.norm": cfg.fpn.get("norm", "none"),
-           "roi.box_head_norm": cfg.roi.get("box_head_norm", "none"),
-           "mask.norm": cfg.mask.get("norm", "none")}
+  heads = {"fpn.norm": cfg.fpn.norm, "roi.box_head_norm": cfg.roi.box_head_norm,
+           "mask.norm": cfg.mask.norm}
   bn = [k for k, v in heads.items() if v == "bn"]
   if bn and cfg.norm != "bn":
     raise ValueError(f"{', '.join(bn)} = 'bn' (trainable BatchNorm) needs config.norm = 'bn' "
@@ -364,65 +412,19 @@ def _check_head_norms(cfg: Any) -> None:
 def init_variables(model: MaskRCNN, key: jax.Array, image_size: Tuple[int, int]) -> Dict[str, Any]:
   """The model's variables, a pure function of ``key``.
 
-  ``image_size`` is accepted for the contract; parameter shapes do not depend on it, so a small
-  dummy image is used and the call stays cheap eagerly or under ``jax.jit``.
+  Parameters are drawn with ``key`` as given, or with ``model.kernels.init_key(key)`` where the
+  kernel set has one (the CPU set's draws compile faster). ``image_size`` is accepted for the
+  contract; parameter shapes do not depend on it, so a small dummy image is used and the call
+  stays cheap eagerly or under ``jax.jit``.
 
   Returns:
     ``{'params': ...}`` plus ``'batch_stats'`` with trainable BatchNorm.
   """
   del image_size
+  if model.kernels.init_key is not None:
+    key = model.kernels.init_key(key)
   images = jnp.zeros((1, 64, 64, 3), jnp.uint8)
-  return dict(model.init({"params": init_key(key)}, images, method=MaskRCNN._init_all))
-
-
-def prepare_inference(model: MaskRCNN, variables: Dict[str, Any], image_size: Tuple[int, int],
-                      batch_size: int = 1) -> Dict[str, Any]:
-  """``variables`` plus the Winograd kernel transforms ``predict`` needs, computed once (CPU).
-
-  On CPU the large 3x3 convolutions run as Winograd (``modeling/winograd.py``), which
-  transforms each kernel [3, 3, C, O] into [(m+2)^2, C, O] on every call: a pass writing 4-5x
-  the kernel's bytes into fresh memory, 68 of ~980 ms of op time in a profiled 512x512
-  ``predict`` (the mask head's once per chunk). With fixed weights that work can be done
-  ahead, as inference engines pre-pack weights: this runs ``predict``'s layers at
-  ``image_size`` x ``batch_size`` once with the ``conv.TRANSFORMED_KERNELS`` collection mutable
-  and returns the variables with it added (R50-FPN at 512x512: +138 MiB of variables; its
-  ``predict`` 4% faster, see docs/benchmarks.md). ``predict`` reads them instead of
-  transforming again; at another size or batch, layers without a stored transform for their
-  tile compute it as before, so results never depend on it (beyond float32 rounding order).
-  Not for training: ``losses`` refuses these variables, since the stored transforms would not
-  follow parameter updates. Where the default backend is not a CPU (no Winograd there), or no
-  layer takes Winograd, the variables come back without the collection.
-  """
-  plain = {k: v for k, v in variables.items() if k != conv_lib.TRANSFORMED_KERNELS}
-  if jax.default_backend() != "cpu":
-    return plain
-  images = jnp.zeros((batch_size,) + tuple(image_size) + (3,), jnp.uint8)
-
-  def transforms(v):
-    _, state = model.apply(v, images, method=MaskRCNN.predict,
-                           mutable=[conv_lib.TRANSFORMED_KERNELS])
-    return state.get(conv_lib.TRANSFORMED_KERNELS, {})
-
-  # Only the transforms are outputs, so XLA drops the rest of the network from this program.
-  stored = jax.jit(transforms)(plain)
-  if not stored:  # no layer runs Winograd here (bfloat16, small maps, xla_convolutions())
-    return plain
-  return {**plain, conv_lib.TRANSFORMED_KERNELS: stored}
-
-
-def init_key(key: jax.Array) -> jax.Array:
-  """An ``unsafe_rbg`` key derived from ``key`` (raw uint32 data or a typed key of any impl).
-
-  XLA compiles every threefry draw separately and slowly on CPU (seconds each on a busy
-  machine), and initialisation makes one draw per parameter array; RngBitGenerator draws
-  compile an order of magnitude faster. The result is still a pure function of ``key``.
-  """
-  if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
-    key = jax.random.key_data(key)
-  words = jnp.asarray(key, jnp.uint32).reshape(-1)
-  if words.shape[0] < 4:
-    words = jnp.concatenate([words, words ^ jnp.uint32(0x9E3779B9)])
-  return jax.random.wrap_key_data(words[:4], impl="unsafe_rbg")
+  return dict(model.init({"params": key}, images, method=MaskRCNN._init_all))
 
 
 def trainable_mask(params: Any, config: Any) -> Any:

@@ -22,7 +22,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling import conv as conv_lib
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 EXPANSION = 4
@@ -102,13 +101,13 @@ class _GroupNorm(nn.Module):
     return (y * scale + bias).astype(self.dtype)
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> conv_lib.Conv:
-  # conv_lib.Conv: Flax Conv's parameters, with a matmul kernel gradient (XLA CPU's conv one
-  # is 2-10x the forward).
+def _conv(conv: Any, features: int, kernel: int, stride: int, dtype: Any,
+          name: str) -> nn.Module:
+  """A bias-free ``conv`` layer (a ``KernelSet.conv`` class, ``nn.Conv`` by default)."""
   pad = (kernel - 1) // 2  # torch's symmetric padding, not "SAME" (differs for stride 2)
-  return conv_lib.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
-                 use_bias=False, kernel_init=conv_init, dtype=dtype, param_dtype=jnp.float32,
-                 name=name)
+  return conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
+              use_bias=False, kernel_init=conv_init, dtype=dtype, param_dtype=jnp.float32,
+              name=name)
 
 
 class Bottleneck(nn.Module):
@@ -125,6 +124,7 @@ class Bottleneck(nn.Module):
   norm_kwargs: Tuple[Tuple[str, Any], ...]
   dtype: Any
   stride_in_1x1: bool = False
+  conv: Any = nn.Conv
 
   def _norm(self, name):
     return make_norm(self.norm, train=self.train, frozen=self.frozen, dtype=self.dtype,
@@ -134,12 +134,12 @@ class Bottleneck(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     out_ch = self.planes * EXPANSION
     s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
-    y = nn.relu(self._norm("bn1")(_conv(self.planes, 1, s1, self.dtype, "conv1")(x)))
-    y = nn.relu(self._norm("bn2")(_conv(self.planes, 3, s3, self.dtype, "conv2")(y)))
-    y = self._norm("bn3")(_conv(out_ch, 1, 1, self.dtype, "conv3")(y))
+    y = nn.relu(self._norm("bn1")(_conv(self.conv, self.planes, 1, s1, self.dtype, "conv1")(x)))
+    y = nn.relu(self._norm("bn2")(_conv(self.conv, self.planes, 3, s3, self.dtype, "conv2")(y)))
+    y = self._norm("bn3")(_conv(self.conv, out_ch, 1, 1, self.dtype, "conv3")(y))
     if self.stride != 1 or x.shape[-1] != out_ch:
       x = _Downsample(out_ch, self.stride, self.norm, self.train, self.frozen, self.norm_kwargs,
-                      self.dtype, name="downsample")(x)
+                      self.dtype, self.conv, name="downsample")(x)
     return nn.relu(y + x)
 
 
@@ -153,10 +153,11 @@ class _Downsample(nn.Module):
   frozen: bool
   norm_kwargs: Tuple[Tuple[str, Any], ...]
   dtype: Any
+  conv: Any = nn.Conv
 
   @nn.compact
   def __call__(self, x):
-    x = _conv(self.features, 1, self.stride, self.dtype, "0")(x)
+    x = _conv(self.conv, self.features, 1, self.stride, self.dtype, "0")(x)
     return make_norm(self.norm, train=self.train, frozen=self.frozen, dtype=self.dtype,
                      name="1", **dict(self.norm_kwargs))(x)
 
@@ -173,12 +174,13 @@ class ResLayer(nn.Module):
   norm_kwargs: Tuple[Tuple[str, Any], ...]
   dtype: Any
   stride_in_1x1: bool = False
+  conv: Any = nn.Conv
 
   @nn.compact
   def __call__(self, x):
     for i in range(self.blocks):
       x = Bottleneck(self.planes, self.stride if i == 0 else 1, self.norm, self.train,
-                     self.frozen, self.norm_kwargs, self.dtype, self.stride_in_1x1,
+                     self.frozen, self.norm_kwargs, self.dtype, self.stride_in_1x1, self.conv,
                      name=str(i))(x)
     return x
 
@@ -210,9 +212,11 @@ class ResNet(nn.Module):
 
   Attributes:
     config: ``config.model``.
+    conv: the conv layer class (``KernelSet.conv``).
   """
 
   config: Any
+  conv: Any = nn.Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> Sequence[jax.Array]:
@@ -230,7 +234,7 @@ class ResNet(nn.Module):
                    ("gn_groups", cfg.backbone.gn_groups))
     width = cfg.backbone.width
 
-    x = _conv(width, 7, 2, dtype, "conv1")(x)
+    x = _conv(self.conv, width, 7, 2, dtype, "conv1")(x)
     x = make_norm(cfg.norm, train=train, frozen="bn1" in frozen, dtype=dtype, name="bn1",
                   **dict(norm_kwargs))(x)
     x = nn.relu(x)
@@ -242,7 +246,7 @@ class ResNet(nn.Module):
       name = f"layer{i + 1}"
       x = ResLayer(width * 2**i, blocks, 1 if i == 0 else 2, cfg.norm, train,
                    name in frozen, norm_kwargs, dtype,
-                   bool(cfg.backbone.get("stride_in_1x1", False)), name=name)(x)
+                   bool(cfg.backbone.stride_in_1x1), self.conv, name=name)(x)
       if name in frozen:
         # Nothing upstream trains: cutting the graph here makes their gradients exactly zero
         # and lets XLA drop their backward pass.

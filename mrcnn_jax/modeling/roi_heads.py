@@ -21,7 +21,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling import conv as conv_lib
 from mrcnn_jax.ops import boxes as box_ops
 from mrcnn_jax.ops.matching import match_boxes
 from mrcnn_jax.ops.nms import batched_nms
@@ -51,13 +50,18 @@ def _dense(features: int, fan_in: int, dtype: Any, name: str) -> nn.Dense:
 
 
 class TwoMLPHead(nn.Module):
-  """Flatten, fc6, ReLU, fc7, ReLU: [..., h, w, C] -> [..., representation_size]."""
+  """Flatten, fc6, ReLU, fc7, ReLU: [..., h, w, C] -> [..., representation_size].
+
+  Called like every RoI head, ``(x, train, valid)``; it has no state that depends on them.
+  """
 
   representation_size: int = 1024
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               valid: Optional[jax.Array] = None) -> jax.Array:
+    del train, valid
     x = x.reshape(x.shape[:-3] + (-1,))
     x = nn.relu(_dense(self.representation_size, x.shape[-1], self.dtype, "fc6")(x))
     return nn.relu(_dense(self.representation_size, self.representation_size, self.dtype,
@@ -82,42 +86,31 @@ class FastRCNNPredictor(nn.Module):
 class MaskRCNNHead(nn.Module):
   """``len(channels)`` 3x3 conv + ReLU layers: [N, 14, 14, C] -> [N, 14, 14, channels[-1]].
 
-  Parameters are Flax ``Conv``'s (``mask_fcn{i}``: ``kernel`` [3, 3, Cin, C], ``bias``); the
-  layers are :class:`~mrcnn_jax.modeling.conv.Conv`, whose kernel gradient is a matmul (XLA
-  CPU's conv kernel gradient took ~4x the forward: 4 s for 256 RoIs at 14x14x256).
+  Parameters are Flax ``Conv``'s (``mask_fcn{i}``: ``kernel`` [3, 3, Cin, C], ``bias``).
+  ``conv`` is the layer class (``KernelSet.conv``). Called like every RoI head,
+  ``(x, train, valid)``; it has no state that depends on them.
   """
 
   channels: Sequence[int] = (256, 256, 256, 256)
   dtype: Any = jnp.float32
+  conv: Any = nn.Conv
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               valid: Optional[jax.Array] = None) -> jax.Array:
+    del train, valid
     for i, c in enumerate(self.channels):
-      x = nn.relu(conv_lib.Conv(c, (3, 3), padding=((1, 1), (1, 1)), kernel_init=mask_conv_init,
-                                bias_init=nn.initializers.zeros, dtype=self.dtype,
-                                param_dtype=jnp.float32, name=f"mask_fcn{i + 1}")(x))
+      x = nn.relu(self.conv(c, (3, 3), padding=((1, 1), (1, 1)), kernel_init=mask_conv_init,
+                            bias_init=nn.initializers.zeros, dtype=self.dtype,
+                            param_dtype=jnp.float32, name=f"mask_fcn{i + 1}")(x))
     return x
-
-
-def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """3x3 stride-1 'SAME' conv, NHWC x HWIO, with a matmul kernel gradient.
-
-  Kept for callers of the earlier mask-head helper; it is :func:`conv_lib.conv2d` with
-  ``stride=1, padding=1``.
-  """
-  return conv_lib.conv2d(x, kernel, 1, 1)
 
 
 class MaskRCNNPredictor(nn.Module):
   """2x2 stride-2 deconv + ReLU + 1x1 conv: [N, 14, 14, C] -> [N, 28, 28, K+1] float32 logits.
 
-  Parameters are those of a Flax ``ConvTranspose`` (``conv5_mask``, kernel [2, 2, C, C]) and a
-  1x1 ``Conv`` (``mask_fcn_logits``, kernel [1, 1, C, K+1]), but both are applied as matmuls:
-  a 2x2 stride-2 transposed conv has no overlapping windows, so it is one [C, 4C] matmul per
-  input pixel followed by a depth-to-space. On CPU, XLA lowers the transposed conv's kernel
-  gradient to a dilated convolution that took 50 s for 256 RoIs; the matmul's takes 0.1 s.
-  Given ``classes``, only those classes' logits are computed (one column of the 1x1 kernel
-  per RoI) instead of all K+1 channels, as inference and the mask loss read one class only.
+  ``conv5_mask`` is a Flax ``ConvTranspose`` (kernel [2, 2, C, C]), ``mask_fcn_logits`` a 1x1
+  ``Conv`` (kernel [1, 1, C, K+1]).
   """
 
   num_classes: int
@@ -130,40 +123,16 @@ class MaskRCNNPredictor(nn.Module):
     Returns:
       [N, 2h, 2w, K+1] float32 logits, or [N, 2h, 2w] of class ``classes[n]`` when given.
     """
-    n, h, w, c = x.shape
-    deconv = _ParamHolder((2, 2, c, c), (c,), deconv_init, name="conv5_mask")
-    logits_p = _ParamHolder((1, 1, c, self.num_classes), (self.num_classes,), mask_conv_init,
-                            name="mask_fcn_logits")
-    k5, b5 = deconv()
-    k1, b1 = logits_p()
-    dt = self.dtype
-    # Flax's ConvTranspose (transpose_kernel=False, VALID) writes input pixel (i, j) times
-    # kernel tap (1 - a, 1 - b) to output pixel (2i + a, 2j + b): hence the flip.
-    kflip = k5[::-1, ::-1]  # [a, b, C, O]
-    y = jnp.einsum("nijc,abco->nijabo", x.astype(dt), kflip.astype(dt))
-    y = nn.relu(y + b5.astype(dt))  # [N, h, w, 2, 2, C]
+    c = x.shape[-1]
+    x = nn.ConvTranspose(c, (2, 2), strides=(2, 2), padding="VALID", kernel_init=deconv_init,
+                         dtype=self.dtype, param_dtype=jnp.float32, name="conv5_mask")(x)
+    x = nn.Conv(self.num_classes, (1, 1), kernel_init=mask_conv_init, dtype=self.dtype,
+                param_dtype=jnp.float32, name="mask_fcn_logits")(nn.relu(x))
+    logits = x.astype(jnp.float32)
     if classes is None:
-      out = jnp.einsum("nijabo,ok->nijabk", y, k1[0, 0].astype(dt)) + b1.astype(dt)
-      out = out.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, self.num_classes)
-      return out.astype(jnp.float32)
-    wc = jnp.take(k1[0, 0], classes, axis=1).T  # [N, C]
-    out = jnp.einsum("nijabo,no->nijab", y, wc.astype(dt)).astype(jnp.float32)
-    out = out + jnp.take(b1, classes)[:, None, None, None, None]
-    return out.transpose(0, 1, 3, 2, 4).reshape(n, 2 * h, 2 * w)
-
-
-class _ParamHolder(nn.Module):
-  """A conv layer's ``kernel`` and ``bias`` parameters, applied by the caller."""
-
-  kernel_shape: Tuple[int, ...]
-  bias_shape: Tuple[int, ...]
-  kernel_init: Any
-
-  @nn.compact
-  def __call__(self) -> Tuple[jax.Array, jax.Array]:
-    kernel = self.param("kernel", self.kernel_init, self.kernel_shape, jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, self.bias_shape, jnp.float32)
-    return kernel, bias
+      return logits
+    return jnp.take_along_axis(logits, classes.astype(jnp.int32)[:, None, None, None],
+                               axis=-1)[..., 0]
 
 
 def sample_rois(
@@ -307,8 +276,7 @@ def detect(
 
 
 # Candidates the first NMS pass of ``detect_batch`` looks at, per image (at least 4 per
-# detection). Sorting all R*K candidates (90,000 for 1000 proposals and 90 classes) took
-# 10 ms of a 0.9 s ``predict`` at 512 px on 2 CPU cores; ``top_k`` of 1000 takes 0.5 ms.
+# detection): a ``top_k`` of these costs far less than sorting all R*K candidates.
 EXACT_PREFIX = 1000
 
 

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrcnn_jax.modeling import conv as conv_lib
 from mrcnn_jax.ops import boxes as box_ops
 from mrcnn_jax.ops.matching import match_boxes
 from mrcnn_jax.ops.nms import batched_nms
@@ -38,10 +37,12 @@ class RPNHead(nn.Module):
   Attributes:
     num_anchors: anchors per location ``A`` (3).
     dtype: activation dtype; the outputs are float32.
+    conv: the conv layer class (``KernelSet.conv``).
   """
 
   num_anchors: int
   dtype: Any = jnp.float32
+  conv: Any = nn.Conv
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array]) -> Tuple[jax.Array, jax.Array]:
@@ -56,10 +57,9 @@ class RPNHead(nn.Module):
     a = self.num_anchors
     kw = dict(kernel_init=rpn_init, bias_init=nn.initializers.zeros, dtype=self.dtype,
               param_dtype=jnp.float32)
-    # conv_lib.Conv: nn.Conv's parameters with a matmul kernel gradient (XLA CPU's is slow).
-    conv = conv_lib.Conv(c, (3, 3), padding=((1, 1), (1, 1)), name="conv", **kw)
-    cls = conv_lib.Conv(a, (1, 1), name="cls_logits", **kw)
-    bbox = conv_lib.Conv(4 * a, (1, 1), name="bbox_pred", **kw)
+    conv = self.conv(c, (3, 3), padding=((1, 1), (1, 1)), name="conv", **kw)
+    cls = self.conv(a, (1, 1), name="cls_logits", **kw)
+    bbox = self.conv(4 * a, (1, 1), name="bbox_pred", **kw)
     return predict_levels(feats, lambda f: nn.relu(conv(f)), cls, bbox, a)
 
 

@@ -33,22 +33,23 @@ pairs and ``ow * g * 2`` (column, weight) pairs describe every sample.
 Implementation: the ``(oh*g*2) x (ow*g*2)`` grid of corner pixels (every row index against
 every column index, all channels at once: gathers of contiguous ``C``-vectors from an NHWC map)
 is summed with the separable weights, one term per corner offset, so that XLA fuses the gathers
-into the sum (``_pool``). That reads exactly the corners torchvision's kernel reads, once per
-RoI. On accelerators all RoIs go in one fused computation; on CPU a loop over RoIs
-(``_interpolate``).
+into the sum (:func:`pool_corners`). That reads exactly the corners torchvision's kernel reads,
+once per RoI, and all RoIs go in one fused computation (:func:`pool_all_rois`).
 
 Multilevel (FPN): each RoI gets its level from eq. 1 of the FPN paper, and with it that level's
 pixel table, size and scale, so every RoI is sampled once, on its own level (the "multilevel
-crop and resize" of the TPU Mask R-CNN), instead of on every level followed by a select. On
-accelerators the levels are concatenated into one ``[B * sum(Hl * Wl), C]`` table and each RoI
-indexes it at its level's offset; on CPU the loop picks the level's table per RoI.
+crop and resize" of the TPU Mask R-CNN), instead of on every level followed by a select: the
+levels are concatenated into one ``[B * sum(Hl * Wl), C]`` table and each RoI indexes it at its
+level's offset.
+
+``pool_rois`` (both entry points) replaces :func:`pool_all_rois` with another implementation
+of the same signature and values (``mrcnn_jax.kernels``: a per-RoI loop for XLA:CPU).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,9 @@ from mrcnn_jax.ops._checks import check_shape
 
 ArrayLike = jax.typing.ArrayLike
 OutputSize = Union[int, Tuple[int, int], Sequence[int]]
+# (tables, level, index, wy, wx) -> [R, oh, ow, C]: see :func:`pool_all_rois`.
+PoolRois = Callable[[Sequence[jax.Array], jax.Array, jax.Array, jax.Array, jax.Array],
+                    jax.Array]
 
 
 def _pair(output_size: OutputSize) -> Tuple[int, int]:
@@ -136,7 +140,8 @@ def _axis_samples(start: jax.Array, length: jax.Array, out_len: int, grid: int,
           weight.reshape(lead + (out_len, grid * 2)))
 
 
-def _pool(table: jax.Array, index: jax.Array, wy: jax.Array, wx: jax.Array) -> jax.Array:
+def pool_corners(table: jax.Array, index: jax.Array, wy: jax.Array,
+                 wx: jax.Array) -> jax.Array:
   """Weighted sum of the corner pixels of each RoI's sample grid.
 
   Args:
@@ -151,10 +156,8 @@ def _pool(table: jax.Array, index: jax.Array, wy: jax.Array, wx: jax.Array) -> j
 
   The sum is written out term by term, one gather of [..., oh, ow] pixels per corner offset
   (i, j): a gather with a single consumer fuses into it, so XLA emits one loop that reads each
-  corner pixel where it is used and writes only the result. One gather of all corners followed
-  by a ``sum`` instead materialises every corner (4g^2 times the output) and hands the sum to a
-  separate library reduction: measured on 2 CPU cores at 512 px, 62 -> 31 ms for 1000 RoIs at
-  7x7 and 20 -> 7.4 ms for 100 RoIs at 14x14 (same values up to float32 rounding).
+  corner pixel where it is used and writes only the result (one gather of all corners and a
+  ``sum`` would materialise every corner, 4g^2 times the output).
   """
   oh, g2 = wy.shape[-2:]
   ow = wx.shape[-2]
@@ -171,87 +174,9 @@ def _pool(table: jax.Array, index: jax.Array, wy: jax.Array, wx: jax.Array) -> j
   return out.astype(table.dtype)
 
 
-def _pool_each(tables: Sequence[jax.Array], level: jax.Array, index: jax.Array,
-               wy: jax.Array, wx: jax.Array) -> jax.Array:
-  """``_pool`` one RoI at a time, straight from its level's table: the fast way on CPU.
-
-  Branching on the level (a ``switch`` per RoI) saves concatenating the levels, a copy of the
-  whole pyramid. With that copy, all RoIs in one fused computation (``_pool_all``) measured
-  34 ms against this loop's 41 ms for 1000 RoIs at 7x7 but 17 against 14 ms for 100 RoIs at
-  14x14 (512 px, 2 cores, one noisy run), and inside ``predict`` at 512 px, for the 7x7 box
-  pooling only, 2% slower (paired 1.023 over 12 alternating runs): the loop stays.
-  Before ``_pool`` fused its gathers, the all-at-once form materialised 16x the output (800 MB
-  for 1000 RoIs) and was 2-5x slower than torchvision.
-  CPUs have no bfloat16 arithmetic (XLA's bfloat16 gather + convert was 15x slower), so the
-  tables are pooled in float32 and the result is cast back.
-  """
-  dtype = tables[0].dtype
-  tables = [t.astype(jnp.float32) for t in tables]
-  return _pool_loop(tables, level, index, wy, wx).astype(dtype)
-
-
-@jax.custom_vjp
-def _pool_loop(tables, level, index, wy, wx):
-  branches = [functools.partial(_pool, t) for t in tables]
-  return jax.lax.map(lambda args: jax.lax.switch(args[0], branches, *args[1:]),
-                     (level, index, wy, wx))
-
-
-def _pool_loop_fwd(tables, level, index, wy, wx):
-  return _pool_loop(tables, level, index, wy, wx), (tables, level, index, wy, wx)
-
-
-def _pool_loop_bwd(residuals, ct):
-  """The backward, also one RoI at a time, scattering into the tables' gradients in place.
-
-  (JAX's own transpose of the loop would add a zero-filled copy of the whole table gradient
-  per RoI: ~100x slower.) Per RoI, with ``w[p,i,q,j] = wy[p,i] wx[q,j]`` and upstream ``ct``:
-  d corner[p,i,q,j] = w * ct[p,q]; d wy[p,i] = sum_qj wx[q,j] t[p,i,q,j]; d wx likewise, where
-  ``t[p,i,q,j] = sum_c corner[p,i,q,j,c] ct[p,q,c]``.
-  """
-  tables, level, index, wy, wx = residuals
-  oh, g2 = wy.shape[-2:]
-  ow = wx.shape[-2]
-  c = tables[0].shape[-1]
-  # One gradient buffer for all levels, updated in place by the loop (a per-level buffer
-  # inside the ``switch`` would be copied on every iteration).
-  sizes = [t.shape[0] for t in tables]
-  offsets = jnp.asarray(np.concatenate([[0], np.cumsum(sizes)[:-1]]), jnp.int32)
-  gathers = [lambda idx, t=t: t.at[idx].get(mode="promise_in_bounds") for t in tables]
-
-  def body(r, carry):
-    grad, d_wy, d_wx = carry
-    idx, a, b, up = index[r], wy[r], wx[r], ct[r]
-    corners = jax.lax.switch(level[r], gathers, idx).reshape(oh, g2, ow, g2, c)
-    t = jnp.einsum("piqjc,pqc->piqj", corners, up)
-    d_corners = (a[:, :, None, None, None] * b[None, None, :, :, None]
-                 * up[:, None, :, None, :]).reshape(oh * g2, ow * g2, c)
-    grad = grad.at[idx + offsets[level[r]]].add(d_corners, mode="promise_in_bounds")
-    d_wy = d_wy.at[r].set(jnp.einsum("piqj,qj->pi", t, b))
-    d_wx = d_wx.at[r].set(jnp.einsum("piqj,pi->qj", t, a))
-    return grad, d_wy, d_wx
-
-  init = (jnp.zeros((sum(sizes), c), jnp.float32), jnp.zeros_like(wy), jnp.zeros_like(wx))
-  grad, d_wy, d_wx = jax.lax.fori_loop(0, level.shape[0], body, init)
-  grads = [grad[o:o + n] for o, n in zip(np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)]
-  return grads, None, None, d_wy, d_wx
-
-
-_pool_loop.defvjp(_pool_loop_fwd, _pool_loop_bwd)
-
-
-def _pool_all(tables: Sequence[jax.Array], level: jax.Array, index: jax.Array,
-              wy: jax.Array, wx: jax.Array) -> jax.Array:
-  """``_pool`` of all RoIs in one gather from the concatenated levels (accelerators)."""
-  offsets = np.concatenate([[0], np.cumsum([t.shape[0] for t in tables])[:-1]])
-  table = jnp.concatenate(tables) if len(tables) > 1 else tables[0]
-  index = index + jnp.asarray(offsets, jnp.int32)[level][:, None, None]
-  return _pool(table, index, wy, wx)
-
-
-def _interpolate(tables: Sequence[jax.Array], level: jax.Array, index: jax.Array,
-                 wy: jax.Array, wx: jax.Array) -> jax.Array:
-  """``_pool`` of R RoIs, each from table ``tables[level[r]]``.
+def pool_all_rois(tables: Sequence[jax.Array], level: jax.Array, index: jax.Array,
+                  wy: jax.Array, wx: jax.Array) -> jax.Array:
+  """:func:`pool_corners` of R RoIs, each from table ``tables[level[r]]``, in one gather.
 
   Args:
     tables: per level, [T_l, C] pixels.
@@ -260,17 +185,19 @@ def _interpolate(tables: Sequence[jax.Array], level: jax.Array, index: jax.Array
     wy, wx: [R, oh, 2g], [R, ow, 2g] float32 weights.
 
   Returns:
-    [R, oh, ow, C]. On CPU a loop over RoIs, elsewhere one fused gather; the choice is made
-    when the computation is lowered for a platform (safe under AOT compilation) and both
-    branches compute the same numbers.
+    [R, oh, ow, C] in the tables' dtype. The levels are concatenated and each RoI indexes the
+    result at its level's offset.
   """
-  return jax.lax.platform_dependent(list(tables), level, index, wy, wx, cpu=_pool_each,
-                                    default=_pool_all)
+  offsets = np.concatenate([[0], np.cumsum([t.shape[0] for t in tables])[:-1]])
+  table = jnp.concatenate(tables) if len(tables) > 1 else tables[0]
+  index = index + jnp.asarray(offsets, jnp.int32)[level][:, None, None]
+  return pool_corners(table, index, wy, wx)
 
 
 def _pool_flat(tables: Sequence[jax.Array], level: jax.Array, boxes: jax.Array,
                base: jax.Array, height: jax.Array, width: jax.Array, scale: jax.Array,
-               output_size: Tuple[int, int], sampling_ratio: int, aligned: bool) -> jax.Array:
+               output_size: Tuple[int, int], sampling_ratio: int, aligned: bool,
+               pool_rois: Optional[PoolRois]) -> jax.Array:
   """RoIAlign from flat pixel tables, each RoI with its own map geometry.
 
   Args:
@@ -280,7 +207,7 @@ def _pool_flat(tables: Sequence[jax.Array], level: jax.Array, boxes: jax.Array,
     base: [B, N] int32, row of that table holding pixel (0, 0) of the RoI's image.
     height, width: [B, N] int32, the size of the RoI's map.
     scale: [B, N] float32, its spatial scale (1 / stride).
-    output_size, sampling_ratio, aligned: as ``roi_align``.
+    output_size, sampling_ratio, aligned, pool_rois: as ``roi_align``.
 
   Returns:
     [B, N, oh, ow, C] in the tables' dtype.
@@ -303,14 +230,15 @@ def _pool_flat(tables: Sequence[jax.Array], level: jax.Array, boxes: jax.Array,
   # Every row index against every column index: [B, N, oh*2g, ow*2g] table rows.
   index = (base[..., None, None] + rows[..., :, None] * width[..., None, None]
            + cols[..., None, :])
-  out = _interpolate(tables, level.reshape(b * n), index.reshape((b * n,) + index.shape[2:]),
+  pool = pool_all_rois if pool_rois is None else pool_rois
+  out = pool(list(tables), level.reshape(b * n), index.reshape((b * n,) + index.shape[2:]),
                      wy.reshape(b * n, oh, 2 * g), wx.reshape(b * n, ow, 2 * g))
   return out.reshape(b, n, oh, ow, tables[0].shape[-1])
 
 
 def roi_align(features: ArrayLike, boxes: ArrayLike, output_size: OutputSize, *,
               spatial_scale: float = 1.0, sampling_ratio: int = 2,
-              aligned: bool = True) -> jax.Array:
+              aligned: bool = True, pool_rois: Optional[PoolRois] = None) -> jax.Array:
   """Pools each box of each image to a fixed grid, as ``torchvision.ops.roi_align``.
 
   Args:
@@ -324,6 +252,8 @@ def roi_align(features: ArrayLike, boxes: ArrayLike, output_size: OutputSize, *,
       ``<= 0`` has a data-dependent shape and raises ``ValueError``).
     aligned: shift the box by -0.5 map pixel, the correct alignment (True) or the legacy
       Mask R-CNN behaviour (False).
+    pool_rois: the pooling of all RoIs (:func:`pool_all_rois`, the default, or a platform
+      kernel with its signature and values).
 
   Returns:
     [B, N, oh, ow, C] in ``features.dtype``.
@@ -343,7 +273,8 @@ def roi_align(features: ArrayLike, boxes: ArrayLike, output_size: OutputSize, *,
   full = lambda v, dt: jnp.full((b, n), v, dt)
   return _pool_flat([table], full(0, jnp.int32), boxes, base, full(h, jnp.int32),
                     full(w, jnp.int32),
-                    full(spatial_scale, jnp.float32), _pair(output_size), g, aligned)
+                    full(spatial_scale, jnp.float32), _pair(output_size), g, aligned,
+                    pool_rois)
 
 
 def assign_fpn_levels(boxes: ArrayLike, min_level: int, max_level: int,
@@ -374,8 +305,8 @@ def assign_fpn_levels(boxes: ArrayLike, min_level: int, max_level: int,
 def multilevel_roi_align(features: Sequence[ArrayLike], boxes: ArrayLike,
                          output_size: OutputSize, *, strides: Sequence[int],
                          sampling_ratio: int = 2, aligned: bool = False,
-                         canonical_scale: float = 224,
-                         canonical_level: int = 4) -> jax.Array:
+                         canonical_scale: float = 224, canonical_level: int = 4,
+                         pool_rois: Optional[PoolRois] = None) -> jax.Array:
   """RoIAlign of each box on its FPN level, as ``torchvision.ops.MultiScaleRoIAlign``.
 
   Args:
@@ -387,6 +318,7 @@ def multilevel_roi_align(features: Sequence[ArrayLike], boxes: ArrayLike,
     sampling_ratio: samples per bin along each axis, >= 1.
     aligned: as ``roi_align`` (torchvision's MultiScaleRoIAlign uses False).
     canonical_scale, canonical_level: FPN eq. 1 (``assign_fpn_levels``).
+    pool_rois: as ``roi_align``.
 
   Returns:
     [B, N, oh, ow, C] in the features' dtype.
@@ -422,4 +354,4 @@ def multilevel_roi_align(features: Sequence[ArrayLike], boxes: ArrayLike,
                         canonical_level) - levels[0]                          # [B, N]
   base = jnp.arange(b, dtype=jnp.int32)[:, None] * level_pixels[k]
   return _pool_flat(tables, k, boxes, base, level_h[k], level_w[k], level_scale[k],
-                    _pair(output_size), g, aligned)
+                    _pair(output_size), g, aligned, pool_rois)

@@ -1,13 +1,13 @@
 """The training loop: ``train_and_evaluate(config, workdir)``.
 
 One call trains an experiment from its config, in a notebook or from ``scripts/train.py``:
-builds the mesh, model, state and input; resumes (see :mod:`mrcnn_jax.training.checkpoint` for
+builds the mesh, model, state and input; resumes (see :mod:`mrcnn_jax.run.checkpoint` for
 the order); runs the jitted sharded step; fetches metrics every ``config.log.every_steps``
 steps (the device is never blocked on a per-step transfer); writes TensorBoard scalars and
 prediction images and a console progress line (process 0 only); checkpoints on the interval, at
 the end and on SIGTERM; evaluates periodically and at the end.
 
-Multi-process (after :func:`mrcnn_jax.training.distributed.initialize`): every process runs this
+Multi-process (after :func:`mrcnn_jax.run.distributed.initialize`): every process runs this
 same function; the mesh spans the devices of all of them, each feeds its own slice of the batch,
 all of them take part in every checkpoint save/restore (orbax coordinates them), and a SIGTERM
 that reaches any of them stops all of them after the same step (:class:`_StopSignal`).
@@ -29,12 +29,22 @@ from typing import Any, Optional
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
 
-from mrcnn_jax.training import checkpoint as ckpt_lib
-from mrcnn_jax.training import distributed as distributed_lib
-from mrcnn_jax.training import sharding as sharding_lib
+from mrcnn_jax import data as data_lib
+from mrcnn_jax import kernels
+from mrcnn_jax import modeling
+from mrcnn_jax.evaluation import coco_eval
+from mrcnn_jax.evaluation import evaluator as evaluator_lib
+from mrcnn_jax.inference import batch_predict
+from mrcnn_jax.run import checkpoint as ckpt_lib
+from mrcnn_jax.run import checks
+from mrcnn_jax.run import distributed as distributed_lib
+from mrcnn_jax.run import sharding as sharding_lib
 from mrcnn_jax.training import train_state as train_state_lib
 from mrcnn_jax.training import train_step as train_step_lib
 
@@ -42,70 +52,6 @@ PyTree = Any
 
 
 # ------------------------------------------------------------------------------------------ setup
-
-def make_run_mesh(config: ml_collections.ConfigDict):
-  """The data-parallel mesh over ``config.num_devices`` devices (0 = all of every host).
-
-  With several processes, ``num_devices`` (a global count) is taken evenly from every process,
-  since each process feeds data to devices of its own.
-  """
-  n = int(config.get("num_devices", 0) or 0)
-  devices = jax.devices()
-  if n:
-    if n > len(devices):
-      raise ValueError(f"config.num_devices={n} but only {len(devices)} devices exist")
-    num_p = jax.process_count()
-    if n % num_p:
-      raise ValueError(f"config.num_devices={n} must be a multiple of the process count {num_p}")
-    by_process: dict[int, list] = {}
-    for d in devices:
-      by_process.setdefault(d.process_index, []).append(d)
-    devices = [d for p in sorted(by_process) for d in by_process[p][:n // num_p]]
-  return sharding_lib.make_mesh(devices)
-
-
-def check_local_path(name: str, path: str) -> None:
-  """Refuses a URL (``gs://...``): checkpoints, summaries and data are read as files.
-
-  Multi-host runs need a path that every host sees: an NFS / Filestore mount, or a bucket
-  mounted with Cloud Storage FUSE at the same place on every host.
-  """
-  if "://" in str(path):
-    raise ValueError(f"{name} {path!r} is a URL; use a filesystem path that every host sees "
-                     "(an NFS/Filestore mount, or the bucket mounted with gcsfuse)")
-
-
-def check_data_paths(config: ml_collections.ConfigDict, *, train: bool = True,
-                     evaluate: bool = True) -> None:
-  """Raises ``FileNotFoundError`` with one clear line when a configured data path is missing,
-  and ``ValueError`` when evaluation is asked of a source that cannot give COCO metrics (before
-  any training step, not after the last)."""
-  d = config.data
-  if d.source != "coco":
-    if evaluate:
-      raise ValueError(
-          f"COCO evaluation needs an instances JSON as ground truth (config.data.source='coco'),"
-          f" not source={d.source!r}: set config.eval.every_steps=0 and config.eval.at_end=False"
-          " to train from it, and evaluate on a COCO JSON (config.data.eval_annotations)")
-    return
-  keys = (["train_annotations", "train_images"] if train else []) + (
-      ["eval_annotations", "eval_images"] if evaluate else [])
-  for key in keys:
-    path = d.get(key)
-    if not path:
-      raise FileNotFoundError(f"config.data.{key} is not set")
-    check_local_path(f"config.data.{key}", path)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"config.data.{key} not found: {path}")
-
-
-def check_num_classes(config: ml_collections.ConfigDict, categories) -> None:
-  """The model must predict the data set's K classes plus background."""
-  if int(config.model.num_classes) != categories.num_classes:
-    raise ValueError(
-        f"config.model.num_classes={config.model.num_classes} but the data set has "
-        f"{categories.num_classes - 1} categories (+1 background = {categories.num_classes})")
-
 
 class _SigtermFlag:
   """Turns SIGTERM into a flag the loop checks between steps (checkpoint, then a clean exit)."""
@@ -163,10 +109,8 @@ class _StopSignal:
   def should_stop(self, step: int) -> bool:
     """Called by every process after dispatching step ``step`` (increasing, every step)."""
     if self._service:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       return bool(multihost_utils.reached_preemption_sync_point(step))
     if self._multi:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       flags = multihost_utils.process_allgather(np.asarray([self._flag.received]))
       return bool(np.any(flags))
     return self._flag.received
@@ -185,9 +129,6 @@ class _Writer:
   def __init__(self, workdir: str, enabled: bool):
     self._writer = None
     if enabled and jax.process_index() == 0:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
-      self._tf = tf
       self._meta = {
           name: summary_pb2.SummaryMetadata(
               plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=name))
@@ -197,7 +138,6 @@ class _Writer:
   def scalars(self, step: int, values: dict) -> None:
     if self._writer is None:
       return
-    tf = self._tf
     with self._writer.as_default():
       for k, v in values.items():
         tf.summary.write(k, tf.constant(float(v), tf.float32), step=step,
@@ -206,7 +146,6 @@ class _Writer:
   def images(self, step: int, name: str, images: list) -> None:
     if self._writer is None or not images:
       return
-    tf = self._tf
     with self._writer.as_default():
       for i, image in enumerate(images):
         image = np.asarray(image, np.uint8)
@@ -271,23 +210,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     (without images) or None, 'source': where the starting state came from,
     'stopped_by_sigterm': bool}``.
   """
-  from mrcnn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from mrcnn_jax import modeling  # pylint: disable=g-import-not-at-top
-  from mrcnn_jax.evaluation import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
-
-  check_local_path("workdir", workdir)
+  checks.check_local_path("workdir", workdir)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   is_main = jax.process_index() == 0
   want_eval = bool(config.eval.every_steps) or bool(config.eval.at_end)
-  check_data_paths(config, train=True, evaluate=want_eval)
+  checks.check_data_paths(config, train=True, evaluate=want_eval)
   if is_main:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  mesh = make_run_mesh(config)
+  mesh = sharding_lib.make_run_mesh(config)
   sharding_lib.check_batch_size(int(config.train.batch_size), mesh)
-  model = modeling.MaskRCNN(config.model)
+  model = modeling.MaskRCNN(config.model, kernels=kernels.select(config.kernels, mesh=mesh),
+                            mesh=mesh)
   optimizer = train_state_lib.default_optimizer(config)
   state = train_state_lib.create_train_state(config, model, jax.random.PRNGKey(config.seed), mesh,
                                              optimizer=optimizer)
@@ -301,12 +237,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                source)
 
   train_data = data_lib.build_train_dataset(config, start_step=data_position)
-  check_num_classes(config, train_data.categories)
+  checks.check_num_classes(config, train_data.categories)
   eval_data = None
   evaluator = None
   if want_eval:
     eval_data = data_lib.build_eval_dataset(config)
-    evaluator = evaluator_lib.Evaluator(config, model, mesh)
+    evaluator = evaluator_lib.Evaluator(config, batch_predict.make_batch_predict(model, mesh), mesh)
   step_fn = train_step_lib.make_train_step(config, model, mesh, state, optimizer=optimizer)
   writer = _Writer(workdir, bool(config.log.tensorboard))
   buffer = _MetricBuffer()
@@ -319,7 +255,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state.variables(), eval_data, workdir=workdir, step=step, progress=is_main,
         num_images_to_draw=int(config.eval.num_images_to_draw))
     if is_main:
-      from mrcnn_jax.evaluation import coco_eval  # pylint: disable=g-import-not-at-top
       logging.info("step %d eval (%.0fs):\n%s", step, time.perf_counter() - t0,
                    coco_eval.format_metrics({k: metrics[k] for k in config.eval.iou_types}))
     scalars = {}
@@ -375,7 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with _StopSignal() as stop_signal:
       for step in range(start_step, num_steps):
         host_batch = next(iterator)
-        batch = data_lib.make_global_batch(host_batch, mesh)
+        batch = sharding_lib.make_global_batch(host_batch, mesh)
         if step == start_step:  # all processes start stepping together (a no-op on one)
           step_fn = distributed_lib.compile_together(step_fn, state, batch, name="train_step")
         state, metrics = step_fn(state, batch)

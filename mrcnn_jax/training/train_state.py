@@ -17,8 +17,9 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from mrcnn_jax import modeling
+from mrcnn_jax.run import sharding as sharding_lib
 from mrcnn_jax.training import optimizer as optimizer_lib
-from mrcnn_jax.training import sharding as sharding_lib
 
 PyTree = Any
 
@@ -55,15 +56,11 @@ def uses_batch_stats(model_config: ml_collections.ConfigDict) -> bool:
 
 def default_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The optimizer for the full config: ``make_optimizer`` with the model's frozen parameters."""
-  from mrcnn_jax import modeling  # local import: modeling imports nothing from training
-
   mask_fn = functools.partial(modeling.trainable_mask, config=config.model)
   return optimizer_lib.make_optimizer(config.train, trainable_mask=mask_fn)
 
 
 def _default_init(model, key, image_size):
-  from mrcnn_jax import modeling
-
   return modeling.init_variables(model, key, image_size)
 
 

@@ -16,9 +16,8 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from mrcnn_jax.modeling import batch_parallel
+from mrcnn_jax.run import sharding as sharding_lib
 from mrcnn_jax.training import optimizer as optimizer_lib
-from mrcnn_jax.training import sharding as sharding_lib
 from mrcnn_jax.training import train_state as train_state_lib
 
 PyTree = Any
@@ -103,11 +102,10 @@ def make_train_step(config: ml_collections.ConfigDict, model, mesh: Mesh,
     state is donated: do not use it after the call.
   """
   optimizer = train_state_lib.default_optimizer(config) if optimizer is None else optimizer
+  # The model carries its mesh (``MaskRCNN(..., mesh=mesh)``): its per-image parts run
+  # shard-locally; everything else is partitioned by XLA from the shardings.
   def step(state, batch):
-    # The model's per-image parts (RoIAlign, proposals, sampling, detection) run shard-locally
-    # (see modeling/batch_parallel.py); everything else is partitioned by XLA from the shardings.
-    with batch_parallel.data_parallel(mesh, sharding_lib.DATA_AXIS):
-      return train_step(state, batch, model=model, optimizer=optimizer, config=config)
+    return train_step(state, batch, model=model, optimizer=optimizer, config=config)
 
   state_sh = train_state_lib.state_shardings(state, mesh)
   replicated = sharding_lib.replicated(mesh)

@@ -14,7 +14,7 @@ import torch
 
 from mrcnn_jax import convert
 from mrcnn_jax.convert import common
-from mrcnn_jax.training import checkpoint as ckpt_lib
+from mrcnn_jax.run import checkpoint as ckpt_lib
 from tests.convert import torch_models as tm
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -5,7 +5,7 @@ seconds) after a few SGD steps on synthetic shapes, so its scores are not noise.
 torchvision's transform is set to ``min_size = max_size = 128`` so a 128 x 128 image is not
 resized (scale exactly 1) and ``size_divisible = 64`` so it is not padded; our model sees the
 same pixels. Masks are compared after pasting into the image (our 28x28 masks pasted with
-``evaluation.coco_eval.paste_mask``, torchvision's exact rule) at threshold 0.5. The same
+``inference.masks.paste_mask``, torchvision's exact rule) at threshold 0.5. The same
 comparison runs in process and through the scripts (``convert_weights.py`` -> ``predict.py`` on
 PNG files -> COCO-results JSON).
 """
@@ -23,8 +23,9 @@ import pytest
 import torch
 
 from mrcnn_jax import convert
+from mrcnn_jax import kernels
 from mrcnn_jax import modeling
-from mrcnn_jax.evaluation.coco_eval import paste_mask
+from mrcnn_jax.inference.masks import paste_mask
 from tests.convert import torch_models as tm
 
 _SIZE = 128
@@ -167,7 +168,8 @@ def test_convert_weights_then_predict_script_gives_torchvision_detections(traine
 
 
 @pytest.mark.slow
-def test_trained_torchvision_model_same_detections(trained):
+@pytest.mark.parametrize("kernel_set", [kernels.PLAIN, kernels.CPU], ids=["plain", "cpu"])
+def test_trained_torchvision_model_same_detections(trained, kernel_set):
   images, _ = synthetic_shapes(123, 4)
   with torch.no_grad():
     ref = trained(_to_torch(images))
@@ -175,7 +177,7 @@ def test_trained_torchvision_model_same_detections(trained):
   assert config.backbone.stage_blocks == (1, 1, 1, 1) and config.num_classes == _CLASSES
   assert config.roi.score_threshold == 0.05  # torchvision's default, converted
   config.roi.score_threshold = _SCORE_THRESHOLD
-  model = modeling.MaskRCNN(config)
+  model = modeling.MaskRCNN(config, kernels=kernel_set)
   out = jax.jit(lambda v, x: model.apply(v, x, method=modeling.MaskRCNN.predict))(
       variables, jnp.asarray(np.stack(images)))
   out = jax.tree.map(np.asarray, out)
@@ -208,7 +210,7 @@ def test_padded_images_of_other_sizes_same_detections(trained):
     padded[i, :c.shape[0], :c.shape[1]] = c
   variables, config = convert.convert_torchvision_maskrcnn(trained.state_dict())
   config.roi.score_threshold = _SCORE_THRESHOLD
-  model = modeling.MaskRCNN(config)
+  model = modeling.MaskRCNN(config, kernels=kernels.select())
   out = jax.jit(lambda v, x, s: model.apply(v, x, s, method=modeling.MaskRCNN.predict))(
       variables, jnp.asarray(padded), jnp.asarray(sizes, jnp.int32))
   out = jax.tree.map(np.asarray, out)

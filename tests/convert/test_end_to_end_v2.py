@@ -35,9 +35,10 @@ from torchvision.models.detection import mask_rcnn
 from torchvision.models.detection import rpn as tv_rpn
 
 from mrcnn_jax import convert
+from mrcnn_jax import kernels
 from mrcnn_jax import modeling
 from mrcnn_jax.convert import common
-from mrcnn_jax.evaluation.coco_eval import paste_mask
+from mrcnn_jax.inference.masks import paste_mask
 from tests.convert import torch_models as tm
 
 pytestmark = pytest.mark.slow  # ~25 s for the shared forward passes, ~30 s for the scripts
@@ -106,9 +107,10 @@ def _convert(model):
   return variables, config
 
 
-@pytest.fixture(scope="module")
-def run(v2_model):
-  """Both models on the same two images: torchvision's stage outputs (hooks) and ours."""
+@pytest.fixture(scope="module", params=[kernels.PLAIN, kernels.CPU], ids=["plain", "cpu"])
+def run(v2_model, request):
+  """Both models on the same two images: torchvision's stage outputs (hooks) and ours, on the
+  plain layers and on the CPU kernels."""
   images = _images(0, 2)
   tv = {}
   hooks = [(v2_model.backbone, "feats"), (v2_model.rpn.head, "rpn_head"),
@@ -125,7 +127,7 @@ def run(v2_model):
   assert tuple(tv["feats"][0][0].shape) == (2, 3, _H, _W)  # neither resized nor padded
 
   variables, config = _convert(v2_model)
-  model = modeling.MaskRCNN(config)
+  model = modeling.MaskRCNN(config, kernels=request.param)
   captured = lambda mdl, method: method == "__call__" and mdl.name in _CAPTURED  # noqa: E731
   out, state = jax.jit(lambda v, x: model.apply(
       v, x, method=modeling.MaskRCNN.predict, capture_intermediates=captured,

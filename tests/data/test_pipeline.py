@@ -1,4 +1,5 @@
-"""Train/eval pipelines: static shapes, determinism, resume, 2-process sharding, global arrays."""
+"""Train/eval pipelines: static shapes, determinism, resume, 2-process sharding, global arrays
+(the pipeline's host batches through ``mrcnn_jax.run.sharding.make_global_batch``)."""
 
 import itertools
 import os
@@ -11,6 +12,7 @@ from jax.sharding import Mesh
 
 from mrcnn_jax import data
 from mrcnn_jax.data import pipeline
+from mrcnn_jax.run import sharding
 from tests.data.conftest import small_config
 
 
@@ -120,7 +122,7 @@ def test_make_global_batch(shapes_dir):
   assert len(devices) == 8
   mesh = Mesh(devices.reshape(4, 2), ("data", "model"))
   host = _take(data.build_train_dataset(c), 1)[0]
-  glob = data.make_global_batch(host, mesh)
+  glob = sharding.make_global_batch(host, mesh)
   for k, v in host.items():
     assert glob[k].shape == v.shape and glob[k].dtype == v.dtype
     np.testing.assert_array_equal(np.asarray(glob[k]), v)
@@ -128,7 +130,7 @@ def test_make_global_batch(shapes_dir):
     shard_rows = {s.data.shape[0] for s in glob[k].addressable_shards}
     assert shard_rows == {2}  # 8 examples over a 4-way data axis
   with pytest.raises(ValueError):
-    data.make_global_batch(host, Mesh(devices, ("batch",)))
+    sharding.make_global_batch(host, Mesh(devices, ("batch",)))
 
 
 def test_training_stops_when_no_image_can_be_loaded(shapes_dir, tmp_path):

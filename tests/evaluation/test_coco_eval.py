@@ -1,35 +1,15 @@
-"""COCO evaluation: mask pasting vs torchvision, AP judged by pycocotools."""
+"""COCO evaluation: detections to COCO records, AP judged by pycocotools (mask pasting vs
+torchvision: tests/inference/test_masks.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
-from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from mrcnn_jax.evaluation import coco_eval
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_paste_mask_matches_torchvision(seed):
-  rng = np.random.default_rng(seed)
-  im_h, im_w = 57, 83
-  n = 12
-  masks = rng.uniform(size=(n, 28, 28)).astype(np.float32)
-  xy0 = rng.uniform(-20, 70, size=(n, 2))
-  wh = rng.uniform(0.2, 60, size=(n, 2))
-  wh[0] = (0.0, 0.0)  # degenerate box
-  wh[1] = (150.0, 120.0)  # larger than the image
-  boxes = np.concatenate([xy0, xy0 + wh], axis=1).astype(np.float32)
-  # torchvision pastes boxes already clipped to the image (its own slicing breaks otherwise).
-  boxes = np.clip(boxes, 0, np.array([im_w, im_h, im_w, im_h], np.float32))
-  expected = paste_masks_in_image(
-      torch.from_numpy(masks)[:, None], torch.from_numpy(boxes), (im_h, im_w), padding=1
-  )[:, 0].numpy()
-  got = np.stack([coco_eval.paste_mask(m, b, (im_h, im_w)) for m, b in zip(masks, boxes)])
-  np.testing.assert_allclose(got, expected, atol=1e-5)
+from mrcnn_jax.inference import masks as masks_lib
 
 
 def _toy_coco():
@@ -118,9 +98,9 @@ def test_mask_ap_size_ranges_use_mask_area():
   diagonal[np.arange(35, 95), np.arange(35, 95)] = True
   results = [
       {"image_id": 1, "category_id": 1, "bbox": [35.0, 35.0, 60.0, 60.0], "score": 0.9,
-       "segmentation": coco_eval.encode_mask(diagonal)},
+       "segmentation": masks_lib.encode_mask(diagonal)},
       {"image_id": 1, "category_id": 1, "bbox": [10.0, 10.0, 20.0, 20.0], "score": 0.5,
-       "segmentation": coco_eval.encode_mask(gt.astype(bool))},
+       "segmentation": masks_lib.encode_mask(gt.astype(bool))},
   ]
   segm = coco_eval.evaluate_coco(coco, results, iou_types=("segm",))["segm"]
   assert segm["AP"] == pytest.approx(0.5)
@@ -167,7 +147,7 @@ def test_detections_to_coco_maps_back_to_original_pixels():
 
 def test_bad_shapes_raise():
   with pytest.raises(ValueError):
-    coco_eval.paste_mask(np.zeros((28, 14)), np.zeros(4), (10, 10))
+    masks_lib.paste_mask(np.zeros((28, 14)), np.zeros(4), (10, 10))
   with pytest.raises(ValueError):
     coco_eval.detections_to_coco({"boxes": np.zeros((4, 4)), "scores": 0, "classes": 0,
                                   "valid": 0}, {}, {})

@@ -18,7 +18,7 @@ from mrcnn_jax import config as config_lib
 from mrcnn_jax import data as data_lib
 from mrcnn_jax.evaluation import evaluator as evaluator_lib
 from mrcnn_jax.modeling.config import tiny_model_config
-from mrcnn_jax.training import sharding
+from mrcnn_jax.run import sharding
 
 
 class GroundTruthEvaluator(evaluator_lib.Evaluator):

@@ -13,7 +13,7 @@ from PIL import Image
 from mrcnn_jax import config as config_lib
 from mrcnn_jax import inference
 from mrcnn_jax import modeling
-from mrcnn_jax.evaluation import coco_eval
+from pycocotools import mask as mask_util
 from mrcnn_jax.modeling.config import tiny_model_config
 
 
@@ -86,7 +86,7 @@ def test_predict_any_size_and_files(predictor, tmp_path):
     assert d["image_id"] in (0, 1) and d["category_id"] in (1, 7)
     h, w = sizes[d["image_id"]]
     assert d["segmentation"]["size"] == [h, w]
-    mask = coco_eval.mask_util.decode(d["segmentation"])
+    mask = mask_util.decode(d["segmentation"])
     assert mask.shape == (h, w)
 
 
@@ -130,7 +130,7 @@ def test_from_workdir_refuses_a_checkpoint_of_another_model_config(predictor, tm
   alignment would predict wrong boxes without any error, so predict and evaluate check the
   model config saved with it, as resuming training does."""
   from mrcnn_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
-  from mrcnn_jax.training import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.run import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   config = predictor.config
   ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
   ckpt.save(3, {"params": predictor.variables["params"]}, ckpt_lib.checkpoint_meta(config, 3, 3),

@@ -11,11 +11,12 @@ from torchvision.models.detection import backbone_utils
 from torchvision.models.detection import mask_rcnn as tv_mrcnn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from mrcnn_jax import kernels
 from mrcnn_jax import modeling
-from mrcnn_jax.modeling import conv as conv_lib
+from mrcnn_jax.kernels import conv as conv_lib
+from mrcnn_jax.kernels import winograd
 from mrcnn_jax.modeling import heads_v2
 from mrcnn_jax.modeling import MaskRCNN
-from mrcnn_jax.modeling import winograd
 from mrcnn_jax.modeling.mask_rcnn import mask_chunk_bounds
 from mrcnn_jax.ops import anchors as anchor_ops
 
@@ -47,8 +48,10 @@ def make_batch(seed=0, num_valid=(3, 0)):
 
 @pytest.fixture(scope="module")
 def tiny():
+  """The tiny model on the CPU kernels (Winograd, matmul gradients, the RoI loop);
+  ``test_plain_and_cpu_kernels_agree`` checks the plain layers against it."""
   cfg = modeling.tiny_model_config()
-  model = MaskRCNN(cfg)
+  model = MaskRCNN(cfg, kernels=kernels.CPU)
   variables = jax.jit(lambda k: modeling.init_variables(model, k, (H, W)))(jax.random.key(0))
   return cfg, model, variables
 
@@ -200,7 +203,7 @@ def test_bfloat16_losses_are_finite(tiny):
 def test_trainable_batchnorm_updates_batch_stats(tiny):
   cfg = modeling.tiny_model_config()
   cfg.norm = "bn"
-  model = MaskRCNN(cfg)
+  model = MaskRCNN(cfg, kernels=kernels.CPU)
   shapes = jax.eval_shape(lambda k: modeling.init_variables(model, k, (H, W)), jax.random.key(0))
   assert set(shapes) == {"params", "batch_stats"}
   params, stats = _frozen_bn_to_bn(tiny[2]["params"])
@@ -245,7 +248,7 @@ def test_v2_heads_train_bn_statistics_and_freeze_frozen_norms(monkeypatch):
   monkeypatch.setattr(heads_v2, "batch_stats_mask", spy)
   cfg = _tiny_v2("bn", "frozen_bn", "bn")
   cfg.norm = "bn"
-  model = MaskRCNN(cfg)
+  model = MaskRCNN(cfg, kernels=kernels.CPU)
   variables = jax.jit(lambda k: modeling.init_variables(model, k, (H, W)))(jax.random.key(0))
   params, stats = variables["params"], variables["batch_stats"]
   assert set(params["rpn_head"]) == {"conv_0", "conv_1", "cls_logits", "bbox_pred"}
@@ -334,7 +337,7 @@ def test_full_model_parameter_counts_match_torchvision():
 def _with_chunk(cfg, chunk):
   cfg = cfg.copy_and_resolve_references()
   cfg.mask.chunk_size = chunk
-  return MaskRCNN(cfg)
+  return MaskRCNN(cfg, kernels=kernels.CPU)
 
 
 def test_mask_chunks_without_positives_are_skipped_with_the_same_losses_and_gradients(tiny):
@@ -371,7 +374,7 @@ def test_mask_chunks_at_inference_give_the_same_detections(tiny):
     cfg2.mask.chunk_size = chunk
     cfg2.detections_per_image = 12  # chunks of 8 and 4
     cfg2.roi.score_threshold = threshold
-    model = MaskRCNN(cfg2)
+    model = MaskRCNN(cfg2, kernels=kernels.CPU)
     return jax.jit(lambda v, x, s: model.apply(v, x, s, method=MaskRCNN.predict))(
         variables, batch["image"], batch["valid_size"])
 
@@ -412,7 +415,7 @@ def test_prepare_inference_precomputes_kernel_transforms_with_the_same_detection
   monkeypatch.setattr(winograd, "MIN_TILES", 1)
   _, model, variables = tiny
   batch = make_batch(seed=5, num_valid=(3, 1))
-  prepared = modeling.prepare_inference(model, variables, (H, W), batch_size=2)
+  prepared = kernels.prepare_inference(model, variables, (H, W), batch_size=2)
   assert set(prepared) == set(variables) | {conv_lib.TRANSFORMED_KERNELS}
   stored = flax.traverse_util.flatten_dict(prepared[conv_lib.TRANSFORMED_KERNELS], sep="/")
   params = flax.traverse_util.flatten_dict(variables["params"], sep="/")
@@ -444,14 +447,60 @@ def test_prepare_inference_precomputes_kernel_transforms_with_the_same_detection
 
 
 def test_prepare_inference_without_winograd_layers_returns_the_plain_variables(tiny):
-  # bfloat16 convolutions never take Winograd, nor any inside xla_convolutions().
+  # bfloat16 convolutions never take Winograd, nor ShardedConv's, nor the plain layers.
   cfg, model, variables = tiny
   bf16 = cfg.copy_and_resolve_references()
   bf16.compute_dtype = "bfloat16"
-  prepared = modeling.prepare_inference(MaskRCNN(bf16), variables, (H, W))
+  prepared = kernels.prepare_inference(MaskRCNN(bf16, kernels=kernels.CPU), variables, (H, W))
   assert set(prepared) == set(variables)
-  with conv_lib.xla_convolutions():
-    assert set(modeling.prepare_inference(model, variables, (H, W))) == set(variables)
+  for kernel_set in (kernels.CPU_SHARDED, kernels.PLAIN):
+    assert set(kernels.prepare_inference(MaskRCNN(cfg, kernels=kernel_set), variables,
+                                         (H, W))) == set(variables)
   # ...while the float32 model's mask head (10 detections x 9 tiles) does.
-  assert set(modeling.prepare_inference(model, variables, (H, W))) == set(variables) | {
+  assert set(kernels.prepare_inference(model, variables, (H, W))) == set(variables) | {
       conv_lib.TRANSFORMED_KERNELS}
+
+
+def test_init_variables_same_tree_and_shapes_under_plain_and_cpu_kernels():
+  cfg = modeling.tiny_model_config()
+  init = lambda ks: jax.eval_shape(
+      lambda k: modeling.init_variables(MaskRCNN(cfg, kernels=ks), k, (H, W)), jax.random.key(0))
+  shapes = [init(ks) for ks in (kernels.PLAIN, kernels.CPU, kernels.CPU_SHARDED)]
+  flat = [{k: (v.shape, v.dtype) for k, v in flax.traverse_util.flatten_dict(s, sep="/").items()}
+          for s in shapes]
+  assert flat[0] == flat[1] == flat[2]
+  assert "params/mask_predictor/conv5_mask/kernel" in flat[0]
+
+
+def test_plain_and_cpu_kernels_agree(tiny):
+  """The plain layers (what TPUs and GPUs run) against the CPU kernels, same variables: losses,
+  gradients and detections agree to float32 rounding of the two algorithms."""
+  cfg, cpu_model, variables = tiny
+  plain_model = MaskRCNN(cfg)
+  batch = make_batch(seed=6, num_valid=(3, 2))
+
+  def loss_and_grads(model):
+    def f(params):
+      losses, _ = model.apply(dict(variables, params=params), batch, method=MaskRCNN.losses,
+                              rngs={"sampling": jax.random.key(3)})
+      return sum(losses.values()), losses
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(variables["params"])
+
+  (_, losses_p), grads_p = loss_and_grads(plain_model)
+  (_, losses_c), grads_c = loss_and_grads(cpu_model)
+  for k in losses_p:
+    np.testing.assert_allclose(losses_c[k], losses_p[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  flat_p = flax.traverse_util.flatten_dict(grads_p, sep="/")
+  flat_c = flax.traverse_util.flatten_dict(grads_c, sep="/")
+  assert flat_p.keys() == flat_c.keys()
+  for k in flat_p:
+    scale = float(jnp.abs(flat_p[k]).max()) + 1e-6
+    np.testing.assert_allclose(flat_c[k] / scale, flat_p[k] / scale, atol=2e-3, err_msg=k)
+  predict = lambda m: jax.jit(lambda v, x, s: m.apply(v, x, s, method=MaskRCNN.predict))(
+      variables, batch["image"], batch["valid_size"])
+  out_p, out_c = predict(plain_model), predict(cpu_model)
+  assert int(out_p["valid"].sum()) > 0
+  np.testing.assert_array_equal(out_c["valid"], out_p["valid"])
+  np.testing.assert_allclose(out_c["scores"], out_p["scores"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out_c["boxes"], out_p["boxes"], rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(out_c["masks"], out_p["masks"], atol=1e-4)

@@ -12,7 +12,14 @@ from torchvision.models.detection import faster_rcnn as tv_frcnn
 from torchvision.models.detection import mask_rcnn as tv_mrcnn
 from torchvision.models.detection import roi_heads as tv_roi
 
+from mrcnn_jax.kernels import conv as conv_lib
+from mrcnn_jax.kernels.mask_predictor import MatmulMaskPredictor
 from mrcnn_jax.modeling import roi_heads as roi_lib
+
+# The plain layers and the CPU kernels' (same parameters, same values).
+PATHS = pytest.mark.parametrize("conv,predictor", [
+    (nn.Conv, roi_lib.MaskRCNNPredictor), (conv_lib.Conv, MatmulMaskPredictor)],
+    ids=["plain", "cpu"])
 
 
 def _tv_roi_heads(detections=100, batch=64, score=0.05, nms=0.5):
@@ -65,7 +72,8 @@ def test_box_head_and_predictor_match_torchvision():
                              rtol=1e-4, atol=1e-5)
 
 
-def test_mask_head_and_predictor_match_torchvision():
+@PATHS
+def test_mask_head_and_predictor_match_torchvision(conv, predictor):
   gen = torch.Generator().manual_seed(1)
   c, k = 8, 4
   head = tv_mrcnn.MaskRCNNHeads(c, [c, c], 1)
@@ -84,8 +92,8 @@ def test_mask_head_and_predictor_match_torchvision():
 
   @jax.jit
   def run(hp, pp, x):
-    return roi_lib.MaskRCNNPredictor(k).apply(
-        {"params": pp}, roi_lib.MaskRCNNHead((c, c)).apply({"params": hp}, x))
+    return predictor(k).apply(
+        {"params": pp}, roi_lib.MaskRCNNHead((c, c), conv=conv).apply({"params": hp}, x))
 
   got = run(head_p, pred_p, _nhwc(x))
   assert got.shape == (3, 28, 28, k) and got.dtype == jnp.float32
@@ -93,13 +101,15 @@ def test_mask_head_and_predictor_match_torchvision():
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_mask_predictor_per_class_and_flax_layout(seed):
-  """The matmul predictor equals Flax ConvTranspose + Conv on the same parameter tree, and its
+@pytest.mark.parametrize("predictor", [roi_lib.MaskRCNNPredictor, MatmulMaskPredictor],
+                         ids=["plain", "matmul"])
+def test_mask_predictor_per_class_and_flax_layout(seed, predictor):
+  """The predictor equals Flax ConvTranspose + Conv on the same parameter tree, and its
   per-class path equals the full logits indexed by class."""
   c, k, n = 6, 5, 7
   x = jax.random.normal(jax.random.PRNGKey(seed), (n, 14, 14, c))
   classes = jnp.asarray(np.random.default_rng(seed).integers(0, k, n), jnp.int32)
-  pred = roi_lib.MaskRCNNPredictor(k)
+  pred = predictor(k)
   params = pred.init(jax.random.PRNGKey(seed + 10), x)["params"]
   assert params["conv5_mask"]["kernel"].shape == (2, 2, c, c)
   assert params["mask_fcn_logits"]["kernel"].shape == (1, 1, c, k)
@@ -281,7 +291,8 @@ def test_conv3x3_gradients_match_lax_conv(seed):
   plain = lambda x, k: jax.lax.conv_general_dilated(
       x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   loss = lambda f: jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(f(x, k) * ct), (0, 1)))
-  (v0, (gx0, gk0)), (v1, (gx1, gk1)) = loss(plain)(x, kernel), loss(roi_lib.conv3x3)(x, kernel)
+  mask_conv = lambda x, k: conv_lib.conv2d(x, k, 1, 1)  # the CPU kernels' mask-head conv
+  (v0, (gx0, gk0)), (v1, (gx1, gk1)) = loss(plain)(x, kernel), loss(mask_conv)(x, kernel)
   np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(gx1), np.asarray(gx0), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(np.asarray(gk1), np.asarray(gk0), rtol=1e-4, atol=1e-4)

@@ -11,10 +11,19 @@ import pytest
 import torch
 import torchvision
 
+from mrcnn_jax.kernels.roi_pool import pool_rois_loop
 from mrcnn_jax.ops.roi_align import assign_fpn_levels, multilevel_roi_align, roi_align
 
 # The module itself (``mrcnn_jax.ops.roi_align`` the attribute is the function, re-exported).
 roi_align_lib = importlib.import_module("mrcnn_jax.ops.roi_align")
+
+
+@pytest.fixture(params=["plain", "cpu_loop"])
+def pool_path(request, monkeypatch):
+  """Runs a test on the plain pooling and on the CPU kernel's per-RoI loop (same values)."""
+  if request.param == "cpu_loop":
+    monkeypatch.setattr(roi_align_lib, "pool_all_rois", pool_rois_loop)
+  return request.param
 
 
 def _rel_err(got, want) -> float:
@@ -66,7 +75,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("shape,image,scale,output_size,ratio,aligned", CASES)
-def test_matches_torchvision(shape, image, scale, output_size, ratio, aligned):
+def test_matches_torchvision(shape, image, scale, output_size, ratio, aligned, pool_path):
   fn = jax.jit(lambda f, b: roi_align(f, b, output_size, spatial_scale=scale,
                                       sampling_ratio=ratio, aligned=aligned))
   for seed in range(3):
@@ -80,9 +89,8 @@ def test_matches_torchvision(shape, image, scale, output_size, ratio, aligned):
     assert np.abs(want).max() > 0  # the case exercises real samples, not only empty boxes
 
 
-def test_all_at_once_path_matches(monkeypatch):
-  """Accelerators pool all RoIs in one gather from the concatenated levels; run it here too."""
-  monkeypatch.setattr(roi_align_lib, "_interpolate", roi_align_lib._pool_all)
+def test_all_at_once_path_matches():
+  """The plain path pools all RoIs in one gather from the concatenated levels."""
   rng = np.random.default_rng(7)
   features = rng.normal(size=(2, 12, 17, 3)).astype(np.float32)
   boxes = _boxes(rng, 2, 16, 48, 68)
@@ -101,7 +109,7 @@ def test_all_at_once_path_matches(monkeypatch):
   assert _rel_err(got, want.permute(0, 2, 3, 1).numpy().reshape(got.shape)) < 1e-5
 
 
-def test_bfloat16_features():
+def test_bfloat16_features(pool_path):
   rng = np.random.default_rng(3)
   features = jnp.asarray(rng.normal(size=(2, 12, 17, 4)), jnp.bfloat16)
   boxes = _boxes(rng, 2, 20, 48, 68)
@@ -113,7 +121,7 @@ def test_bfloat16_features():
 
 
 @pytest.mark.parametrize("ratio,aligned", [(1, True), (2, False), (3, True)])
-def test_gradient_matches_torchvision_backward(ratio, aligned):
+def test_gradient_matches_torchvision_backward(ratio, aligned, pool_path):
   for seed in range(2):
     rng = np.random.default_rng(10 + seed)
     features = rng.normal(size=(2, 10, 13, 3)).astype(np.float32)
@@ -135,7 +143,7 @@ def test_gradient_matches_torchvision_backward(ratio, aligned):
 
 
 @pytest.mark.parametrize("aligned", [True, False])
-def test_nan_box_pools_to_zero(aligned):
+def test_nan_box_pools_to_zero(aligned, pool_path):
   # A NaN coordinate makes every sample "outside" (weight 0), and 0 * NaN would still be NaN:
   # the box must pool to exactly 0 and leave the other boxes, and the gradient, untouched.
   rng = np.random.default_rng(12)
@@ -214,7 +222,7 @@ def test_assign_fpn_levels_matches_level_mapper():
 
 
 @pytest.mark.parametrize("output_size,ratio", [((7, 7), 2), ((4, 6), 1)])
-def test_multilevel_matches_multiscale_roi_align(output_size, ratio):
+def test_multilevel_matches_multiscale_roi_align(output_size, ratio, pool_path):
   pooler = torchvision.ops.MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], output_size, ratio)
   fn = jax.jit(lambda f, b: multilevel_roi_align(f, b, output_size, strides=STRIDES,
                                                  sampling_ratio=ratio, aligned=False))
@@ -243,7 +251,7 @@ def test_multilevel_aligned_equals_per_level_roi_align():
   assert _rel_err(got, want) < 1e-5
 
 
-def test_multilevel_gradient_and_bfloat16():
+def test_multilevel_gradient_and_bfloat16(pool_path):
   rng = np.random.default_rng(6)
   features = _pyramid(rng, 2, 3)
   boxes = _fpn_boxes(rng, 2, 20)
@@ -299,7 +307,7 @@ def test_errors():
     assign_fpn_levels(jnp.zeros((3, 5)), 2, 5)
 
 
-def test_cpu_loop_gradients_equal_autodiff_of_one_gather(monkeypatch):
+def test_cpu_loop_gradients_equal_autodiff_of_one_gather():
   """The CPU loop has a hand-written backward; check it, boxes included, against JAX autodiff
   of the one-gather path (torchvision has no gradient wrt boxes to compare with)."""
   rng = np.random.default_rng(8)
@@ -307,12 +315,13 @@ def test_cpu_loop_gradients_equal_autodiff_of_one_gather(monkeypatch):
   boxes = jnp.asarray(_fpn_boxes(rng, 2, 16))
   cotangent = jnp.asarray(rng.normal(size=(2, 16, 3, 2, 3)).astype(np.float32))
 
-  def loss(f, b):
-    out = multilevel_roi_align(f, b, (3, 2), strides=STRIDES, sampling_ratio=2, aligned=True)
+  def loss(f, b, pool_rois):
+    out = multilevel_roi_align(f, b, (3, 2), strides=STRIDES, sampling_ratio=2, aligned=True,
+                               pool_rois=pool_rois)
     return jnp.sum(out * cotangent)
-  got = jax.jit(jax.grad(loss, argnums=(0, 1)))(features, boxes)
-  monkeypatch.setattr(roi_align_lib, "_interpolate", roi_align_lib._pool_all)
-  want = jax.jit(jax.grad(loss, argnums=(0, 1)))(features, boxes)
+  got = jax.jit(jax.grad(lambda f, b: loss(f, b, pool_rois_loop), argnums=(0, 1)))(features,
+                                                                                   boxes)
+  want = jax.jit(jax.grad(lambda f, b: loss(f, b, None), argnums=(0, 1)))(features, boxes)
   for g, w in zip(got[0], want[0]):
     assert _rel_err(g, w) < 1e-5
   assert _rel_err(got[1], want[1]) < 1e-4

@@ -1,7 +1,7 @@
-"""Checkpointer faults without a model: kill -9 mid-write, leftovers, the commit-hold test hook.
+"""Checkpointer faults without a model: kill -9 mid-write, leftovers, the commit-hold fault.
 
-A small process saves a toy state every 2 steps with checkpoint 4's commit held open by
-``MRCNN_JAX_TEST_SLOW_CHECKPOINT_WRITE``; it is killed while 4 is written but uncommitted. The
+A small process saves a toy state every 2 steps with checkpoint 4's commit held open (the fault
+worker's ``hold_commit``, patched in); it is killed while 4 is written but uncommitted. The
 whole-run variants (scripts/train.py, a model, exact resume) are in test_faults.py.
 """
 
@@ -20,12 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mrcnn_jax.training import checkpoint as ckpt_lib
+from mrcnn_jax.run import checkpoint as ckpt_lib
+from tests.training import fault_worker
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 SAVER = textwrap.dedent("""
     import sys
     import jax.numpy as jnp
-    from mrcnn_jax.training import checkpoint as ckpt_lib
+    sys.path.insert(0, sys.argv[2])
+    import fault_worker
+    from mrcnn_jax.run import checkpoint as ckpt_lib
+    fault_worker.hold_commit(sys.argv[3])
     ckpt = ckpt_lib.Checkpointer(sys.argv[1], every_steps=2, cleanup_tmp=True)
     for step in range(1, 9):
       ckpt.save(step, {"w": jnp.full((3, 4), float(step))}, {"data_position": step})
@@ -46,10 +51,9 @@ def _abstract(state):
 def test_kill9_mid_write_leaves_no_usable_partial_and_owner_cleans_up(tmp_path):
   directory = str(tmp_path / "checkpoints")
   log_path = str(tmp_path / "saver.log")
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu",
-             **{ckpt_lib.STALL_COMMIT_ENV: "4:120"})
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   with open(log_path, "w") as log:
-    proc = subprocess.Popen([sys.executable, "-c", SAVER, directory], stdout=log,
+    proc = subprocess.Popen([sys.executable, "-c", SAVER, directory, HERE, "4:120"], stdout=log,
                             stderr=subprocess.STDOUT, env=env)
   try:
     deadline = time.monotonic() + 120
@@ -87,25 +91,27 @@ def test_kill9_mid_write_leaves_no_usable_partial_and_owner_cleans_up(tmp_path):
   np.testing.assert_array_equal(state["w"], 4.5)
 
 
-def test_stall_hook_holds_only_its_step(tmp_path, monkeypatch, caplog):
-  monkeypatch.setenv(ckpt_lib.STALL_COMMIT_ENV, "4:0.5")
-  ckpt = ckpt_lib.Checkpointer(str(tmp_path), every_steps=2)
-  with caplog.at_level(logging.WARNING):
-    for step in (2, 4, 6):
-      t0 = time.monotonic()
-      ckpt.save(step, _state(float(step)), {"data_position": step})
-      ckpt.wait()
-      if step == 4:
-        held = time.monotonic() - t0
-  ckpt.close()
+def test_stall_hook_holds_only_its_step(tmp_path, caplog):
+  undo = fault_worker.hold_commit("4:0.5")
+  try:
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path), every_steps=2)
+    with caplog.at_level(logging.WARNING):
+      for step in (2, 4, 6):
+        t0 = time.monotonic()
+        ckpt.save(step, _state(float(step)), {"data_position": step})
+        ckpt.wait()
+        if step == 4:
+          held = time.monotonic() - t0
+    ckpt.close()
+  finally:
+    undo()
   holds = [r.getMessage() for r in caplog.records if "holding its commit" in r.getMessage()]
-  assert holds == [f"{ckpt_lib.STALL_COMMIT_ENV}: checkpoint 4 is written, holding its commit "
+  assert holds == [f"{fault_worker.STALL_LOG}: checkpoint 4 is written, holding its commit "
                    "for 0.5 s"], holds
   assert held >= 0.5 and ckpt.all_steps() == [2, 4, 6]
 
 
 @pytest.mark.parametrize("value", ["4", "a:1", "4:x", "4:1:2"])
-def test_stall_hook_rejects_malformed_values(tmp_path, monkeypatch, value):
-  monkeypatch.setenv(ckpt_lib.STALL_COMMIT_ENV, value)
+def test_stall_hook_rejects_malformed_values(value):
   with pytest.raises(ValueError, match="expected STEP:SECONDS"):
-    ckpt_lib.Checkpointer(str(tmp_path))
+    fault_worker.hold_commit(value)

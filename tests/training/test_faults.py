@@ -5,10 +5,10 @@ Every run is ``python scripts/train.py --config <tiny config> --workdir ...`` in
 one CPU device, on the built-in synthetic shapes data. Each interrupted run is restarted and must
 end with the same parameters as one uninterrupted run (the module's reference run). Kills are
 timed by the run's log lines, never by sleeps alone; where the moment matters, a checkpoint's
-commit is held open by the test hook ``MRCNN_JAX_TEST_SLOW_CHECKPOINT_WRITE=STEP:SECONDS``
-(mrcnn_jax/training/checkpoint.py), so the run cannot commit it before the signal lands. The
-NaN run goes through tests/training/fault_worker.py, which runs scripts/train.py unchanged with
-one input batch poisoned.
+commit is held open (``--stall=STEP:SECONDS``), so the run cannot commit it before the signal
+lands. Those runs and the NaN run go through tests/training/fault_worker.py, which runs
+scripts/train.py unchanged with the fault patched in (the commit held, or one input batch
+poisoned).
 
 Compiling the tiny model is most of a run's cost: the runs share one persistent compilation
 cache (the reference run fills it), scenarios are chained in as few processes as they allow, and
@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 
 from mrcnn_jax import data as data_lib
-from mrcnn_jax.training import checkpoint as ckpt_lib
+from mrcnn_jax.run import checkpoint as ckpt_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(ROOT, "scripts", "train.py")
@@ -82,9 +82,9 @@ class Run:
     self.workdir = workdir
     self.log_path = f"{workdir}.{next(_LOG_IDS)}.log"
     env = dict(setup["env"])
-    if stall:
-      env[ckpt_lib.STALL_COMMIT_ENV] = stall
-    prefix = [WORKER, str(nan_step)] if nan_step is not None else []
+    faults = ([f"--stall={stall}"] if stall else []) + (
+        [f"--nan-step={nan_step}"] if nan_step is not None else [])
+    prefix = [WORKER, *faults] if faults else []
     cmd = [sys.executable, *prefix, TRAIN, "--config", setup["config"], "--workdir", workdir,
            *flags]
     self._log = open(self.log_path, "w")  # pylint: disable=consider-using-with
@@ -192,7 +192,7 @@ def setup(tmp_path_factory):
     return {"config": config}
 
   config = _once(shared, "data", make_data)["config"]
-  env = {k: v for k, v in os.environ.items() if k != ckpt_lib.STALL_COMMIT_ENV}
+  env = dict(os.environ)
   env.update(XLA_FLAGS="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
              JAX_COMPILATION_CACHE_DIR=str(shared / "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")

@@ -17,7 +17,8 @@ import pytest
 from mrcnn_jax import config as config_lib
 from mrcnn_jax import data as data_lib
 from mrcnn_jax.modeling.config import tiny_model_config
-from mrcnn_jax.training import checkpoint as ckpt_lib
+from mrcnn_jax.run import checkpoint as ckpt_lib
+from mrcnn_jax.run import checks
 from mrcnn_jax.training import loop
 from mrcnn_jax.training.train_state import TrainState
 
@@ -204,25 +205,6 @@ def test_non_finite_gradient_with_finite_losses_stops():
     buffer.flush()
 
 
-def test_missing_data_path_names_the_field(tmp_path):
-  c = config_lib.get_base_config()
-  c.data.train_annotations = str(tmp_path / "missing.json")
-  with pytest.raises(FileNotFoundError, match=r"config.data.train_annotations not found"):
-    loop.check_data_paths(c)
-
-
-def test_run_mesh_takes_num_devices():
-  c = config_lib.get_base_config()
-  c.num_devices = 3
-  mesh = loop.make_run_mesh(c)
-  assert mesh.size == 3 and list(mesh.devices) == jax.devices()[:3]
-  c.num_devices = 0
-  assert loop.make_run_mesh(c).size == jax.device_count()
-  c.num_devices = jax.device_count() + 1
-  with pytest.raises(ValueError, match="only .* devices exist"):
-    loop.make_run_mesh(c)
-
-
 def test_stop_signal_on_one_process_is_the_sigterm_flag():
   """One process: SIGTERM is read after the step it arrives in; the old handler comes back."""
   import signal  # pylint: disable=g-import-not-at-top
@@ -242,15 +224,4 @@ def test_url_workdir_and_data_paths_are_refused():
   config.data.source = "coco"
   config.data.train_annotations = "gs://bucket/instances_train2017.json"
   with pytest.raises(ValueError, match="config.data.train_annotations 'gs://"):
-    loop.check_data_paths(config, train=True, evaluate=False)
-
-
-def test_tfds_source_with_evaluation_is_refused_before_training():
-  """The evaluator needs a COCO JSON; a TFDS run that asks for evaluation (eval.at_end is on by
-  default) must fail at the start, not after training every step."""
-  from mrcnn_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.get_base_config()
-  config.data.source = "tfds"
-  with pytest.raises(ValueError, match="COCO evaluation needs an instances JSON"):
-    loop.check_data_paths(config, train=True, evaluate=True)
-  loop.check_data_paths(config, train=True, evaluate=False)  # training alone is fine
+    checks.check_data_paths(config, train=True, evaluate=False)

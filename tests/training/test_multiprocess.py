@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import pytest
 
-from mrcnn_jax.training import distributed
+from mrcnn_jax.run import distributed
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "training" / "multiprocess_worker.py"

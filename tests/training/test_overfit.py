@@ -14,7 +14,7 @@ import pytest
 from mrcnn_jax import config as config_lib
 from mrcnn_jax import modeling
 from mrcnn_jax.modeling.config import tiny_model_config
-from mrcnn_jax.training import sharding as sharding_lib
+from mrcnn_jax.run import sharding as sharding_lib
 from mrcnn_jax.training import train_state as train_state_lib
 from mrcnn_jax.training import train_step as train_step_lib
 from tests.training import synthetic
@@ -51,7 +51,7 @@ def test_overfits_two_images_and_predict_recovers_them():
 
   host_batch = synthetic.make_batch(np.random.default_rng(0), 2, IMAGE_SIZE, max_instances=4,
                                     mask_size=28, min_size=20)
-  batch = sharding_lib.shard_batch(host_batch, mesh)
+  batch = sharding_lib.make_global_batch(host_batch, mesh)
   history = []
   for _ in range(NUM_STEPS):
     state, metrics = step_fn(state, batch)

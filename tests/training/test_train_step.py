@@ -13,10 +13,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import pytest
 
+from mrcnn_jax.run import sharding as sharding_lib
 from mrcnn_jax.training import optimizer as optimizer_lib
-from mrcnn_jax.training import sharding as sharding_lib
 from mrcnn_jax.training import train_state as train_state_lib
 from mrcnn_jax.training import train_step as train_step_lib
 from mrcnn_jax.training import config as train_config_lib
@@ -144,7 +143,7 @@ def test_one_compile_for_many_steps_and_metrics():
   config = _config()
   mesh, state, step_fn = _setup(config, jax.devices())
   for i in range(4):
-    batch = sharding_lib.shard_batch(_batch(config, seed=i), mesh)
+    batch = sharding_lib.make_global_batch(_batch(config, seed=i), mesh)
     state, metrics = step_fn(state, batch)
   # One compilation for every step (and for the other tests sharing this jitted step).
   assert step_fn._cache_size() == 1
@@ -165,7 +164,7 @@ def test_state_is_donated():
   config = _config()
   mesh, state, step_fn = _setup(config, jax.devices())
   old_kernel = state.params["body"]["kernel"]
-  state, _ = step_fn(state, sharding_lib.shard_batch(_batch(config), mesh))
+  state, _ = step_fn(state, sharding_lib.make_global_batch(_batch(config), mesh))
   assert old_kernel.is_deleted()
 
 
@@ -176,7 +175,7 @@ def test_same_loss_and_update_on_1_and_8_devices_with_trainable_bn():
   for devices in (jax.devices()[:1], jax.devices()):
     mesh, state, step_fn = _setup(config, devices)
     for i in range(3):
-      state, metrics = step_fn(state, sharding_lib.shard_batch(_batch(config, seed=i), mesh))
+      state, metrics = step_fn(state, sharding_lib.make_global_batch(_batch(config, seed=i), mesh))
     results.append((_host(state.params), _host(state.batch_stats), _host(metrics)))
   (params_1, stats_1, metrics_1), (params_8, stats_8, metrics_8) = results
   for k in metrics_1:
@@ -190,7 +189,7 @@ def test_trainable_bn_updates_batch_stats():
   config = _config(norm="bn")
   mesh, state, step_fn = _setup(config, jax.devices())
   before = _host(state.batch_stats)
-  state, _ = step_fn(state, sharding_lib.shard_batch(_batch(config), mesh))
+  state, _ = step_fn(state, sharding_lib.make_global_batch(_batch(config), mesh))
   after = _host(state.batch_stats)
   # Running mean moves from its init (0) toward the batch mean, over the whole global batch.
   assert np.abs(after["norm"]["mean"] - before["norm"]["mean"]).max() > 0
@@ -203,17 +202,11 @@ def test_step_folds_step_into_rng():
   batch = _batch(config)
   key = _host(state.rng)
   snapshot = jax.tree.map(jnp.copy, state)  # the step donates its input
-  state, m_a = step_fn(state, sharding_lib.shard_batch(batch, mesh))
-  state, m_b = step_fn(state, sharding_lib.shard_batch(batch, mesh))
+  state, m_a = step_fn(state, sharding_lib.make_global_batch(batch, mesh))
+  state, m_b = step_fn(state, sharding_lib.make_global_batch(batch, mesh))
   # The base key is never advanced; the step number alone changes the draw.
   np.testing.assert_array_equal(_host(state.rng), key)
   assert float(m_a["rpn_num_fg"]) != float(m_b["rpn_num_fg"])
-  _, m_resumed = step_fn(snapshot, sharding_lib.shard_batch(batch, mesh))
+  _, m_resumed = step_fn(snapshot, sharding_lib.make_global_batch(batch, mesh))
   for k in m_a:
     assert float(m_a[k]) == float(m_resumed[k]), k
-
-
-def test_batch_not_divisible_by_devices_raises():
-  mesh = sharding_lib.make_mesh(jax.devices())
-  with pytest.raises(ValueError, match="multiple of the number of devices"):
-    sharding_lib.shard_batch({"image": np.zeros((6, 4, 4, 3), np.uint8)}, mesh)

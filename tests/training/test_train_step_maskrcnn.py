@@ -18,8 +18,8 @@ import pytest
 from mrcnn_jax import config as config_lib
 from mrcnn_jax import modeling
 from mrcnn_jax.modeling.config import tiny_model_config
+from mrcnn_jax.run import sharding as sharding_lib
 from mrcnn_jax.training import optimizer as optimizer_lib
-from mrcnn_jax.training import sharding as sharding_lib
 from mrcnn_jax.training import train_state as train_state_lib
 from mrcnn_jax.training import train_step as train_step_lib
 from tests.training import synthetic
@@ -58,7 +58,7 @@ def _run(config, devices, optimizer):
   params = [jax.tree.map(np.asarray, state.params)]
   metrics = []
   for batch in _batches(config):
-    state, m = step_fn(state, sharding_lib.shard_batch(batch, mesh))
+    state, m = step_fn(state, sharding_lib.make_global_batch(batch, mesh))
     params.append(jax.tree.map(np.asarray, state.params))
     metrics.append(m)
   return {"params": params, "metrics": jax.tree.map(np.asarray, metrics), "state": state,
@@ -145,7 +145,7 @@ def test_bfloat16_step_is_finite():
   batch = synthetic.make_batch(np.random.default_rng(3), 2, IMAGE_SIZE, max_instances=4,
                                mask_size=28, min_size=12)
   for _ in range(2):
-    state, metrics = step_fn(state, sharding_lib.shard_batch(batch, mesh))
+    state, metrics = step_fn(state, sharding_lib.make_global_batch(batch, mesh))
   for name, value in metrics.items():
     assert np.isfinite(float(value)), name
   for leaf in jax.tree.leaves(state.params):

@@ -17,23 +17,19 @@ The same construction with one more point (1/2) gives F(5x5, 3x3): 7x7 input til
 products per 25 outputs. :func:`toom_cook_matrices` builds either from the points (exactly, in
 rationals), and :func:`choose_tile` takes 5x5 tiles where they fit the output much better
 than 4x4 ones: the mask head's 14x14 maps are 3 x 5 (15) instead of 4 x 4 (16) tiles a side,
-23% fewer transformed values and products (measured in the model at 512 px: the mask head
-320 -> 290 ms for 100 detections).
+23% fewer transformed values and products.
 
-Why it exists: XLA:CPU's convolutions already run near this machine's peak (about 80 G
-multiply-adds/s on 2 AVX2 cores for the FPN and mask-head 3x3 convs), so the only way to make
-them faster is to do less arithmetic. Measured on 2 cores (forward, ms, XLA conv -> Winograd):
-FPN P2 output conv 256->256 at 128x128: 121 -> 76; one 32-RoI chunk of the mask head,
-256->256 at 14x14: 48 -> 26. The gradients are Winograd too (:func:`conv3x3`'s VJP), and
-save more, because XLA:CPU's own convolution gradients are slower still. For small images
-with many channels (ResNet stage 5, 16x16x512 at 512 px) the matmuls are too small to win;
-:func:`is_profitable` keeps XLA's convolution there.
+Why it exists: XLA:CPU's convolutions already run near the CPU's peak, so the only way to make
+them faster is to do less arithmetic. The gradients are Winograd too (:func:`conv3x3`'s VJP),
+and save more, because XLA:CPU's own convolution gradients are slower still. For small maps
+with many channels (ResNet stage 5) the matmuls are too small to win; :func:`is_profitable`
+keeps XLA's convolution there (docs/benchmarks.md has the measurements).
 
 Accuracy: the transforms scale values by up to ~10, so float32 results differ from the direct
 convolution by about 1e-5 of the output's magnitude (tests check this); bfloat16 inputs are
-not routed here (see :func:`is_profitable`). On GPU and TPU, whose libraries pick their own
-algorithms, :mod:`mrcnn_jax.modeling.conv` never calls this module, nor under a data-parallel
-mesh (where XLA would all-reduce the kernel gradient in its 4x larger transformed form).
+not routed here (see :func:`is_profitable`). Only the CPU kernel set uses it
+(:mod:`mrcnn_jax.kernels.conv`), and not under a data-parallel mesh (where XLA would all-reduce
+the kernel gradient in its 4x larger transformed form).
 """
 
 from __future__ import annotations
@@ -100,10 +96,8 @@ Pads = Tuple[Tuple[int, int], Tuple[int, int]]
 TILES = (4, 5)
 # A larger tile must cut the transformed size (positions x tiles, what the matmuls and
 # transforms scale with) by at least this fraction to be chosen. F(5x5) does 49 multiply-adds
-# per 25 outputs against F(4x4)'s 36 per 16, 13% fewer, but its transforms cost more per tile;
-# measured on 2 cores it was no faster at 128x128 or 64x64 (where it saves 10%), and 15% faster
-# at the mask head's 14x14 (15 = 3 x 5 covers 14 where 4x4 tiles need 16: 441 values per
-# channel instead of 576, 23% fewer).
+# per 25 outputs against F(4x4)'s 36 per 16, 13% fewer, but its transforms cost more per tile,
+# so it pays only where it also cuts the overhang (the mask head's 14x14: 23% fewer values).
 _MIN_SAVING = 0.15
 
 
@@ -137,11 +131,7 @@ def choose_tile(out_h: int, out_w: int) -> int:
 
 
 # Below this many tiles per matmul (N * tiles_h * tiles_w), the 36 small matmuls and the
-# transforms cost about as much as XLA's direct convolution or more (measured alone, forward /
-# with gradients: 2 x 16 x 16 x 512, 32 tiles: 0.67x / 1.15x the speed; 1 x 32 x 32 x 256,
-# 64 tiles: 1.1-1.2x / 1.7x; 2 x 32 x 32 x 256, 128 tiles: 2.1x / 2.3x). Inside the model the
-# 64-tile case (ResNet layer3 at 512 px, inference) came out slightly slower; it is a rough
-# threshold.
+# transforms cost about as much as XLA's direct convolution or more (a rough threshold).
 MIN_TILES = 64
 
 
@@ -190,8 +180,8 @@ def input_transform(x: jax.Array, pads: Pads, th: int, tw: int, tile: int = 4) -
 
   Row offset ``i`` of every tile is one strided slice ``x[:, i::tile]``; the transform along H
   combines those, then the same along W. XLA:CPU fuses these slices and adds into a few
-  passes over memory (measured 2x faster than gathering 6x6 tiles by reshapes and then
-  combining, and than a dense [36, 36] matmul with ``B^T (x) B^T``).
+  passes over memory (faster than gathering 6x6 tiles by reshapes and then combining, or than
+  a dense [36, 36] matmul with ``B^T (x) B^T``).
   """
   n, h, w, c = x.shape
   a = tile + 2  # input tile side
@@ -210,8 +200,8 @@ def input_transform(x: jax.Array, pads: Pads, th: int, tw: int, tile: int = 4) -
   return v.reshape(a * a, n * th * tw, c)
 
 
-# The kernel transform is one small matmul with G (x) G over the 9 taps (one pass over memory;
-# inside the compiled model this ran 2-5x faster than the same sums as fused elementwise ops).
+# The kernel transform is one small matmul with G (x) G over the 9 taps: one pass over memory,
+# where the same sums as elementwise ops make several.
 
 
 def kernel_transform(kernel: jax.Array, tile: int = 4) -> jax.Array:
@@ -301,7 +291,7 @@ def conv3x3(x: jax.Array, kernel: jax.Array, pads: Pads = ((1, 1), (1, 1)),
       ('SAME').
     transformed: optional ``kernel_transform(kernel, forward_tile(x.shape, pads))``, computed
       ahead of time, used instead of transforming ``kernel`` in this call. For inference with
-      fixed weights (``modeling.prepare_inference``): the transform is a pass that writes 4-5x
+      fixed weights (``kernels.prepare_inference``): the transform is a pass that writes 4-5x
       the kernel's bytes, in every call. Gradients then go to ``transformed``, not ``kernel``.
 
   Returns:

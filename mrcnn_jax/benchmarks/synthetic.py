@@ -1,4 +1,4 @@
-"""The synthetic inputs the benchmark and profiler scripts feed the full model.
+"""The synthetic inputs the benchmarks and the profiler feed the full model.
 
 Random uint8 images and ``num_objects`` rectangle instances per image (full masks), in the
 batch contract of ``mrcnn_jax.data``, plus the default config at a given input size.
@@ -6,12 +6,14 @@ batch contract of ``mrcnn_jax.data``, plus the default config at a given input s
 
 from __future__ import annotations
 
+import ml_collections
 import numpy as np
 
 from mrcnn_jax import config as config_lib
 
 
-def model_config(height: int, width: int, batch: int, compute_dtype: str = "float32"):
+def model_config(height: int, width: int, batch: int,
+                 compute_dtype: str = "float32") -> ml_collections.ConfigDict:
   """The default (R50-FPN, 91 classes) config at ``height`` x ``width``, ``batch`` per step."""
   config = config_lib.get_base_config()
   config.model.compute_dtype = compute_dtype
@@ -22,7 +24,12 @@ def model_config(height: int, width: int, batch: int, compute_dtype: str = "floa
 
 def train_batch(rng: np.random.Generator, batch: int, height: int, width: int,
                 max_instances: int, mask_size: int, num_objects: int = 4) -> dict:
-  """A host batch: ``image`` [B, H, W, 3] uint8, ``num_objects`` random boxes per image."""
+  """A host batch: ``image`` [B, H, W, 3] uint8, ``num_objects`` random boxes per image.
+
+  ``gt_boxes`` [B, max_instances, 4] float32 xyxy pixels, ``gt_masks``
+  [B, max_instances, mask_size, mask_size] uint8 (all ones for a valid instance), the rest as
+  ``mrcnn_jax.data`` gives them for unscaled, unpadded images.
+  """
   images = rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
   boxes = np.zeros((batch, max_instances, 4), np.float32)
   classes = np.zeros((batch, max_instances), np.int32)

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from typing import Any, Optional
 
 import flax
@@ -35,15 +34,11 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mrcnn_jax.modeling.config import upgrade_model_config
+
 PyTree = Any
 
 CHECKPOINT_DIR = "checkpoints"
-
-# Test hook, read when a Checkpointer is created: "STEP:SECONDS" holds the async save of
-# checkpoint STEP for SECONDS after its files are written and before orbax commits (renames)
-# it, with a log line when the hold begins, so a test can kill the process mid-write at a
-# known moment (tests/training/test_faults.py). Unset in real runs: no effect.
-STALL_COMMIT_ENV = "MRCNN_JAX_TEST_SLOW_CHECKPOINT_WRITE"
 
 # Orbax's name for a step folder being written: `<step>.orbax-checkpoint-tmp` (older versions
 # append `-<timestamp>`); it becomes `<step>` only when the write is complete.
@@ -67,28 +62,14 @@ class Checkpointer:
                async_save: bool = True, cleanup_tmp: bool = False):
     self.directory = os.path.abspath(directory)
     self.every_steps = max(int(every_steps), 1)
-    self._stall = _parse_stall(os.environ.get(STALL_COMMIT_ENV)) if async_save else None
-    self._stalling: Optional[int] = None
-    async_options = None
-    if self._stall is not None:
-      # Runs in orbax's save thread after the item files are written, before the rename.
-      async_options = ocp.AsyncOptions(post_finalization_callback=self._stall_commit)
     if cleanup_tmp and jax.process_index() == 0:
       # Before the manager exists, synchronously: orbax's own `cleanup_tmp_directories` runs
       # in a thread that only the next save waits for, and a run ending before any save (a
       # refused restart) leaves it racing the interpreter's shutdown.
       _remove_uncommitted(self.directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
-        async_options=async_options)
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
-
-  def _stall_commit(self) -> None:
-    step, self._stalling = self._stalling, None
-    if step is not None:
-      logging.warning("%s: checkpoint %d is written, holding its commit for %g s",
-                      STALL_COMMIT_ENV, step, self._stall[1])
-      time.sleep(self._stall[1])
 
   def latest_step(self) -> Optional[int]:
     """The newest complete checkpoint's step, or ``None``."""
@@ -108,9 +89,6 @@ class Checkpointer:
       return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               meta=ocp.args.JsonSave(dict(meta, step=int(step))))
-    if self._stall is not None and step == self._stall[0]:
-      self._manager.wait_until_finished()  # the previous save's callback must not see the mark
-      self._stalling = int(step)
     return bool(self._manager.save(step, args=args, force=True))
 
   def restore(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict]:
@@ -145,17 +123,6 @@ def _remove_uncommitted(directory: str) -> None:
       shutil.rmtree(path, ignore_errors=True)
 
 
-def _parse_stall(value: Optional[str]) -> Optional[tuple[int, float]]:
-  """``"STEP:SECONDS"`` -> ``(STEP, SECONDS)``; unset or empty -> ``None``."""
-  if not value:
-    return None
-  try:
-    step, seconds = value.split(":")
-    return int(step), float(seconds)
-  except ValueError:
-    raise ValueError(f"{STALL_COMMIT_ENV}={value!r}: expected STEP:SECONDS") from None
-
-
 def make_checkpointer(config: ml_collections.ConfigDict, workdir: str) -> Checkpointer:
   """The workdir's checkpointer, from ``config.checkpoint``; it owns the folder (cleans up)."""
   c = config.checkpoint
@@ -182,23 +149,12 @@ def check_model_config(config: ml_collections.ConfigDict, meta: dict, source: st
   current = json.loads(config.model.to_json_best_effort())
   # A field added to the model config after the checkpoint was written is absent from its
   # JSON; it counts as unchanged while the current value is that field's default.
-  from mrcnn_jax.modeling.config import model_config  # local: keeps this module light
-  defaults = json.loads(model_config().to_json_best_effort())
-  diffs = sorted(d for d in _diff(_with_defaults(saved, defaults), current) if d not in ignore)
+  saved = json.loads(upgrade_model_config(saved).to_json_best_effort())
+  diffs = sorted(d for d in _diff(saved, current) if d not in ignore)
   if diffs:
     raise ValueError(
         f"checkpoint {source} was trained with a different model config "
         f"({', '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}); {advice}")
-
-
-def _with_defaults(saved: Any, defaults: Any) -> Any:
-  """``saved`` with keys it lacks (and ``defaults`` has) filled in from ``defaults``."""
-  if not (isinstance(saved, dict) and isinstance(defaults, dict)):
-    return saved
-  filled = {k: _with_defaults(v, defaults.get(k)) for k, v in saved.items()}
-  for k, v in defaults.items():
-    filled.setdefault(k, v)
-  return filled
 
 
 def _diff(a: Any, b: Any, prefix: str = "model") -> list[str]:

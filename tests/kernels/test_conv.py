@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from mrcnn_jax.modeling import conv as conv_lib
-from mrcnn_jax.modeling import roi_heads as roi_lib
+from mrcnn_jax.kernels import conv as conv_lib
 
 
 def _lax_conv(x, kernel, stride, pads):
@@ -110,8 +109,7 @@ def test_check_grads_tiny():
 def test_kernel_gradient_has_no_convolution():
   """The point of the module: the compiled kernel gradient is matmuls, not a convolution.
 
-  On XLA:CPU, the one platform where that branch is taken, also on a GPU host (there the
-  default device's convolutions are cuDNN calls, and the native kernel gradient is kept).
+  Compiled for XLA:CPU, also on a GPU host.
   """
   cpu = jax.devices("cpu")[0]
   x, kernel = jax.device_put(_inputs(8, 2, 8, 8, 4, 4, 3, jnp.float32), cpu)
@@ -177,10 +175,10 @@ def test_module_unbatched_input():
   _assert_close(y, conv.apply(params, x[None])[0], 1e-6)
 
 
-def test_roi_heads_conv3x3_still_importable():
+def test_3x3_stride_1_padding_1_matches_lax():
   x, kernel = _inputs(13, 3, 6, 6, 4, 5, 3, jnp.float32)
-  _assert_close(jax.jit(roi_lib.conv3x3)(x, kernel), _lax_conv(x, kernel, 1, ((1, 1), (1, 1))),
-                1e-5)
+  _assert_close(jax.jit(lambda a, b: conv_lib.conv2d(a, b, 1, 1))(x, kernel),
+                _lax_conv(x, kernel, 1, ((1, 1), (1, 1))), 1e-5)
 
 
 def test_rejects_bad_shapes():
@@ -198,16 +196,23 @@ def test_rejects_bad_shapes():
 
 
 @pytest.mark.parametrize("k,stride", [(1, 2), (3, 1), (3, 2)])
-def test_accelerator_branch_kernel_gradient_equals_per_tap(k, stride):
-  """GPU/TPU lowerings take the backend's own kernel gradient; both branches agree."""
+def test_native_kernel_gradient_equals_per_tap(k, stride):
+  """XLA's own kernel gradient (what the plain ``nn.Conv`` path takes) equals the per-tap one."""
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.normal(size=(2, 9, 8, 5)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(k, k, 5, 6)), jnp.float32)
   pads = conv_lib.normalize_padding((k - 1) // 2, (k, k), (stride, stride), (9, 8))
   out = conv_lib.conv2d(x, kernel, stride, (k - 1) // 2)
   ct = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
-  native = jax.jit(conv_lib.native_kernel_grad, static_argnums=(3, 4))(
+  native = jax.jit(_native_kernel_grad, static_argnums=(3, 4))(
       x, ct, kernel, (stride, stride), pads)
   per_tap = jax.jit(conv_lib.kernel_grad, static_argnums=(2, 3, 4))(
       x, ct, (k, k), (stride, stride), pads)
   np.testing.assert_allclose(native, per_tap, rtol=1e-5, atol=1e-4)
+
+
+def _native_kernel_grad(x, ct, kernel, strides, pads):
+  """Autodiff's kernel gradient of XLA's convolution, float32 HWIO."""
+  _, vjp_k = jax.vjp(lambda k: jax.lax.conv_general_dilated(
+      x, k, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC")), kernel)
+  return vjp_k(ct)[0].astype(jnp.float32)

@@ -1,23 +1,12 @@
-"""scripts/profile_model.py: op_name parsing, and per-module times from a real profiler trace."""
+"""benchmarks.profiling: op_name parsing, and per-module times from a real profiler trace."""
 
 from __future__ import annotations
-
-import importlib.util
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The script imports its sibling scripts/_synthetic.py, as when it is run from a shell.
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-_spec = importlib.util.spec_from_file_location(
-    "profile_model", os.path.join(ROOT, "scripts", "profile_model.py"))
-profile_model = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(profile_model)
-
+from mrcnn_jax.benchmarks import profiling as profile_model
 
 def test_module_of_drops_wrappers_control_flow_and_the_primitive():
   op = ("jit(<lambda>)/MaskRCNN.predict/MaskRCNN._box_branch/cond/branch_0_fun/"

@@ -1,60 +1,46 @@
-"""scripts/benchmark.py and benchmark_ops.py: ``--threads`` gives both frameworks the same threads.
+"""``--threads`` gives both frameworks the same threads (benchmarks.threads and the scripts).
 
 torchvision gets ``torch.set_num_threads``; JAX gets a process pinned to that many cores,
 which works only because XLA:CPU sizes its thread pool from the CPU affinity of the thread that
-starts its client. The thread-count tests check that premise, both ways the scripts pin (a child
-started on the cores; this process pinned before JAX starts), so a jaxlib that stopped doing
-so would fail here rather than quietly give JAX every core again. A last test checks that
-the like-for-like torchvision inference time runs the same network as its whole call.
+starts its client. The thread-count tests check that premise, both ways the benchmarks pin (a
+child started on the cores; this process pinned before JAX starts), so a jaxlib that stopped
+doing so would fail here rather than quietly give JAX every core again.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from mrcnn_jax.benchmarks import threads
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = os.path.join(ROOT, "scripts")
-sys.path.insert(0, SCRIPTS)  # the scripts import their siblings, as when run from a shell
-import _cli  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-
 ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-
-
-@functools.lru_cache(maxsize=None)  # once per process: it defines absl flags
-def _load_benchmark():
-  """scripts/benchmark.py as a module (it imports torch and torchvision first, then JAX)."""
-  spec = importlib.util.spec_from_file_location("benchmark",
-                                                os.path.join(SCRIPTS, "benchmark.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def test_cpu_cores_are_the_first_allowed_ones_and_no_more():
   allowed = sorted(os.sched_getaffinity(0))
-  assert _cli.cpu_cores(1) == allowed[:1]
-  assert _cli.cpu_cores(len(allowed)) == allowed
+  assert threads.cpu_cores(1) == allowed[:1]
+  assert threads.cpu_cores(len(allowed)) == allowed
   with pytest.raises(ValueError, match=f"--threads={len(allowed) + 1}: .* {len(allowed)} cores"):
-    _cli.cpu_cores(len(allowed) + 1)
+    threads.cpu_cores(len(allowed) + 1)
   with pytest.raises(ValueError, match="--threads=0"):
-    _cli.cpu_cores(0)
+    threads.cpu_cores(0)
 
 
 @pytest.mark.parametrize("script,args", [("benchmark.py", ["--skip_train"]),
                                          ("benchmark_ops.py", [])])
 def test_more_threads_than_cores_is_one_line(script, args):
-  threads = len(os.sched_getaffinity(0)) + 1
-  proc = subprocess.run([sys.executable, os.path.join(SCRIPTS, script), f"--threads={threads}",
+  n = len(os.sched_getaffinity(0)) + 1
+  proc = subprocess.run([sys.executable, os.path.join(SCRIPTS, script), f"--threads={n}",
                          *args], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
   assert proc.returncode == 1
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-  assert len(errors) == 1 and f"--threads={threads}: this process may run on" in errors[0]
+  assert len(errors) == 1 and f"--threads={n}: this process may run on" in errors[0]
   assert "Traceback" not in proc.stderr
 
 
@@ -86,7 +72,7 @@ def test_a_process_on_n_cores_runs_n_xla_threads(pinned, how):
   allowed = sorted(os.sched_getaffinity(0))
   cores = allowed[:1] if pinned == "one core" else allowed
   if how == "started on the cores":  # benchmark.py's measuring processes
-    with _load_benchmark()._started_on(cores):  # pylint: disable=protected-access
+    with threads.started_on(cores):
       proc = subprocess.run([sys.executable, "-c", _COUNT_XLA_THREADS], capture_output=True,
                             text=True, env=ENV, timeout=300)
     assert sorted(os.sched_getaffinity(0)) == allowed  # this process is set back
@@ -96,26 +82,3 @@ def test_a_process_on_n_cores_runs_n_xla_threads(pinned, how):
                           capture_output=True, text=True, env=ENV, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert int(proc.stdout.split()[-1]) == len(cores), proc.stdout
-
-
-def test_torchvision_detect_is_the_whole_call_before_its_postprocess():
-  """The like-for-like torchvision inference time runs the model's eval forward without its
-  postprocess: the same boxes, scores and labels, and 28x28 masks that paste into the whole
-  call's image-sized ones."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from torchvision.models.detection import transform as tv_transform  # pylint: disable=g-import-not-at-top
-  benchmark = _load_benchmark()
-  torch.manual_seed(0)
-  model = benchmark._torchvision_model(160, 192).eval()  # pylint: disable=protected-access
-  images = [torch.rand(3, 160, 192, generator=torch.Generator().manual_seed(1))]
-  with torch.inference_mode():
-    whole = model(images)[0]
-    detected = benchmark.torchvision_detect(model, images)[0]
-  assert detected["boxes"].shape[0] > 0
-  assert detected["masks"].shape[1:] == (1, 28, 28)
-  for key in ("boxes", "scores", "labels"):
-    torch.testing.assert_close(detected[key], whole[key], rtol=0, atol=0)
-  assert whole["masks"].shape[2:] == (160, 192)
-  torch.testing.assert_close(
-      tv_transform.paste_masks_in_image(detected["masks"], detected["boxes"], (160, 192)),
-      whole["masks"], rtol=0, atol=0)

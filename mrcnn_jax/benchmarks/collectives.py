@@ -3,8 +3,8 @@
 ``collective_stats(jitted.lower(...).compile().as_text())`` gives, per collective kind, how many
 ops the optimised program runs and how many bytes their results hold. A data-parallel train
 step should show one all-reduce of the trainable gradients (plus a few scalars) and nothing
-that grows with the batch or the image size; ``scripts/scaling_analysis.py`` and
-tests/training/test_collectives.py check that.
+that grows with the batch or the image size; ``scaling.step_collectives`` and
+tests/benchmarks/test_collectives.py check that.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""modeling.inference_compiler_options: on CPU, dots leave YNNPACK, results stay the same."""
+"""kernels.compiler_options: on CPU, dots leave YNNPACK, results stay the same."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 
 from mrcnn_jax import config as config_lib
 from mrcnn_jax import inference
+from mrcnn_jax import kernels
 from mrcnn_jax import modeling
-from mrcnn_jax.modeling import compiler
-from mrcnn_jax.modeling import winograd
+from mrcnn_jax.kernels import compiler
+from mrcnn_jax.kernels import winograd
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU options")
 
@@ -35,7 +36,7 @@ def test_cpu_dots_move_off_ynnpack_with_the_same_values():
   a = jnp.asarray(rng.standard_normal((36, 64, 96)), jnp.float32)
   b = jnp.asarray(rng.standard_normal((36, 96, 80)), jnp.float32)
   default = jax.jit(_batched_dot).lower(a, b).compile()
-  options = modeling.inference_compiler_options()
+  options = kernels.compiler_options()
   assert options == {"xla_cpu_experimental_ynn_fusion_type":
                      "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_REDUCE"}
   moved = jax.jit(_batched_dot, compiler_options=options).lower(a, b).compile()
@@ -52,7 +53,7 @@ def test_winograd_conv_under_the_options_matches_xla_conv():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((2, 20, 20, 32)), jnp.float32)
   k = jnp.asarray(rng.standard_normal((3, 3, 32, 48)) / 17, jnp.float32)
-  conv = jax.jit(winograd.conv3x3, compiler_options=modeling.inference_compiler_options())
+  conv = jax.jit(winograd.conv3x3, compiler_options=kernels.compiler_options())
   assert ynn_dots(conv.lower(x, k).compile().as_text()) == 0
   want = jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -61,8 +62,8 @@ def test_winograd_conv_under_the_options_matches_xla_conv():
 
 
 def test_other_backends_get_no_options():
-  assert modeling.inference_compiler_options("gpu") == {}
-  assert modeling.inference_compiler_options("tpu") == {}
+  assert kernels.compiler_options("gpu") == {}
+  assert kernels.compiler_options("tpu") == {}
 
 
 def test_a_rejected_option_falls_back_to_the_defaults_with_a_warning(monkeypatch, caplog):
@@ -70,19 +71,19 @@ def test_a_rejected_option_falls_back_to_the_defaults_with_a_warning(monkeypatch
   compiler._cpu_options.cache_clear()
   try:
     with caplog.at_level(logging.WARNING):
-      assert modeling.inference_compiler_options("cpu") == {}
+      assert kernels.compiler_options("cpu") == {}
     assert "does not accept" in caplog.text and "NO_SUCH_TYPE" in caplog.text
   finally:
     compiler._cpu_options.cache_clear()  # the next caller validates the real options again
   monkeypatch.undo()
-  assert modeling.inference_compiler_options("cpu")
+  assert kernels.compiler_options("cpu")
 
 
 def test_predictor_compiles_predict_without_ynnpack_dots():
   c = config_lib.get_base_config()
   c.data.image_size = (64, 64)
   c.model = modeling.tiny_model_config(num_classes=3)
-  model = modeling.MaskRCNN(c.model)
+  model = modeling.MaskRCNN(c.model, kernels=kernels.CPU)  # what the Predictor builds on CPU
   variables = modeling.init_variables(model, jax.random.PRNGKey(0), (64, 64))
   predictor = inference.Predictor(c, variables, score_threshold=0.0)
   args = (predictor.variables, jnp.zeros((1, 64, 64, 3), jnp.uint8),
@@ -94,10 +95,10 @@ def test_predictor_compiles_predict_without_ynnpack_dots():
 
 
 def test_jit_predict_is_predict_under_the_options():
-  model = modeling.MaskRCNN(modeling.tiny_model_config(num_classes=3))
+  model = modeling.MaskRCNN(modeling.tiny_model_config(num_classes=3), kernels=kernels.CPU)
   variables = modeling.init_variables(model, jax.random.PRNGKey(0), (64, 64))
   images = jnp.asarray(np.random.default_rng(2).integers(0, 256, (1, 64, 64, 3)), jnp.uint8)
-  predict = modeling.jit_predict(model)
+  predict = kernels.jit_predict(model)
   assert ynn_dots(predict.lower(variables, images).compile().as_text()) == 0
   want = model.apply(variables, images, method=modeling.MaskRCNN.predict)
   got = predict(variables, images)

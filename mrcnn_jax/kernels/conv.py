@@ -1,28 +1,22 @@
-"""2-D convolution whose gradients are matmuls, and a Flax ``Conv`` layer that uses it.
+"""XLA:CPU's 2-D convolution: matmul kernel gradients, 1x1 as a matmul, Winograd 3x3.
 
 XLA's CPU backend lowers the *kernel* gradient of a convolution to another convolution over the
-batch that runs far slower than the forward: measured on 2 cores at the R50-FPN 512x512 batch-2
-shapes, 4-10x the forward for 1x1 convs (0.45 s vs 0.05 s for 256->128 at 128x128) and 6x for a
-3x3 FPN output conv (3.5 s vs 0.6 s). :func:`conv2d` keeps XLA's convolution for the forward
-and the input gradient, and computes the kernel gradient as one ``[C, N*Ho*Wo] x [N*Ho*Wo, O]``
-matmul per kernel tap over the (strided) shifted input, which costs about what the forward does.
-On other platforms (GPU, TPU) the backend's own kernel gradient is used.
+batch that runs several times slower than the forward. :func:`conv2d` keeps XLA's convolution
+for the forward and the input gradient, and computes the kernel gradient as one
+``[C, N*Ho*Wo] x [N*Ho*Wo, O]`` matmul per kernel tap over the (strided) shifted input, which
+costs about what the forward does. Unpadded 1x1 convolutions are one matmul (:func:`conv1x1`),
+and large float32 3x3 stride-1 convolutions run as Winograd F(4x4, 3x3) or F(5x5, 3x3)
+(:mod:`mrcnn_jax.kernels.winograd`), forward and gradients.
 
-Two more CPU speed-ups live in :func:`conv2d`: unpadded 1x1 convolutions are one matmul
-(:func:`conv1x1`, on every platform), and large float32 3x3 stride-1 convolutions run as
-Winograd F(4x4, 3x3) or F(5x5, 3x3) (:mod:`mrcnn_jax.modeling.winograd`), forward and
-gradients.
-
-:class:`Conv` is a drop-in for the ``flax.linen.Conv`` uses in this package (2-D, NHWC, no
-dilation or groups): same parameter names (``kernel`` [kh, kw, in, out] HWIO, ``bias`` [out]),
+:class:`Conv` is a drop-in for ``flax.linen.Conv`` as the model uses it (2-D, NHWC, no dilation
+or groups): same parameter names (``kernel`` [kh, kw, in, out] HWIO, ``bias`` [out]),
 initialisers, ``dtype``/``param_dtype`` handling and outputs, so checkpoints and the weight
-converters are unchanged.
+converters are unchanged. :class:`ShardedConv` is the same without Winograd, for data-parallel
+meshes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -30,34 +24,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling import batch_parallel
-from mrcnn_jax.modeling import winograd
+from mrcnn_jax.kernels import winograd
 from mrcnn_jax.ops._checks import check_shape
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
-# False inside ``xla_convolutions()``: trace 3x3 convs as XLA convolutions on every platform.
-_WINOGRAD_ON_CPU: contextvars.ContextVar = contextvars.ContextVar("mrcnn_jax_winograd",
-                                                                  default=True)
-
-
-@contextlib.contextmanager
-def xla_convolutions():
-  """While tracing inside this context, 3x3 convs stay XLA convolutions on CPU too.
-
-  For measuring what accelerators run (e.g. XLA's FLOP estimate of a step, which for the
-  Winograd form would count 4x fewer multiply-adds than a GPU or TPU executes), or for A/B
-  timing. Values agree either way to float32 rounding.
-  """
-  token = _WINOGRAD_ON_CPU.set(False)
-  try:
-    yield
-  finally:
-    _WINOGRAD_ON_CPU.reset(token)
-
-
 # Variable collection of precomputed Winograd kernel transforms (inference with fixed weights:
-# ``modeling.prepare_inference``). ``Conv`` layers read theirs from it when it is present.
+# ``kernels.prepare_inference``). ``Conv`` layers read theirs from it when it is present.
 TRANSFORMED_KERNELS = "winograd_kernels"
 
 Pads = Tuple[Tuple[int, int], Tuple[int, int]]
@@ -125,9 +98,7 @@ def kernel_grad(x: jax.Array, ct: jax.Array, kernel_hw: Tuple[int, int],
   c = x.shape[3]
   xp = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
   # ct transposed once to [O, M] so each tap is the canonical [O, M] x [M, C] GEMM on a plain
-  # slice of x: contracting x's major axis ("nhwc,nhwo->co") made XLA:CPU copy every tap's
-  # slice transposed, which cost more than the matmul (2.7 s -> 1.2 s for the mask head's
-  # 256 x 14 x 14 x 256 3x3 conv).
+  # slice of x (contracting x's major axis made XLA:CPU copy every tap's slice transposed).
   ct_t = ct.astype(x.dtype).reshape(n * ho * wo, o).T
   taps = []
   for a in range(kh):
@@ -140,22 +111,10 @@ def kernel_grad(x: jax.Array, ct: jax.Array, kernel_hw: Tuple[int, int],
   return jnp.stack(taps).transpose(0, 1, 3, 2)  # [kh, kw, O, C] -> HWIO
 
 
-def native_kernel_grad(x: jax.Array, ct: jax.Array, kernel: jax.Array,
-                       strides: Tuple[int, int], pads: Pads) -> jax.Array:
-  """The backend's own kernel gradient (what autodiff of the conv gives), float32 HWIO."""
-  _, vjp_k = jax.vjp(lambda k: _conv(x, k, strides, pads), kernel)
-  return vjp_k(ct)[0].astype(jnp.float32)
-
-
 def _conv_mm_bwd(strides, pads, residuals, ct):
   x, kernel = residuals
   _, vjp_x = jax.vjp(lambda v: _conv(v, kernel, strides, pads), x)
-  # Only XLA:CPU's kernel gradient is slow; accelerators keep their tuned convolution (cuDNN,
-  # TPU). The branch is chosen when the step is lowered for a platform.
-  ct_k = jax.lax.platform_dependent(
-      x, ct,
-      cpu=lambda x, ct: kernel_grad(x, ct, kernel.shape[:2], strides, pads),
-      default=lambda x, ct: native_kernel_grad(x, ct, kernel, strides, pads))
+  ct_k = kernel_grad(x, ct, kernel.shape[:2], strides, pads)
   return vjp_x(ct)[0], ct_k.astype(kernel.dtype)
 
 
@@ -166,10 +125,8 @@ def conv1x1(x: jax.Array, kernel: jax.Array, strides: Tuple[int, int] = (1, 1)) 
   """Unpadded 1x1 convolution as one matmul: x [N, H, W, C], kernel [1, 1, C, O] -> [N, Ho, Wo, O].
 
   A strided 1x1 convolution reads every ``s``-th pixel, so it is a strided slice and then
-  ``[N*Ho*Wo, C] x [C, O]``. XLA:CPU runs that matmul 2-3.5x faster than its 1x1 convolution
-  at the ResNet/FPN shapes (measured 36 -> 83 G multiply-adds/s for 256->128 at
-  128x128), and its gradients are matmuls too. Accelerators lower both forms to the same
-  matmul.
+  ``[N*Ho*Wo, C] x [C, O]``, which XLA:CPU runs faster than its 1x1 convolution, and whose
+  gradients are matmuls too.
   """
   sh, sw = strides
   if (sh, sw) != (1, 1):
@@ -180,35 +137,32 @@ def conv1x1(x: jax.Array, kernel: jax.Array, strides: Tuple[int, int] = (1, 1)) 
 
 
 def winograd_tile(x_shape: Sequence[int], kernel_shape: Sequence[int],
-                  stride: Union[int, Sequence[int]], padding: PaddingLike, dtype) -> Optional[int]:
-  """The Winograd tile side :func:`conv2d` uses on CPU for these operands, or None if the
-  convolution does not go through Winograd (shapes, dtype, a data-parallel mesh, or inside
-  :func:`xla_convolutions`)."""
+                  stride: Union[int, Sequence[int]], padding: PaddingLike, dtype,
+                  use_winograd: bool = True) -> Optional[int]:
+  """The Winograd tile side :func:`conv2d` uses for these operands, or None if the convolution
+  does not go through Winograd (shapes, dtype, or ``use_winograd`` False)."""
   strides = _pair(stride, "stride")
   pads = normalize_padding(padding, kernel_shape[:2], strides, x_shape[1:3])
-  # XLA:CPU's 3x3 convolutions already run near the CPU's peak; Winograd does 4x fewer
-  # multiply-adds (see winograd.py). Accelerators keep their own convolution algorithms.
-  # Not under a data-parallel mesh: there XLA would all-reduce the kernel gradient in the
-  # Winograd domain, [36, C, O], 4x the kernel's bytes (CPU meshes are for tests anyway).
-  if (strides == (1, 1) and winograd.is_profitable(x_shape, kernel_shape, pads, dtype)
-      and not batch_parallel.is_sharded() and _WINOGRAD_ON_CPU.get()):
+  if (use_winograd and strides == (1, 1)
+      and winograd.is_profitable(x_shape, kernel_shape, pads, dtype)):
     return winograd.forward_tile(x_shape, pads)
   return None
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: Union[int, Sequence[int]] = 1,
-           padding: PaddingLike = 0, transformed: Optional[jax.Array] = None) -> jax.Array:
+           padding: PaddingLike = 0, transformed: Optional[jax.Array] = None,
+           use_winograd: bool = True) -> jax.Array:
   """Cross-correlation ``x`` [N, H, W, C] * ``kernel`` [kh, kw, C, O] -> [N, Ho, Wo, O].
 
   The same values and gradients as ``jax.lax.conv_general_dilated`` with NHWC/HWIO/NHWC
-  dimension numbers, computed the fastest way we measured on each platform: unpadded 1x1
-  convolutions as a matmul (:func:`conv1x1`); on CPU, large float32 3x3 stride-1 convolutions
-  by Winograd (:mod:`mrcnn_jax.modeling.winograd`); the rest with XLA's convolution and, on
-  CPU, a per-tap matmul kernel gradient (see the module docstring for why). ``padding`` is as
-  in :func:`normalize_padding` (an int is torch's symmetric padding, e.g. ``(k - 1) // 2``).
-  Both operands should share a dtype. ``transformed``: optionally the Winograd transform of
-  ``kernel`` for the tile :func:`winograd_tile` gives, computed ahead of time (inference with
-  fixed weights, see :class:`Conv`); used only where the CPU Winograd path runs.
+  dimension numbers, computed the fast way for XLA:CPU: unpadded 1x1 convolutions as a matmul
+  (:func:`conv1x1`); large float32 3x3 stride-1 convolutions by Winograd
+  (:mod:`mrcnn_jax.kernels.winograd`) unless ``use_winograd`` is False; the rest with XLA's
+  convolution and a per-tap matmul kernel gradient (see the module docstring for why).
+  ``padding`` is as in :func:`normalize_padding` (an int is torch's symmetric padding, e.g.
+  ``(k - 1) // 2``). Both operands should share a dtype. ``transformed``: optionally the
+  Winograd transform of ``kernel`` for the tile :func:`winograd_tile` gives, computed ahead of
+  time (inference with fixed weights, see :class:`Conv`); used only where Winograd runs.
   """
   check_shape("x", x, 4)
   check_shape("kernel", kernel, 4)
@@ -219,15 +173,14 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: Union[int, Sequence[int]] = 
   pads = normalize_padding(padding, kernel.shape[:2], strides, x.shape[1:3])
   if kernel.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)):
     return conv1x1(x, kernel, strides)
-  if winograd_tile(x.shape, kernel.shape, strides, pads, x.dtype) is not None:
-    return jax.lax.platform_dependent(
-        x, kernel, cpu=lambda x, k: winograd.conv3x3(x, k, pads, transformed=transformed),
-        default=lambda x, k: _conv_mm(x, k, strides, pads))
+  if winograd_tile(x.shape, kernel.shape, strides, pads, x.dtype, use_winograd) is not None:
+    return winograd.conv3x3(x, kernel, pads, transformed=transformed)
   return _conv_mm(x, kernel, strides, pads)
 
 
 class Conv(nn.Module):
-  """2-D convolution layer, a drop-in for ``flax.linen.Conv`` as used in this package.
+  """2-D convolution layer by :func:`conv2d`, a drop-in for ``flax.linen.Conv`` as the model
+  uses it.
 
   Inputs are NHWC ([N, H, W, C], or [H, W, C] unbatched); parameters ``kernel``
   [kh, kw, C, features] and ``bias`` [features] in ``param_dtype``; both input and parameters
@@ -242,6 +195,7 @@ class Conv(nn.Module):
     dtype: compute dtype.
     param_dtype: parameter dtype.
     kernel_init, bias_init: initialisers, as Flax's.
+    use_winograd: whether large float32 3x3 stride-1 convs run as Winograd.
   """
 
   features: int
@@ -253,6 +207,7 @@ class Conv(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_init: Callable = nn.linear.default_kernel_init
   bias_init: Callable = nn.initializers.zeros_init()
+  use_winograd: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -272,7 +227,8 @@ class Conv(nn.Module):
     dtype = (self.dtype if self.dtype is not None
              else jnp.result_type(x.dtype, self.param_dtype))
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    y = conv2d(x, kernel, self.strides, self.padding, self._transformed_kernel(x, kernel))
+    y = conv2d(x, kernel, self.strides, self.padding, self._transformed_kernel(x, kernel),
+               self.use_winograd)
     if bias is not None:
       y = y + bias.astype(dtype)
     return y[0] if unbatched else y
@@ -280,14 +236,22 @@ class Conv(nn.Module):
   def _transformed_kernel(self, x: jax.Array, kernel: jax.Array) -> Optional[jax.Array]:
     """This layer's Winograd kernel transform from the :data:`TRANSFORMED_KERNELS` collection.
 
-    With the collection mutable (``modeling.prepare_inference``) it is computed and stored
+    With the collection mutable (``kernels.prepare_inference``) it is computed and stored
     there; when the collection holds it, it is read instead of transformed again in every call.
     None where the layer does not run Winograd here, or the collection is not in use.
     """
-    tile = winograd_tile(x.shape, kernel.shape, self.strides, self.padding, x.dtype)
+    tile = winograd_tile(x.shape, kernel.shape, self.strides, self.padding, x.dtype,
+                         self.use_winograd)
     name = f"kernel_f{tile}"
     if tile is None or not (self.is_mutable_collection(TRANSFORMED_KERNELS)
                             or self.has_variable(TRANSFORMED_KERNELS, name)):
       return None
     return self.variable(TRANSFORMED_KERNELS, name, winograd.kernel_transform, kernel,
                          tile).value
+
+
+class ShardedConv(Conv):
+  """:class:`Conv` without Winograd, for data-parallel meshes: there XLA would all-reduce the
+  kernel gradient in the Winograd domain, [36, C, O], 4x the kernel's bytes."""
+
+  use_winograd: bool = False

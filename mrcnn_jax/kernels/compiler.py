@@ -1,24 +1,20 @@
 """XLA compiler options for the compiled ``MaskRCNN.predict``.
 
-:func:`inference_compiler_options` is what ``predict`` compiles with in ``inference.Predictor``,
-the evaluator and the scripts; :func:`jit_predict` is that ``jax.jit``::
+:func:`compiler_options` is what ``predict`` compiles with in ``inference.Predictor``, the
+evaluator and the benchmarks; :func:`jit_predict` is that ``jax.jit``::
 
-    predict = modeling.jit_predict(model)      # predict(variables, images[, valid_size])
+    predict = kernels.jit_predict(model)      # predict(variables, images[, valid_size])
 
-**What it changes, and why.** XLA:CPU (jaxlib 0.10) hands every dot to YNNPACK by default
+**What it changes, and why.** XLA:CPU hands every dot to YNNPACK by default
 (``xla_cpu_experimental_ynn_fusion_type`` = individual dots, individual convolutions,
-reductions). The Winograd convolutions (``modeling/winograd.py``) are batched products
-``[P, tiles, C] x [P, C, O]`` with few tiles per product, and YNNPACK ran those on one core:
-at ResNet ``layer3``'s shape (36, 64, 256, 256) 4.8 ms on 2 cores and 5.3 ms on one, where
-XLA's own (Eigen) dot takes 2.7 ms on 2 cores; at ``layer1``'s (36, 1024, 64, 64) 5.2 against
-2.8 ms. With the dots left to Eigen, and YNNPACK kept for the convolutions and reductions it
-had, ``predict`` of R50-FPN ran at 0.87-0.93x the time at 512x512 and 0.91x at 800x1216
-(paired over 10-12 and 8 alternating runs in one process, 2 cores; docs/benchmarks.md). The train step
-was no faster (paired 1.02), so ``training.make_train_step`` keeps XLA's defaults.
+reductions). The Winograd convolutions (``kernels/winograd.py``) are batched products
+``[P, tiles, C] x [P, C, O]`` with few tiles per product, which YNNPACK runs on one core and
+XLA's own (Eigen) dot on all of them; so on CPU the dots go to Eigen, and YNNPACK keeps the
+convolutions and reductions (docs/benchmarks.md has the measurements). The train step gains
+nothing from it, so ``training.make_train_step`` keeps XLA's defaults.
 
-Results differ from the default compilation only by float32 summation order (the FPN maps by
-~2e-6 of their magnitude); with an untrained model's near-tied scores that can reorder
-detections.
+Results differ from the default compilation only by float32 summation order; with an untrained
+model's near-tied scores that can reorder detections.
 
 Elsewhere (GPU, TPU) this returns ``{}``. A jaxlib that does not know the option (it is marked
 experimental) gets ``{}`` as well, with a warning, rather than a failing compile.
@@ -33,13 +29,13 @@ from typing import Any, Callable, Dict, Optional
 import jax
 import numpy as np
 
-# XLA:CPU's default YNNPACK fusion types (jaxlib 0.10) without the dots.
+# XLA:CPU's default YNNPACK fusion types without the dots.
 CPU_YNN_FUSION_TYPES = ("LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
                         "LIBRARY_FUSION_TYPE_REDUCE")
 _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 
 
-def inference_compiler_options(backend: Optional[str] = None) -> Dict[str, str]:
+def compiler_options(backend: Optional[str] = None) -> Dict[str, str]:
   """``compiler_options`` for compiling ``MaskRCNN.predict`` on ``backend``.
 
   Args:
@@ -71,13 +67,13 @@ def _cpu_options() -> tuple:
 
 
 def jit_predict(model: Any, **jit_kwargs) -> Callable:
-  """``jax.jit`` of ``model``'s ``predict``, compiled with :func:`inference_compiler_options`.
+  """``jax.jit`` of ``model``'s ``predict``, compiled with :func:`compiler_options`.
 
   Returns ``predict(variables, images, valid_size=None)`` (``MaskRCNN.predict``'s arguments
-  after the variables). ``jit_kwargs`` go to ``jax.jit`` (e.g. ``in_shardings``); on CPU, pass
-  it the variables of ``modeling.prepare_inference`` for the fastest inference.
+  after the variables). ``jit_kwargs`` go to ``jax.jit`` (e.g. ``in_shardings``); with the CPU
+  kernels, pass it the variables of ``kernels.prepare_inference`` for the fastest inference.
   """
   return jax.jit(
       lambda variables, images, valid_size=None: model.apply(
           variables, images, valid_size, method=type(model).predict),
-      compiler_options=inference_compiler_options(), **jit_kwargs)
+      compiler_options=compiler_options(), **jit_kwargs)

@@ -2,8 +2,9 @@
 
 Call :func:`initialize` first thing in a program, before any other JAX call (the backends
 must not exist yet). One process per host (TPU) or per host / per GPU (SLURM, Open MPI);
-afterwards ``jax.devices()`` lists the devices of every process, so the training mesh
-(``loop.make_run_mesh``) spans all hosts, and each process feeds its own slice of the batch.
+afterwards ``jax.devices()`` lists the devices of every process, so the run's mesh
+(:func:`mrcnn_jax.run.sharding.make_run_mesh`) spans all hosts, and each process feeds its own
+slice of the batch.
 
 ``mode``:
 
@@ -27,6 +28,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 
 MODES = ("auto", "on", "off")
 
@@ -205,7 +207,6 @@ def barrier(name: str, *, timeout_s: int = 3600) -> None:
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
   client = getattr(jax_distributed.global_state, "client", None)
   if client is None:  # not started by jax.distributed (e.g. a launcher of its own)
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
     return
   client.wait_at_barrier(f"mrcnn_jax/{name}/{_barrier_count}", timeout_in_ms=timeout_s * 1000)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from mrcnn_jax.modeling import conv as conv_lib
-from mrcnn_jax.modeling import winograd
+from mrcnn_jax.kernels import conv as conv_lib
+from mrcnn_jax.kernels import winograd
 
 
 def _lax_conv(x, kernel, stride, pads):
@@ -243,9 +243,9 @@ def test_conv2d_routes_large_float32_3x3_to_winograd_on_cpu():
   y1, g1 = _value_and_grads(lambda a, b: conv_lib.conv2d(a, b, 1, 1), x, kernel, 2)
   for got, want in zip((y1,) + tuple(g1), (y0,) + tuple(g0)):
     _assert_close(got, want, 2e-5)
-  # Inside xla_convolutions() (FLOP counts of what accelerators run) it stays a convolution.
-  with conv_lib.xla_convolutions():
-    assert _n_convolutions(lambda a, b: conv_lib.conv2d(a, b, 1, 1), x, kernel) == 1
+  # With use_winograd=False (ShardedConv) it stays a convolution.
+  assert _n_convolutions(lambda a, b: conv_lib.conv2d(a, b, 1, 1, use_winograd=False), x,
+                         kernel) == 1
   assert _n_convolutions(lambda a, b: conv_lib.conv2d(a, b, 1, 1) + 0, x, kernel) == 0
   # bfloat16 and strided 3x3 convs keep XLA's forward convolution.
   xb, kb = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
@@ -266,17 +266,22 @@ def test_conv1x1_matches_lax_values_and_grads(stride, hw):
   assert _n_convolutions(lambda a, b: conv_lib.conv2d(a, b, stride, 0), x, kernel) == 0
 
 
-def test_conv2d_keeps_xla_convolution_under_a_data_parallel_mesh():
+def test_conv_layer_keeps_xla_convolution_under_a_data_parallel_mesh():
   """On a mesh XLA would all-reduce Winograd's [36, C, O] kernel gradient (4x the bytes)."""
-  from mrcnn_jax.modeling import batch_parallel
-  from mrcnn_jax.training import sharding as sharding_lib
+  from mrcnn_jax import kernels
+  from mrcnn_jax.run import sharding as sharding_lib
 
-  x, kernel = _inputs(2, (8, 20, 20, 16), 16)  # 200 tiles: Winograd without a mesh
+  x, _ = _inputs(2, (8, 20, 20, 16), 16)  # 200 tiles: Winograd without a mesh
   mesh = sharding_lib.make_mesh(jax.devices()[:8])
+  one = sharding_lib.make_mesh(jax.devices()[:1])
+  assert kernels.select("cpu", mesh=mesh).conv is conv_lib.ShardedConv
+  assert kernels.select("cpu", mesh=one).conv is conv_lib.Conv
+  assert kernels.select("cpu").conv is conv_lib.Conv
 
-  def step(a, b):
-    with batch_parallel.data_parallel(mesh):
-      return conv_lib.conv2d(a, b, 1, 1)
+  def n_convs(layer_cls):
+    layer = layer_cls(16, (3, 3), padding=1)
+    variables = layer.init(jax.random.key(0), x)
+    return _n_convolutions(lambda v, a: layer.apply(v, a), variables, x)
 
-  assert _n_convolutions(lambda a, b: conv_lib.conv2d(a, b, 1, 1), x, kernel) == 0
-  assert _n_convolutions(step, x, kernel) == 1
+  assert n_convs(conv_lib.Conv) == 0
+  assert n_convs(conv_lib.ShardedConv) == 1

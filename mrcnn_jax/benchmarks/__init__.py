@@ -1,0 +1,21 @@
+"""Benchmark and profiling logic; ``scripts/`` only parse flags and call it.
+
+Modules are imported explicitly (nothing here imports them), so that
+``torchvision_reference``, the one module that imports torch, is loaded only by the entry points
+that compare against torchvision, and before anything pulls TensorFlow in:
+
+* ``programs``              the model, predict and train-step programs every benchmark compiles
+* ``synthetic``             random inputs in the batch contract, the default config at a size
+* ``timing``                wall and CPU clocks, medians of alternating runs
+* ``threads``               equal thread counts for JAX and torch (CPU affinity)
+* ``model_vs_torchvision``  the whole model against torchvision's, in isolated processes
+* ``torchvision_reference`` torchvision's side of the comparisons (imports torch)
+* ``ops``                   RoIAlign and NMS against torchvision's
+* ``input_pipeline``        images/s of the training input pipeline
+* ``profiling``             per-module time of the compiled model from a profiler trace
+* ``collectives``           collective ops and their bytes in compiled HLO
+* ``scaling``               parameters, step FLOPs and gradient traffic (docs/scaling.md)
+
+This package sits above every other one: it may import anything in ``mrcnn_jax``, and nothing
+in ``mrcnn_jax`` imports it.
+"""

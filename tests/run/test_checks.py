@@ -1,0 +1,44 @@
+"""Start-up checks: a missing or URL data path and a source that cannot be evaluated fail in one
+line, before any device work."""
+
+from __future__ import annotations
+
+import pytest
+
+from mrcnn_jax import config as config_lib
+from mrcnn_jax.run import checks
+
+
+def test_missing_data_path_names_the_field(tmp_path):
+  c = config_lib.get_base_config()
+  c.data.train_annotations = str(tmp_path / "missing.json")
+  with pytest.raises(FileNotFoundError, match=r"config.data.train_annotations not found"):
+    checks.check_data_paths(c)
+
+
+def test_tfds_source_with_evaluation_is_refused_before_training():
+  """The evaluator needs a COCO JSON; a TFDS run that asks for evaluation (eval.at_end is on by
+  default) must fail at the start, not after training every step."""
+  config = config_lib.get_base_config()
+  config.data.source = "tfds"
+  with pytest.raises(ValueError, match="COCO evaluation needs an instances JSON"):
+    checks.check_data_paths(config, train=True, evaluate=True)
+  checks.check_data_paths(config, train=True, evaluate=False)  # training alone is fine
+
+
+def test_url_path_is_refused():
+  with pytest.raises(ValueError, match="URL; use a filesystem path that every host sees"):
+    checks.check_local_path("workdir", "gs://bucket/run")
+  checks.check_local_path("workdir", "/mnt/bucket/run")
+
+
+def test_num_classes_must_match_the_data_set():
+  class Categories:
+    num_classes = 4
+
+  c = config_lib.get_base_config()
+  c.model.num_classes = 4
+  checks.check_num_classes(c, Categories())
+  c.model.num_classes = 5
+  with pytest.raises(ValueError, match=r"has 3 categories \(\+1 background = 4\)"):
+    checks.check_num_classes(c, Categories())
