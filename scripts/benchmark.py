@@ -18,6 +18,7 @@ Usage::
 import torch  # noqa: I001
 import torchvision  # noqa: F401
 
+import dataclasses
 import functools
 import json
 import os
@@ -53,16 +54,19 @@ def main(argv):
   torch.set_num_threads(_THREADS.value)
   log = functools.partial(print, flush=True)
   options = mvt.Options(_REPEATS.value, _THREADS.value, _SKIP_TORCH.value, _SKIP_TRAIN.value,
-                        _DTYPE.value, _ROUNDS.value,
-                        mvt.resolve_torch_device(_TORCH_DEVICE.value))
+                        _DTYPE.value, _ROUNDS.value, _TORCH_DEVICE.value)
   if _ONLY.value:  # a measuring process, started (and pinned) by mvt.isolated
+    # JAX's backend starts inside the measurement, as in a user's process: not to pick a device.
     rows = (mvt.measure_jax(options, log) if _ONLY.value == "jax" else
-            torchvision_reference.measure(options))
+            torchvision_reference.measure(dataclasses.replace(
+                options, torch_device=mvt.resolve_torch_device(_TORCH_DEVICE.value))))
     print(mvt.RESULT_TAG + json.dumps(rows), flush=True)
     return
   cores = _cli.run_main(lambda _: mvt.measuring_cores(_THREADS.value, _ROUNDS.value), argv)
   if cores is not None:
     log(f"each framework on cores {cores}")
+  options = dataclasses.replace(options,
+                                torch_device=mvt.resolve_torch_device(_TORCH_DEVICE.value))
   log(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
       f"torch {torch.__version__} on {options.torch_device}, threads {torch.get_num_threads()}; "
       f"compute dtype {_DTYPE.value}")
