@@ -16,23 +16,62 @@ from pycocotools import mask as mask_util
 __all__ = ["encode_mask", "paste_mask"]
 
 
-def _resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """[out_size, in_size] bilinear weights of ``F.interpolate(align_corners=False)``, one axis."""
-  scale = in_size / out_size
-  src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
-  src = np.maximum(src, 0.0)  # PyTorch clamps negative source coordinates to 0
+# torch's CPU bilinear kernel takes its channels-last loop (four products summed in one
+# expression) when out_h + out_w <= 128 and its separable loop otherwise: they round differently.
+_TORCH_CHANNELS_LAST_MAX_OUT = 128
+
+
+def _fma32(a, b, c) -> np.ndarray:
+  """``a * b + c`` rounded once to float32, as a fused multiply-add (float32 inputs).
+
+  In float64 ``a * b`` is exact and ``s + e`` (TwoSum) is the exact sum; rounding ``s`` to
+  float32 is then right except where ``s`` is a float32 midpoint, a tie that ``e`` breaks.
+  """
+  a, b, c = (np.asarray(v, np.float32) for v in (a, b, c))
+  prod = a.astype(np.float64) * b
+  c64 = c.astype(np.float64)
+  s = prod + c64
+  t = s - prod
+  e = (prod - (s - t)) + (c64 - t)
+  r = s.astype(np.float32)
+  r64 = r.astype(np.float64)
+  other = np.nextafter(r, np.where(s > r64, np.inf, -np.inf).astype(np.float32))
+  other64 = other.astype(np.float64)
+  tie = ((r64 + other64) * 0.5 == s) & (e != 0) & (np.sign(e) == np.sign(other64 - r64))
+  return np.where(tie, other, r)
+
+
+def _linear_taps(in_size: int, out_size: int, start: int, stop: int):
+  """Taps of ``F.interpolate(bilinear, align_corners=False)`` for outputs ``start..stop-1``.
+
+  float32 throughout, as torch's CPU ``compute_source_index_and_lambda``: scale ``in / out``,
+  source ``scale * (i + 0.5) - 0.5`` (one fused multiply-add) clamped at 0, low index ``floor``
+  (at most ``in - 1``), ``lambda1 = src - low`` in ``[0, 1]``, ``lambda0 = 1 - lambda1``.
+
+  Returns:
+    (i0, i1, l0, l1): [stop - start] int low/high source indices and float32 weights.
+  """
+  dst = np.arange(start, stop)
+  if in_size == out_size:  # torch copies: index i, weights (1, 0)
+    return dst, dst, np.ones(dst.shape, np.float32), np.zeros(dst.shape, np.float32)
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = _fma32(scale, dst.astype(np.float32) + np.float32(0.5), np.float32(-0.5))
+  src = np.maximum(src, np.float32(0.0))
   i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-  i1 = np.minimum(i0 + 1, in_size - 1)
-  frac = src - i0
-  weights = np.zeros((out_size, in_size), np.float64)
-  rows = np.arange(out_size)
-  np.add.at(weights, (rows, i0), 1.0 - frac)
-  np.add.at(weights, (rows, i1), frac)
-  return weights
+  l1 = np.clip(src - i0.astype(np.float32), np.float32(0.0), np.float32(1.0))
+  i1 = np.where(i0 < in_size - 1, i0 + 1, i0)
+  return i0, i1, np.float32(1.0) - l1, l1
 
 
 def paste_mask(mask: np.ndarray, box_xyxy: np.ndarray, image_size: Sequence[int]) -> np.ndarray:
   """Pastes one mask probability map into an image, as torchvision's ``paste_masks_in_image``.
+
+  Bit for bit torchvision's float32 arithmetic on the CPU: the box grown by ``(M + 2) / M``
+  about its centre and truncated to integers, the zero-padded mask resized onto it with the
+  taps and the order of products and sums of torch's CPU ``upsample_bilinear2d``, including the
+  fused multiply-adds its x86-64 wheels' AVX2/AVX512 kernels are compiled to; only the rows and
+  columns inside the image are computed. (torch's CUDA kernel, or a CPU build without FMA,
+  rounds differently: its results can differ in the last bit.)
 
   Args:
     mask: [M, M] float, probabilities in the box's frame.
@@ -48,15 +87,17 @@ def paste_mask(mask: np.ndarray, box_xyxy: np.ndarray, image_size: Sequence[int]
   im_h, im_w = int(image_size[0]), int(image_size[1])
   m = mask.shape[0]
   padded = np.pad(mask, 1)  # one pixel of zeros, so the pasted mask fades out at the box edge
-  scale = (m + 2.0) / m
+  # torchvision's expand_boxes in float32 and its order; its Python-float scale enters as float32.
+  scale = np.float32((m + 2.0) / m)
   box = np.asarray(box_xyxy, np.float32)
-  half_w = (box[2] - box[0]) * 0.5 * scale
-  half_h = (box[3] - box[1]) * 0.5 * scale
-  cx = (box[2] + box[0]) * 0.5
-  cy = (box[3] + box[1]) * 0.5
-  # float32 arithmetic, then truncation toward zero, as torchvision's `.to(torch.int64)`.
-  x0, y0 = int(np.float32(cx - half_w)), int(np.float32(cy - half_h))
-  x1, y1 = int(np.float32(cx + half_w)), int(np.float32(cy + half_h))
+  half = np.float32(0.5)
+  half_w = (box[2] - box[0]) * half * scale
+  half_h = (box[3] - box[1]) * half * scale
+  cx = (box[2] + box[0]) * half
+  cy = (box[3] + box[1]) * half
+  # Truncation toward zero, as torchvision's `.to(torch.int64)`.
+  x0, y0 = int(cx - half_w), int(cy - half_h)
+  x1, y1 = int(cx + half_w), int(cy + half_h)
   w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
 
   out = np.zeros((im_h, im_w), np.float32)
@@ -64,10 +105,22 @@ def paste_mask(mask: np.ndarray, box_xyxy: np.ndarray, image_size: Sequence[int]
   cy0, cy1 = max(y0, 0), min(y1 + 1, im_h)
   if cx0 >= cx1 or cy0 >= cy1:
     return out
-  # Only the visible rows/columns of the resized mask are computed.
-  ry = _resize_matrix(m + 2, h)[cy0 - y0:cy1 - y0]
-  rx = _resize_matrix(m + 2, w)[cx0 - x0:cx1 - x0]
-  out[cy0:cy1, cx0:cx1] = (ry @ padded.astype(np.float64) @ rx.T).astype(np.float32)
+  yi0, yi1, yl0, yl1 = _linear_taps(m + 2, h, cy0 - y0, cy1 - y0)
+  xi0, xi1, xl0, xl1 = _linear_taps(m + 2, w, cx0 - x0, cx1 - x0)
+  yl0, yl1 = yl0[:, None], yl1[:, None]
+  if h + w <= _TORCH_CHANNELS_LAST_MAX_OUT:
+    # Channels-last loop: i00 * w00 + i01 * w01 + i10 * w10 + i11 * w11 (w00 = h0 * w0, ...),
+    # left to right, compiled to fma(i00, w00, i01 * w01), then fma(i10, w10, .), fma(i11, ...).
+    top, bottom = padded[yi0], padded[yi1]
+    pasted = _fma32(top[:, xi0], yl0 * xl0, top[:, xi1] * (yl0 * xl1))
+    pasted = _fma32(bottom[:, xi0], yl1 * xl0, pasted)
+    pasted = _fma32(bottom[:, xi1], yl1 * xl1, pasted)
+  else:
+    # Separable loop: t0 * w0 + t1 * w1, compiled to fma(t0, w0, t1 * w1), along x for each
+    # mask row, then along y over pairs of those rows.
+    cols = _fma32(padded[:, xi0], xl0, padded[:, xi1] * xl1)  # [M + 2, visible width]
+    pasted = _fma32(cols[yi0], yl0, cols[yi1] * yl1)
+  out[cy0:cy1, cx0:cx1] = pasted
   return out
 
 
