@@ -102,7 +102,7 @@ def test_logs_and_stop(kit_env):
     time.sleep(0.1)
   result = _run("logs.sh", env, "all", "1")
   assert result.returncode == 0 and "step 10/100 loss 1.0" in result.stdout
-  pid = int(pid_file.read_text())
+  pid = int(pid_file.read_text().split()[0])  # "PID START"
   result = _run("stop.sh", env)
   assert f"sent SIGTERM to {pid}" in result.stdout
   assert "--worker=all" in log.read_text().splitlines()[-1]
@@ -130,12 +130,58 @@ def test_run_refuses_while_the_last_run_is_alive_and_takes_an_absolute_log_dir(k
     if (logs / "pid").exists() and "first run" in (logs / "train.log").read_text():
       break
     time.sleep(0.1)
-  pid = int((logs / "pid").read_text())
+  pid = int((logs / "pid").read_text().split()[0])  # "PID START"
   try:
     second = _run("run.sh", env, "--", sys.executable, "-c", "print('second run')")
     assert second.returncode != 0 and "still going" in second.stderr, second.stderr
-    assert int((logs / "pid").read_text()) == pid
+    assert int((logs / "pid").read_text().split()[0]) == pid
     assert "first run" in (logs / "train.log").read_text()
     assert "first run" in _run("logs.sh", env, "all", "5").stdout
   finally:
     assert f"sent SIGTERM to {pid}" in _run("stop.sh", env).stdout
+
+
+def _start_time(pid: int) -> int:
+  """Field 22 of /proc/PID/stat (what the kit records), read past the command name."""
+  return int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc (Linux)")
+def test_a_pid_file_whose_pid_names_another_process_is_stale(kit_env):
+  """The last run ended and its pid went to an unrelated process (a sleep here): run.sh must
+  start, and stop.sh must leave that process alone; a pid file with the process's own start
+  time is the live run, so the matching is what decides."""
+  env, home, _ = kit_env
+  logs = home / "mrcnn_jax_logs"
+  logs.mkdir()
+  pid_file = logs / "pid"
+  sleeper = subprocess.Popen(["sleep", "120"])
+  try:
+    start = _start_time(sleeper.pid)
+    # A reused pid (another start time), and a pid file without a start time (an older kit).
+    for stale in (f"{sleeper.pid} {start - 1}\n", f"{sleeper.pid}\n"):
+      pid_file.write_text(stale)
+      result = _run("stop.sh", env)
+      assert "nothing running" in result.stdout, result.stdout + result.stderr
+      assert sleeper.poll() is None
+    result = _run("run.sh", env, "--", sys.executable, "-c",
+                  "import time; print('new run', flush=True); time.sleep(60)")
+    assert result.returncode == 0, result.stderr
+    assert sleeper.poll() is None
+    for _ in range(100):
+      if "new run" in (logs / "train.log").read_text():
+        break
+      time.sleep(0.1)
+    pid, recorded = map(int, pid_file.read_text().split())
+    assert pid != sleeper.pid and recorded == _start_time(pid)
+    assert f"sent SIGTERM to {pid}" in _run("stop.sh", env).stdout
+
+    pid_file.write_text(f"{sleeper.pid} {start}\n")  # the matching start time: that run is live
+    second = _run("run.sh", env, "--", sys.executable, "-c", "print('second run')")
+    assert second.returncode != 0 and f"(pid {sleeper.pid}) is still going" in second.stderr
+    assert f"sent SIGTERM to {sleeper.pid}" in _run("stop.sh", env).stdout
+    assert sleeper.wait(timeout=10) == -15
+  finally:
+    if sleeper.poll() is None:
+      sleeper.kill()
+      sleeper.wait()

@@ -26,6 +26,25 @@ if [[ -n "${PROJECT_ID:-}" ]]; then
   GCLOUD_FLAGS+=(--project="$PROJECT_ID")
 fi
 
+# Shell functions for the worker side, prepended to a remote command (single-quoted: expanded
+# there). A pid file holds "PID START", START being the process's start time in clock ticks since
+# boot (field 22 of /proc/PID/stat): a pid alone may have been reused by an unrelated process.
+#   proc_start PID    prints PID's start time; fails if there is no such process
+#   live_run_pid FILE prints the pid FILE names if that very process still runs; fails otherwise
+WORKER_FNS='proc_start() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  set -- ${stat##*) }  # the fields after the command name, which may hold spaces
+  echo "${20}"
+}
+live_run_pid() {
+  local pid="" start=""
+  read -r pid start 2>/dev/null < "$1" || [[ -n "$pid" ]] || return 1
+  [[ "$pid" =~ ^[0-9]+$ && -n "$start" && "$(proc_start "$pid")" == "$start" ]] || return 1
+  echo "$pid"
+}
+'
+
 # Runs a shell command on every worker of the slice (in parallel; gcloud waits for all).
 on_all_workers() {
   "${GCLOUD_TPU[@]}" ssh "$TPU_NAME" "${GCLOUD_FLAGS[@]}" --worker=all --command="$1"

@@ -17,16 +17,20 @@ fi
 printf -v cmd '%q ' "$@"
 # First every worker checks that its last run has ended; if one has not, none starts (two runs
 # would share the workdir, the first would lose its pid file so stop.sh could not reach it,
-# and a partial start would wait forever for the missing hosts). The log is appended to.
-on_all_workers "if [[ -f $LOG_PATH/pid ]] && kill -0 \"\$(cat $LOG_PATH/pid)\" 2>/dev/null; then
-    echo \"worker \$(hostname): the last run (pid \$(cat $LOG_PATH/pid)) is still going;\" \
+# and a partial start would wait forever for the missing hosts). The log is appended to. A pid
+# file whose process is gone, whose pid now names another process (start time differs) or that
+# holds no start time is stale and ignored.
+on_all_workers "$WORKER_FNS
+  if pid=\$(live_run_pid $LOG_PATH/pid); then
+    echo \"worker \$(hostname): the last run (pid \$pid) is still going;\" \
       \"scripts/tpu/stop.sh first\" >&2
     exit 1
   fi"
-on_all_workers "set -e; mkdir -p $LOG_PATH; cd $REPO_DIR
+on_all_workers "$WORKER_FNS
+  set -e; mkdir -p $LOG_PATH; cd $REPO_DIR
   source ~/mrcnn_jax_venv/bin/activate
   echo \"=== run.sh started \$(date -u +%Y-%m-%dT%H:%M:%SZ)\" >> $LOG_PATH/train.log
   nohup $cmd >> $LOG_PATH/train.log 2>&1 < /dev/null &
-  echo \$! > $LOG_PATH/pid
+  echo \"\$! \$(proc_start \$! || true)\" > $LOG_PATH/pid
   echo \"worker \$(hostname): started pid \$!\""
 echo "follow with: scripts/tpu/logs.sh   (worker 0)   or   scripts/tpu/logs.sh all"

@@ -6,9 +6,10 @@
 source "$(dirname "$0")/common.sh"
 signal=TERM
 if [[ "${1:-}" == "--kill" ]]; then signal=KILL; fi
-# Only the process run.sh started (its pid file), never other Python jobs on the worker.
-on_all_workers "pid=\$(cat $LOG_PATH/pid 2>/dev/null || true)
-  if [[ -n \"\$pid\" ]] && kill -$signal \"\$pid\" 2>/dev/null; then
+# Only the process run.sh started (its pid file, pid and start time), never other jobs on the
+# worker, nor a process that got the pid of a run that has ended.
+on_all_workers "$WORKER_FNS
+  if pid=\$(live_run_pid $LOG_PATH/pid) && kill -$signal \"\$pid\" 2>/dev/null; then
     echo \"\$(hostname): sent SIG$signal to \$pid\"
   else
     echo \"\$(hostname): nothing running\"
