@@ -29,6 +29,7 @@ def _evaluate(config):
   from mrcnn_jax.evaluation import coco_eval  # pylint: disable=g-import-not-at-top
   from mrcnn_jax.evaluation.evaluator import evaluate_checkpoint  # pylint: disable=g-import-not-at-top
   metrics = evaluate_checkpoint(config, _CHECKPOINT.value or _WORKDIR.value, _WORKDIR.value)
+  print(metrics["data"]["summary"])
   print(coco_eval.format_metrics({k: metrics[k] for k in config.eval.iou_types}))
   t = metrics["timing"]
   print(f"{t['num_images']} images, {t['images_per_second']:.1f} images/s, post-processing "

@@ -21,11 +21,13 @@ Bad input, with ``on_bad_example='skip'`` (counted in :class:`DataStats`, logged
 annotations are dropped); an annotation whose image id or category id is unknown (a category id
 must be an int or an integral float: 1.7, True or "1" are unknown), whose polygon/RLE/bbox is
 malformed (an RLE's counts must be non-negative and sum to height*width; a bbox must overlap the
-image) (checked at construction); an image file that is missing, cannot be decoded or whose size
+image; a polygon's bbox must agree with the polygons' bounds, see :func:`check_annotation`)
+(checked at construction); an image file that is missing, cannot be decoded or whose size
 differs from the JSON, or masks pycocotools cannot decode (checked at load). In training a bad
 annotation removes its whole image (a partly labelled image would teach "object =
 background"); in evaluation the image is kept and only the bad annotation leaves the batch
-targets.
+targets and the ground truth (:meth:`CocoSource.ground_truth`), and an image that fails to load
+is recorded in :attr:`CocoSource.load_failures` so that evaluation can leave it out.
 """
 
 from __future__ import annotations
@@ -178,36 +180,82 @@ def _check_rle_counts(counts, height: int, width: int) -> Optional[str]:
   return None
 
 
-def check_annotation(ann: Dict[str, Any], height: int, width: int) -> Optional[str]:
-  """Returns why ``ann`` cannot be used (bbox / segmentation checks), or None when it is fine."""
+# A polygon's bbox may differ from the polygons' bounds by rasterisation (COCO's bboxes are the
+# mask's, up to ~1 px off the polygon); this much more than that is a wrong label.
+BBOX_TOLERANCE_PX = 2.0
+BBOX_TOLERANCE_FRACTION = 0.1
+
+
+def _bbox_polygon_problem(bbox, parts, height: int, width: int) -> Optional[str]:
+  """Why ``bbox`` ([x, y, w, h]) disagrees with the bounds of polygon ``parts``, or None.
+
+  Both boxes are clipped to the image first (a polygon may reach past the border; its mask and
+  bbox stop there). Disagreement: an edge more than ``max(BBOX_TOLERANCE_PX,
+  BBOX_TOLERANCE_FRACTION * side)`` from the bounds' edge, ``side`` being the larger of the two
+  boxes' extents along that axis.
+  """
+  xs = [v for p in parts for v in p[0::2]]
+  ys = [v for p in parts for v in p[1::2]]
+  x, y, w, h = bbox
+  limits = np.array([width, height, width, height], np.float64)
+  box = np.clip(np.array([x, y, x + w, y + h], np.float64), 0.0, limits)
+  poly = np.clip(np.array([min(xs), min(ys), max(xs), max(ys)], np.float64), 0.0, limits)
+  side = np.maximum(box[2:] - box[:2], poly[2:] - poly[:2])  # [x extent, y extent]
+  tolerance = np.maximum(BBOX_TOLERANCE_PX, BBOX_TOLERANCE_FRACTION * np.tile(side, 2))
+  if np.any(np.abs(box - poly) > tolerance):
+    bounds = [round(float(v), 2) for v in (poly[0], poly[1], poly[2] - poly[0], poly[3] - poly[1])]
+    return (f"bbox {list(bbox)} disagrees with its polygons' bounds {bounds} (xywh) by more than "
+            f"max({BBOX_TOLERANCE_PX:g} px, {BBOX_TOLERANCE_FRACTION:.0%} of the side)")
+  return None
+
+
+def annotation_problem(ann: Dict[str, Any], height: int, width: int):
+  """``(reason, message)`` saying why ``ann`` cannot be used, or None when it is fine.
+
+  ``reason`` is ``'bbox_disagrees_with_segmentation'`` for a polygon annotation whose bbox is
+  far from the polygons' bounds (tolerance: :func:`_bbox_polygon_problem`; RLE masks are not
+  compared), else ``'bad_annotation'`` (a malformed bbox, polygon or RLE).
+  """
   bbox = ann.get("bbox")
   if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not _finite_numbers(bbox):
-    return f"bbox must be 4 finite numbers, got {bbox!r}"
+    return "bad_annotation", f"bbox must be 4 finite numbers, got {bbox!r}"
   x, y, w, h = bbox
   if w < 0 or h < 0:
-    return f"bbox has negative width/height: {bbox}"
+    return "bad_annotation", f"bbox has negative width/height: {bbox}"
   # Pixel columns [x, x + w) must meet [0, width) (rows likewise); a box wholly off the image
   # cannot be a label of it. (A zero-size side inside the image is left to the transform,
   # which drops boxes under 1 px.)
   if x >= width or y >= height or (w > 0 and x + w <= 0) or (h > 0 and y + h <= 0):
-    return f"bbox {bbox} lies outside the {width}x{height} image"
+    return "bad_annotation", f"bbox {bbox} lies outside the {width}x{height} image"
   seg = ann.get("segmentation")
   if isinstance(seg, list):
     if not seg:
-      return "empty polygon list"
+      return "bad_annotation", "empty polygon list"
     for part in seg:
       # pycocotools reads a length-4 list as a *box*, so 2-point polygons must be rejected here.
       if not isinstance(part, list) or len(part) < 6 or len(part) % 2 or not _finite_numbers(part):
         shown = part if not isinstance(part, list) or len(part) <= 8 else part[:8] + ["..."]
-        return f"bad polygon part {shown!r} (need >= 3 finite (x, y) pairs)"
-    return None
+        return "bad_annotation", f"bad polygon part {shown!r} (need >= 3 finite (x, y) pairs)"
+    problem = _bbox_polygon_problem(bbox, seg, height, width)
+    return None if problem is None else ("bbox_disagrees_with_segmentation", problem)
   if isinstance(seg, dict):
     size = seg.get("size")
     if (not isinstance(size, (list, tuple)) or len(size) != 2
         or [_as_int(s) for s in size] != [height, width]):
-      return f"RLE size {size!r} differs from the image size {[height, width]}"
-    return _check_rle_counts(seg.get("counts"), height, width)
-  return f"segmentation must be a polygon list or an RLE dict, got {type(seg).__name__}"
+      return "bad_annotation", f"RLE size {size!r} differs from the image size {[height, width]}"
+    problem = _check_rle_counts(seg.get("counts"), height, width)
+    return None if problem is None else ("bad_annotation", problem)
+  return ("bad_annotation",
+          f"segmentation must be a polygon list or an RLE dict, got {type(seg).__name__}")
+
+
+def check_annotation(ann: Dict[str, Any], height: int, width: int) -> Optional[str]:
+  """Returns why ``ann`` cannot be used (bbox / segmentation checks), or None when it is fine.
+
+  The checks and the bbox-vs-polygon tolerance are :func:`annotation_problem`'s.
+  """
+  problem = annotation_problem(ann, height, width)
+  return None if problem is None else problem[1]
 
 
 def segmentation_to_rle(seg, height: int, width: int) -> Dict[str, Any]:
@@ -234,25 +282,71 @@ class ImageRecord:
   num_crowd: int = 0
 
 
+_GRAY16_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def _png_significant_bits(f) -> Optional[int]:
+  """The first byte of a PNG's sBIT chunk (gray samples' significant bits), or None.
+
+  PIL reads sBIT but does not expose it; the chunk precedes IDAT, so the scan is short.
+  """
+  f.seek(8)  # past the PNG signature
+  while True:
+    head = f.read(8)
+    if len(head) < 8 or head[4:] in (b"IDAT", b"IEND"):
+      return None
+    length = int.from_bytes(head[:4], "big")
+    if head[4:] == b"sBIT":
+      data = f.read(length)
+      return data[0] if data else None
+    f.seek(length + 4, 1)  # the chunk's data and CRC
+
+
+def _gray16_full_scale(a: np.ndarray, significant_bits: Optional[int]) -> int:
+  """The sample value that maps to 255 in a 16-bit grayscale image (see decode_image_rgb)."""
+  if not significant_bits or significant_bits >= 16:
+    return 65535
+  low = (1 << significant_bits) - 1
+  # The PNG spec's layout: samples shifted to the high bits, low bits zero (or replicated).
+  shifted = a.max(initial=0) > low or not np.any(a % (1 << (16 - significant_bits)))
+  return 65535 if shifted else low
+
+
 def decode_image_rgb(path: str, exif_transpose: bool = False) -> np.ndarray:
   """[h, w, 3] uint8 RGB of any image PIL reads; raises OSError/ValueError on a bad file.
+
+  16-bit grayscale (PIL modes ``I;16*``, and ``I`` with values in 0..65535; other ``I`` values
+  are refused) maps 0..``full`` linearly onto 0..255, rounded, with ``full`` fixed by the file,
+  never by the image's own range (a per-image stretch would change intensities between
+  images): a PNG whose ``sBIT`` chunk gives ``b < 16`` significant bits holds ``b``-bit samples
+  in its low bits, ``full = 2**b - 1`` (12-bit data in a 16-bit file), unless a sample needs
+  more bits or all are multiples of ``2**(16 - b)``: that is the PNG spec's layout, samples
+  shifted to the high bits, ``full = 65535``, as for every other 16-bit file. (16-bit colour
+  PNGs come from PIL already reduced to their high bytes.)
 
   ``exif_transpose``: turn the pixels as the file's EXIF orientation says (as a photo viewer
   shows them). Off for data sets: COCO annotations refer to the stored pixels.
   """
+  significant_bits = None
   with open(path, "rb") as f:
     img = Image.open(f)
     img.load()
+    if img.format == "PNG" and img.mode in _GRAY16_MODES:
+      significant_bits = _png_significant_bits(f)
   if exif_transpose:
     img = ImageOps.exif_transpose(img)
   if img.mode == "RGB":
     return np.asarray(img)
   if img.mode == "F":  # float pixels have no fixed range: [0, 1] data would convert to black
     raise ValueError(f"{path}: a 32-bit float image (mode F); save it as 8-bit RGB")
-  if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: keep the high bits
+  if img.mode in _GRAY16_MODES:
     a = np.asarray(img).astype(np.int64)
-    a = (a >> 8) if a.max(initial=0) > 255 else a
-    return np.repeat(np.clip(a, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    if a.size and (a.min() < 0 or a.max() > 65535):
+      raise ValueError(f"{path}: a 32-bit integer image with values outside 0..65535 (mode I);"
+                       " save it as 8- or 16-bit")
+    full = _gray16_full_scale(a, significant_bits)
+    a = (a * 255 + full // 2) // full
+    return np.repeat(a.astype(np.uint8)[..., None], 3, axis=2)
   return np.asarray(img.convert("RGB"))  # L, LA, P, RGBA, CMYK (incl. Adobe inverted), YCbCr
 
 
@@ -270,7 +364,14 @@ class CocoSource:
     records: the :class:`ImageRecord` s this source serves, in JSON order.
     categories: the :class:`CategoryMap`.
     stats: the :class:`DataStats` counting skips (shared with the pipeline).
-    dataset: the parsed JSON (for pycocotools evaluation: ``COCO()``; ``.dataset = ...``).
+    dataset: the parsed JSON, as read (evaluation uses :meth:`ground_truth` instead).
+    refused_annotations: reason -> how many of the JSON's annotations were left out at
+      construction (``unknown_image_id``, ``unknown_category``, ``duplicate_image_id``, and
+      :func:`annotation_problem`'s reasons).
+    dropped_images: reason -> how many ``images`` entries were left out at construction
+      (``bad_image_entry``, ``duplicate_image_id``).
+    load_failures: image id -> the reason its latest :meth:`load` failed (``missing_image``,
+      ``corrupt_image``, ...); filled as images are loaded, on this process only.
   """
 
   def __init__(self, annotation_file: str, image_dir: str, *, training: bool,
@@ -287,6 +388,11 @@ class CocoSource:
     self.on_bad_example = on_bad_example
     self.stats = stats if stats is not None else DataStats()
     self.categories = CategoryMap(self.dataset.get("categories", []))
+    self.refused_annotations: collections.Counter = collections.Counter()
+    self.dropped_images: collections.Counter = collections.Counter()
+    self.load_failures: Dict[int, str] = {}  # written from tf.data's threads; one dict op each
+    self._accepted_annotations: List[Dict[str, Any]] = []
+    self._image_entries: Dict[int, Dict[str, Any]] = {}  # image id -> its entry in the JSON
     self.records = self._build_records(skip_empty)
 
   def _bad(self, reason: str, message: str) -> None:
@@ -304,7 +410,9 @@ class CocoSource:
           raise ValueError(img["id"])
         images[image_id] = (str(img["file_name"]), int(img["height"]), int(img["width"]))
         copies[image_id] += 1
+        self._image_entries[image_id] = img
       except (KeyError, TypeError, ValueError):
+        self.dropped_images["bad_image_entry"] += 1
         self._bad("bad_image_entry", "image entry without an integer id or without file_name/"
                   f"height/width: {img!r}")
     # Which entry a repeated id's annotations belong to is unknowable (keeping one would pair
@@ -312,6 +420,7 @@ class CocoSource:
     duplicates = {i for i, n in copies.items() if n > 1}
     for image_id in sorted(duplicates):
       del images[image_id]
+      self.dropped_images["duplicate_image_id"] += copies[image_id]
       self._bad("duplicate_image_id", f"image id {image_id} appears {copies[image_id]} times in "
                 "the 'images' list; all its entries and annotations are dropped")
     anns_by_image = collections.defaultdict(list)
@@ -319,23 +428,28 @@ class CocoSource:
     for ann in self.dataset.get("annotations", []):
       image_id, ann_id = ann.get("image_id"), ann.get("id")
       if image_id in duplicates:
-        continue  # already counted as duplicate_image_id
+        self.refused_annotations["duplicate_image_id"] += 1
+        continue  # already counted (per image) as duplicate_image_id
       if image_id not in images:
+        self.refused_annotations["unknown_image_id"] += 1
         self._bad("unknown_image_id", f"annotation {ann_id} refers to image id {image_id!r}, "
                   "which is not in the 'images' list")
         continue
       if ann.get("category_id") not in self.categories:
+        self.refused_annotations["unknown_category"] += 1
         self._bad("unknown_category", f"annotation {ann_id} of image {image_id} has category id "
                   f"{ann.get('category_id')!r}, not in the categories {self.categories.category_ids}")
         bad_images.add(image_id)
         continue
       _, h, w = images[image_id]
-      problem = check_annotation(ann, h, w)
+      problem = annotation_problem(ann, h, w)
       if problem is not None:
-        self._bad("bad_annotation", f"annotation {ann_id} of image {image_id}: {problem}")
+        self.refused_annotations[problem[0]] += 1
+        self._bad(problem[0], f"annotation {ann_id} of image {image_id}: {problem[1]}")
         bad_images.add(image_id)
         continue
       anns_by_image[image_id].append(ann)
+      self._accepted_annotations.append(ann)
     records = []
     for image_id, (file_name, h, w) in images.items():
       if self.training and image_id in bad_images:
@@ -356,6 +470,19 @@ class CocoSource:
   def __len__(self) -> int:
     return len(self.records)
 
+  def ground_truth(self) -> Dict[str, Any]:
+    """The JSON as this source accepted it, for pycocotools (``COCO().dataset``).
+
+    ``images``: the entries of :attr:`records`; ``annotations``: their annotations that passed
+    the checks, crowd ones included (COCOeval reads them as "ignore" regions); other top-level
+    keys (``categories``, ``info``, ...) as in the file. The dicts are the parsed JSON's own,
+    not copies.
+    """
+    served = {r.image_id for r in self.records}
+    images = [self._image_entries[r.image_id] for r in self.records]
+    annotations = [a for a in self._accepted_annotations if a.get("image_id") in served]
+    return dict(self.dataset, images=images, annotations=annotations)
+
   def load(self, index: int) -> Dict[str, np.ndarray]:
     """Example ``index`` (``-1``: a padding slot) as numpy arrays in original pixels.
 
@@ -371,12 +498,13 @@ class CocoSource:
     try:
       image = decode_image_rgb(rec.path)
     except FileNotFoundError:
-      return self._bad_load("missing_image", f"image {rec.image_id}: file not found: {rec.path}")
+      return self._bad_load(rec, "missing_image",
+                            f"image {rec.image_id}: file not found: {rec.path}")
     except Exception as e:  # PIL raises several types for corrupt data  # pylint: disable=broad-except
-      return self._bad_load("corrupt_image",
-                            f"image {rec.image_id}: cannot decode {rec.path}: {type(e).__name__}: {e}")
+      return self._bad_load(rec, "corrupt_image", f"image {rec.image_id}: cannot decode "
+                            f"{rec.path}: {type(e).__name__}: {e}")
     if image.shape[:2] != (rec.height, rec.width):
-      return self._bad_load("image_size_mismatch", f"image {rec.image_id}: {rec.path} is "
+      return self._bad_load(rec, "image_size_mismatch", f"image {rec.image_id}: {rec.path} is "
                             f"{image.shape[0]}x{image.shape[1]} but the JSON says "
                             f"{rec.height}x{rec.width}; its masks would not line up")
     n = len(rec.classes)
@@ -385,8 +513,8 @@ class CocoSource:
         rles = [segmentation_to_rle(s, rec.height, rec.width) for s in rec.segmentations]
         decoded = mask_utils.decode(rles)
       except (ValueError, TypeError) as e:  # construction checks should leave nothing to fail here
-        return self._bad_load("bad_segmentation", f"image {rec.image_id}: cannot decode its masks: "
-                              f"{type(e).__name__}: {e}")
+        return self._bad_load(rec, "bad_segmentation", f"image {rec.image_id}: cannot decode its "
+                              f"masks: {type(e).__name__}: {e}")
       # decode gives [h, w, N] in Fortran order; one transposing copy makes [N, h, w] C-order.
       masks = np.ascontiguousarray(np.transpose(decoded, (2, 0, 1)))
       xywh = np.asarray(rec.boxes_xywh, np.float32)
@@ -397,6 +525,7 @@ class CocoSource:
     return {"image": image, "boxes": boxes, "classes": np.asarray(rec.classes, np.int32),
             "masks": masks, "image_id": np.int32(rec.image_id), "ok": np.bool_(True)}
 
-  def _bad_load(self, reason: str, message: str) -> Dict[str, np.ndarray]:
+  def _bad_load(self, rec: ImageRecord, reason: str, message: str) -> Dict[str, np.ndarray]:
+    self.load_failures[rec.image_id] = reason
     self._bad(reason, message)
     return placeholder_example()

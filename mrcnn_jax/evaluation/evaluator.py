@@ -9,12 +9,20 @@ host work of batch ``i`` overlaps the device work of batch ``i + 1`` (the next b
 dispatched before the host blocks on the current one), so mask pasting hides behind inference
 unless it is the slower of the two; the report says which share of the wall time it took.
 
-With several processes each host post-processes its own images; the COCO records are gathered
-to every host before COCOeval, so every process returns the same numbers.
+The ground truth is what the loader accepted (:meth:`~mrcnn_jax.data.coco.CocoSource.ground_truth`):
+annotations it refused are not scored, and an image it could not read (missing or corrupt file)
+leaves COCOeval's ``imgIds``, so a broken file costs no AP. Both are reported in the log line
+and under ``'data'`` of the returned metrics and the metrics JSON ("evaluated N of M images;
+K annotations refused: ...").
+
+With several processes each host post-processes its own images; the COCO records, the ids of
+the images each host evaluated and each host's load failures are gathered to every host before
+COCOeval, so every process returns the same numbers.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -73,7 +81,8 @@ def host_local(x: jax.Array) -> np.ndarray:
 
 
 def _allgather_records(records: list) -> list:
-  """Every process's records, concatenated in process order (a no-op on one process)."""
+  """Every process's list (of picklable items), concatenated in process order (a no-op on one
+  process)."""
   if jax.process_count() == 1:
     return records
   payload = np.frombuffer(pickle.dumps(records), np.uint8)
@@ -132,8 +141,8 @@ class Evaluator:
 
     Returns:
       ``{'bbox': {...}, 'segm': {...}`` (12 numbers + ``per_category`` each, see
-      :func:`coco_eval.evaluate_coco`), ``'timing': {...}``, ``'images'``: list of
-      [H, W, 3] uint8 overlays}``.
+      :func:`coco_eval.evaluate_coco`), ``'data'``: what was scored (:func:`data_report`),
+      ``'timing': {...}``, ``'images'``: list of [H, W, 3] uint8 overlays}``.
     """
     if dataset.source is None:
       raise ValueError("evaluation needs a COCO-JSON eval source (config.data.source='coco')")
@@ -143,7 +152,7 @@ class Evaluator:
     iou_types = tuple(ec.iou_types)
     with_masks = "segm" in iou_types
 
-    records, drawn = [], []
+    records, drawn, evaluated_ids = [], [], []
     t_start = time.perf_counter()
     t_post = t_wait = 0.0
     num_images = 0
@@ -165,6 +174,8 @@ class Evaluator:
       t_wait += t1 - t0
       t_post += t2 - t1
       num_images += int(np.sum(host_batch["example_valid"]))
+      evaluated_ids.extend(int(i) for i in
+                           np.asarray(host_batch["image_id"])[host_batch["example_valid"]])
       if not first:
         first.update(t=time.perf_counter(), images=num_images)
       if len(drawn) < num_images_to_draw:
@@ -187,12 +198,18 @@ class Evaluator:
     t_infer_loop = time.perf_counter() - t_start
 
     records = _allgather_records(records)
-    num_images = int(np.sum(_allgather_counts(num_images)))
+    evaluated = set(_allgather_records(evaluated_ids))
+    load_failures = dict(_allgather_records(sorted(dataset.source.load_failures.items())))
+    num_images = len(evaluated)
     t0 = time.perf_counter()
-    coco_gt = coco_from_dataset(dataset.source.dataset)
-    image_ids = [r.image_id for r in dataset.source.records]
+    source = dataset.source
+    coco_gt = coco_from_dataset(source.ground_truth())
+    # Images that failed to load have no predictions; scoring their ground truth would count
+    # every object in them as missed.
+    image_ids = [r.image_id for r in source.records if r.image_id in evaluated]
     metrics = coco_eval.evaluate_coco(coco_gt, records, iou_types=iou_types, image_ids=image_ids)
     t_cocoeval = time.perf_counter() - t0
+    data = data_report(source, evaluated, load_failures)
     total = time.perf_counter() - t_start
     t_end_loop = t_start + t_infer_loop
     steady_images = num_images - first.get("images", 0)
@@ -212,7 +229,10 @@ class Evaluator:
         # The host's mask pasting / RLE encoding as a share of the inference loop's wall time.
         "postprocess_share": t_post / max(t_infer_loop, 1e-9),
     }
+    metrics["data"] = data
     metrics["timing"] = timing
+    log = logging.warning if data["images_skipped"] or data["annotations_refused"] else logging.info
+    log("eval: %s", data["summary"])
     logging.info("eval: %d images, %.1f images/s, post-processing %.0f%% of the loop, "
                  "COCOeval %.1fs", num_images, timing["images_per_second"],
                  100 * timing["postprocess_share"], t_cocoeval)
@@ -261,10 +281,36 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
   return metrics
 
 
-def _allgather_counts(n: int) -> np.ndarray:
-  if jax.process_count() == 1:
-    return np.asarray([n])
-  return np.asarray(multihost_utils.process_allgather(np.asarray([n], np.int64)))
+def _reasons(counts: Mapping[str, int]) -> str:
+  return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
+
+
+def data_report(source, evaluated: set, load_failures: Mapping[int, str]) -> dict:
+  """What an evaluation scored, against what the JSON lists.
+
+  Args:
+    source: the eval :class:`~mrcnn_jax.data.coco.CocoSource`.
+    evaluated: ids of the images that were predicted (all processes).
+    load_failures: image id -> why its load failed (all processes).
+
+  Returns:
+    ``{'images_listed': M, 'images_evaluated': N, 'images_skipped': {reason: count},
+    'annotations_refused': {reason: count}, 'summary': "evaluated N of M images (skipped: ...);
+    K annotations refused: ..."}``.
+  """
+  listed = len(source.dataset.get("images", []))
+  skipped = collections.Counter(source.dropped_images)
+  for r in source.records:
+    if r.image_id not in evaluated:
+      skipped[load_failures.get(r.image_id, "not_loaded")] += 1
+  refused = dict(source.refused_annotations)
+  k = sum(refused.values())
+  summary = f"evaluated {len(evaluated)} of {listed} images"
+  summary += f" (skipped: {_reasons(skipped)})" if skipped else ""
+  summary += f"; {k} annotation{'' if k == 1 else 's'} refused"
+  summary += f": {_reasons(refused)}" if refused else ""
+  return {"images_listed": listed, "images_evaluated": len(evaluated),
+          "images_skipped": dict(skipped), "annotations_refused": refused, "summary": summary}
 
 
 def save_results(workdir: str, metrics: Mapping, records: Iterable[dict],

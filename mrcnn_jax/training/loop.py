@@ -255,7 +255,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state.variables(), eval_data, workdir=workdir, step=step, progress=is_main,
         num_images_to_draw=int(config.eval.num_images_to_draw))
     if is_main:
-      logging.info("step %d eval (%.0fs):\n%s", step, time.perf_counter() - t0,
+      logging.info("step %d eval (%.0fs): %s\n%s", step, time.perf_counter() - t0,
+                   metrics["data"]["summary"],
                    coco_eval.format_metrics({k: metrics[k] for k in config.eval.iou_types}))
     scalars = {}
     for iou_type in config.eval.iou_types:

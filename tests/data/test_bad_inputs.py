@@ -223,9 +223,8 @@ def test_check_annotation_accepts_long_runs_and_zero_size_boxes_at_the_edge():
     assert int(mask_utils.area(rle)) == 0
     ann = {"bbox": [0, 0, 5, 5], "segmentation": {"size": [h, w], "counts": rle["counts"]}}
     assert coco_lib.check_annotation(ann, h, w) is None
-  for bbox in ([0, 5, 0, 3], [5, 0, 3, 0]):
-    assert coco_lib.check_annotation({"bbox": bbox, "segmentation": [[0, 0, 1, 0, 1, 1]]},
-                                     20, 30) is None
+  for bbox, polygon in (([0, 5, 0, 3], [0, 5, 1, 5, 1, 8]), ([5, 0, 3, 0], [5, 0, 8, 0, 8, 1])):
+    assert coco_lib.check_annotation({"bbox": bbox, "segmentation": [polygon]}, 20, 30) is None
 
 
 @pytest.mark.parametrize("image_id", [1.5, True, "1", None])
@@ -235,3 +234,71 @@ def test_non_integer_image_id_is_a_bad_entry(tmp_path, image_id):
   src = coco_lib.CocoSource(ann, images, training=False)
   assert [r.image_id for r in src.records] == [1]  # not a duplicate of image 1
   assert src.stats.as_dict() == {"bad_image_entry": 1}
+
+
+_SQUARE = [[10, 10, 30, 10, 30, 30, 10, 30]]  # bounds x 10..30, y 10..30 (20 px sides)
+
+
+@pytest.mark.parametrize("bbox, segmentation, ok", [
+    ([10, 10, 20, 20], _SQUARE, True),
+    ([11.9, 8.1, 20, 20], _SQUARE, True),  # within 2 px
+    ([13, 10, 20, 20], _SQUARE, False),  # 3 px off: over 2 px and over 10% of 20 px
+    ([10, 10, 20, 40], _SQUARE, False),  # twice as tall
+    ([60, 60, 20, 20], _SQUARE, False),  # the right size, elsewhere
+    ([10, 10, 1, 1], _SQUARE, False),  # a point in a 20 px polygon
+    # 10% of a 80 px side is 8 px: 7 px off is agreement, 9 px is not.
+    ([17, 10, 80, 80], [[10, 10, 90, 10, 90, 90, 10, 90]], True),
+    ([19, 10, 80, 80], [[10, 10, 90, 10, 90, 90, 10, 90]], False),
+    # The bounds of all parts; a part past the border counts up to the border.
+    ([10, 10, 50, 50], [[10, 10, 20, 10, 20, 20], [50, 50, 60, 50, 60, 60]], True),
+    ([10, 10, 10, 10], [[10, 10, 20, 10, 20, 20], [50, 50, 60, 50, 60, 60]], False),
+    ([0, 0, 30, 30], [[-5, -5, 30, -5, 30, 30]], True),
+    ([70, 0, 30, 20], [[70, 0, 130, 0, 130, 20]], True),
+])
+def test_bbox_must_agree_with_its_polygons(bbox, segmentation, ok):
+  """Tolerance: each edge within max(2 px, 10% of the side) of the polygons' bounds, both
+  clipped to the (100x100) image."""
+  ann = {"bbox": bbox, "segmentation": segmentation}
+  problem = coco_lib.annotation_problem(ann, 100, 100)
+  if ok:
+    assert problem is None
+  else:
+    assert problem[0] == "bbox_disagrees_with_segmentation" and "disagrees" in problem[1]
+
+
+def test_bbox_far_from_its_polygon_is_a_counted_bad_annotation(tmp_path):
+  ann, images = _tiny_json(tmp_path, [_img(1, "a.png")],
+                           [_ann(1, 1), _ann(2, 1, bbox=[15, 1, 9, 9])])  # polygon at x 1..10
+  src = coco_lib.CocoSource(ann, images, training=False)
+  assert src.stats.as_dict() == {"bbox_disagrees_with_segmentation": 1}
+  assert src.refused_annotations == {"bbox_disagrees_with_segmentation": 1}
+  assert src.records[0].boxes_xywh == [[1.0, 1.0, 9.0, 9.0]]
+  assert coco_lib.CocoSource(ann, images, training=True).records == []  # the image leaves
+  with pytest.raises(coco_lib.BadExampleError, match="annotation 2 of image 1: bbox .* disagrees"):
+    coco_lib.CocoSource(ann, images, training=False, on_bad_example="raise")
+
+
+def test_shapes_annotations_agree_with_their_boxes(shapes_dir):
+  _, paths = shapes_dir
+  for key in ("train", "eval"):
+    src = coco_lib.CocoSource(paths[f"{key}_annotations"], paths[f"{key}_images"], training=False)
+    assert not src.refused_annotations and not src.stats.as_dict()
+
+
+def test_ground_truth_holds_what_the_source_accepted(tmp_path):
+  """Refused annotations leave the ground truth; a failed load is recorded by image id."""
+  ann, images = _tiny_json(
+      tmp_path, [_img(1, "a.png"), _img(2, "b.png"), _img(3, "c.png"), _img(3, "d.png")],
+      [_ann(1, 1), _ann(2, 1, segmentation=[[50, 50, 55]]), _ann(3, 2), _ann(4, 9),
+       _ann(5, 3), _ann(6, 1, category_id=5), _ann(7, 1, iscrowd=1)])
+  os.remove(os.path.join(images, "b.png"))
+  src = coco_lib.CocoSource(ann, images, training=False)
+  gt = src.ground_truth()
+  assert [i["id"] for i in gt["images"]] == [1, 2]
+  assert [a["id"] for a in gt["annotations"]] == [1, 3, 7]  # crowd kept: COCOeval ignores it
+  assert gt["categories"] == src.dataset["categories"]
+  assert src.refused_annotations == {"bad_annotation": 1, "unknown_image_id": 1,
+                                     "duplicate_image_id": 1, "unknown_category": 1}
+  assert src.dropped_images == {"duplicate_image_id": 2}
+  assert src.load(0)["ok"] and not src.load(1)["ok"]
+  assert src.load_failures == {2: "missing_image"}
