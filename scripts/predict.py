@@ -5,12 +5,12 @@
 
 ``--checkpoint`` picks one step folder instead of the workdir's latest. Unreadable images are
 skipped and listed (in the log and in ``<out>/results.json``); they do not stop the batch, but
-if none can be read the exit status is 1.
+if none can be read the exit status is 1. An ``--out`` folder holding another run's results is
+refused unless ``--overwrite`` (which deletes that run's ``results.json`` and overlays, nothing
+else).
 """
 
 from __future__ import annotations
-
-import os
 
 import _cli  # noqa: F401
 from absl import app
@@ -24,19 +24,22 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a checkpoint (overrides -
 _IMAGES = flags.DEFINE_string("images", None, "an image file, a folder or a glob pattern")
 _OUT = flags.DEFINE_string("out", None, "output folder for results.json and overlays")
 _SCORE = flags.DEFINE_float("score_threshold", 0.5, "drop detections below this score")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "replace the results.json and overlays a previous run left in --out "
+    "(without it such a folder is refused); other files there are kept")
 flags.mark_flags_as_required(["images", "out"])
 
 
 def _predict(config):
   from mrcnn_jax import inference  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.inference.predictor import check_out_dir  # pylint: disable=g-import-not-at-top
   source = _CHECKPOINT.value or _WORKDIR.value
   if not source:
     raise ValueError("give --workdir or --checkpoint")
   paths = inference.expand_image_paths(_IMAGES.value)
-  if os.path.exists(_OUT.value) and not os.path.isdir(_OUT.value):  # before loading the model
-    raise ValueError(f"--out {_OUT.value!r} is a file, not a folder")
+  check_out_dir(_OUT.value, _OVERWRITE.value)  # before loading the model
   predictor = inference.Predictor.from_workdir(config, source, score_threshold=_SCORE.value)
-  out = inference.predict_files(predictor, paths, _OUT.value)
+  out = inference.predict_files(predictor, paths, _OUT.value, overwrite=_OVERWRITE.value)
   print(f"{len(out['overlays'])} images, {out['num_instances']} instances -> {out['results']}")
   for path, reason in out["failed"]:
     print(f"skipped (unreadable): {path}: {reason}")

@@ -102,3 +102,22 @@ def test_predict_out_that_is_a_file_is_one_line(tmp_path):
   errors = error_lines(proc)
   assert len(errors) == 1 and "is a file, not a folder" in errors[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+
+
+def test_predict_refuses_an_out_folder_with_another_runs_results(tmp_path):
+  """Refused in one line before the model loads (the workdir has no checkpoint: loading it
+  would fail with another error), and the previous results are left as they were."""
+  (tmp_path / "a.png").write_bytes(b"x")
+  out = tmp_path / "out"
+  out.mkdir()
+  previous = '{"detections": [], "images": ["a.png"], "failed": []}'
+  (out / "results.json").write_text(previous)
+  (out / "0000_a.png").write_bytes(b"overlay")
+  proc = run_script("predict.py", "--config", "experiments/shapes.py", "--workdir", str(tmp_path),
+                    "--images", str(tmp_path / "a.png"), "--out", str(out))
+  assert proc.returncode == 1
+  errors = error_lines(proc)
+  assert len(errors) == 1 and "holds another run's results (results.json and 1 overlay)" in \
+      errors[0] and "--overwrite" in errors[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert (out / "results.json").read_text() == previous and (out / "0000_a.png").exists()

@@ -290,9 +290,8 @@ def experiment_config(output_dir: str, image_size: Optional[str] = None
       is scaled to fit it and zero-padded. torchvision and Detectron2 instead resize the
       shorter side to 800 (longer <= 1333) and pad to a multiple of 32: set
       ``config.data.min_size`` / ``max_size`` to 800 / 1333 (with ``1344,1344``) for their
-      sizes. An image that needs no resize (e.g. 800 x 1088 at shorter side 800) sees exactly
-      their pixels; other sizes a slightly different bilinear resample (ours rounds to uint8
-      first).
+      sizes; ``inference.Predictor`` then resizes as torchvision does (its size rule and its
+      float bilinear resample), so the model sees torchvision's pixels.
       With H and W multiples of 64 their anchors equal ours on every level (see
       ``mrcnn_jax.ops.anchors.generate_anchors`` for P6 otherwise).
   """

@@ -1,10 +1,10 @@
 """``Predictor``: any image in, instances in the image's own coordinates out.
 
 The network runs at the config's static input size, so it compiles once: each image is scaled
-(to fit ``config.data.image_size``, or by ``config.data.min_size`` / ``max_size``) and
-zero-padded exactly as the evaluation pipeline does (the same TensorFlow transform), predicted,
-and the boxes and 28x28 masks are mapped back to the original pixels (masks pasted as
-torchvision's ``paste_masks_in_image``).
+(to fit ``config.data.image_size``, or by ``config.data.min_size`` / ``max_size``) with
+torchvision's float bilinear resize (:func:`preprocess`), zero-padded, predicted, and the boxes
+and 28x28 masks are mapped back to the original pixels (boxes and masks as torchvision's
+``postprocess``).
 
     predictor = Predictor.from_workdir(config, "workdirs/shapes")
     result = predictor(image)                 # image: [h, w, 3] uint8 RGB
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import flax
@@ -25,7 +26,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
-import tensorflow as tf
 
 from mrcnn_jax import kernels
 from mrcnn_jax import modeling
@@ -53,33 +53,90 @@ def load_image(path: str) -> np.ndarray:
   return image
 
 
+def resized_size(h: int, w: int, image_size: Sequence[int], min_size: int = 0,
+                 max_size: int = 0) -> Tuple[int, int]:
+  """(rh, rw) the predictor scales an h x w image to, before padding to ``image_size``.
+
+  With ``min_size`` > 0 torchvision's rule (``GeneralizedRCNNTransform``, which calls
+  ``interpolate(scale_factor=s, recompute_scale_factor=True)``): s = min(min_size / min(h, w),
+  max_size / max(h, w)) in float64, sizes floor(h * s), floor(w * s) (480 x 640 at 800 / 1333
+  -> 800 x 1066; Detectron2 and the tf.data pipeline round instead). With 0, 0 the evaluation
+  pipeline's fit, min(H / h, W / w) in float32, rounded half to even, at most (H, W).
+  """
+  if min_size:
+    scale = min(min_size / min(h, w), max_size / max(h, w))
+    rh, rw = math.floor(h * scale), math.floor(w * scale)
+  else:
+    fh, fw = np.float32(h), np.float32(w)
+    scale = min(np.float32(image_size[0]) / fh, np.float32(image_size[1]) / fw)
+    rh, rw = int(np.round(fh * scale)), int(np.round(fw * scale))
+  return (min(max(rh, 1), int(image_size[0])), min(max(rw, 1), int(image_size[1])))
+
+
+def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+  """float32 a * b + c rounded once (the product is exact in float64), as a fused
+  multiply-add: torch's x86-64 CPU kernels are compiled with contraction into FMAs."""
+  return (np.asarray(a, np.float64) * b + c).astype(np.float32)
+
+
+def _linear_taps(in_size: int, out_size: int):
+  """Source rows (or columns) and weights of torch's bilinear resize along one axis
+  (``align_corners=False``, CPU, float32): src = in/out * (i + 0.5) - 0.5, clamped at 0."""
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = _fma(np.full(out_size, scale, np.float32),
+             np.arange(out_size, dtype=np.float32) + np.float32(0.5), np.float32(-0.5))
+  src = np.maximum(src, np.float32(0.0))
+  i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  w1 = np.clip(src - i0.astype(np.float32), np.float32(0.0), np.float32(1.0))
+  i1 = np.where(i0 < in_size - 1, i0 + 1, i0)
+  return i0, i1, np.float32(1.0) - w1, w1
+
+
+def resize_bilinear(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+  """[h, w, C] -> [rh, rw, C] float32, bit for bit torch's CPU ``interpolate(mode='bilinear',
+  align_corners=False)`` (what torchvision's detection transform does to the float image):
+  same taps and weights, each row interpolated along x, then the two rows along y."""
+  x = np.asarray(image, np.float32)
+  y0, y1, wy0, wy1 = _linear_taps(x.shape[0], size[0])
+  x0, x1, wx0, wx1 = _linear_taps(x.shape[1], size[1])
+  wx0, wx1 = wx0[None, :, None], wx1[None, :, None]
+  top, bottom = x[y0], x[y1]
+  top = _fma(top[:, x0], wx0, top[:, x1] * wx1)
+  bottom = _fma(bottom[:, x0], wx0, bottom[:, x1] * wx1)
+  return _fma(top, wy0[:, None, None], bottom * wy1[:, None, None])
+
+
 def preprocess(image: np.ndarray, image_size: Sequence[int], min_size: int = 0,
                max_size: int = 0) -> dict:
-  """Scales an image and pads it to ``image_size``, as the evaluation pipeline does.
+  """Scales an image as torchvision's detection transform does and pads it to ``image_size``.
+
+  The scaled image is torchvision's float bilinear resample of the original pixels, not
+  rounded, so converted torchvision weights see torchvision's input (up to the float rounding
+  of normalising before vs after the resize, both affine). An image at scale 1 is its own
+  pixels. Training and evaluation keep the tf.data pipeline's uint8 resize
+  (``mrcnn_jax.data.transforms``), whose size rule rounds where this one floors.
 
   Args:
     image: [h, w, 3] uint8 RGB.
     image_size: (H, W) of the network input.
     min_size, max_size: 0, 0 scales the image to fit ``image_size``; else its shorter side to
-      ``min_size``, its longer at most ``max_size`` (``config.data``; see
-      ``mrcnn_jax.data.transforms``).
+      ``min_size``, its longer at most ``max_size`` (``config.data``; :func:`resized_size`).
 
   Returns:
-    ``{'image': [H, W, 3] uint8, 'valid_size': [2] int32, 'image_scale': [2] float32 (sy, sx),
-    'original_size': [2] int32}``.
+    ``{'image': [H, W, 3] float32 in 0..255, zero-padded, 'valid_size': [2] int32 (rh, rw),
+    'image_scale': [2] float32 (sy, sx) = (rh / h, rw / w), 'original_size': [2] int32}``.
   """
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
     raise ValueError(f"image must be [h, w, 3] uint8, got shape {image.shape} {image.dtype}")
+  transforms.check_resize(image_size, min_size, max_size)
   h, w = image.shape[:2]
-  raw = {"image": tf.constant(image), "boxes": tf.zeros([0, 4], tf.float32),
-         "classes": tf.zeros([0], tf.int32), "masks": tf.zeros([0, h, w], tf.uint8),
-         "image_id": tf.constant(0, tf.int32), "ok": tf.constant(True)}
-  out = transforms.transform_example(
-      raw, tf.zeros([2], tf.int64), image_size=tuple(int(v) for v in image_size),
-      max_instances=1, mask_size=1, training=False, min_size=int(min_size),
-      max_size=int(max_size))
-  return {k: out[k].numpy() for k in ("image", "valid_size", "image_scale", "original_size")}
+  rh, rw = resized_size(h, w, image_size, min_size, max_size)
+  out = np.zeros(tuple(int(v) for v in image_size) + (3,), np.float32)
+  out[:rh, :rw] = image if (rh, rw) == (h, w) else resize_bilinear(image, (rh, rw))
+  return {"image": out, "valid_size": np.array([rh, rw], np.int32),
+          "image_scale": np.array([rh, rw], np.float32) / np.array([h, w], np.float32),
+          "original_size": np.array([h, w], np.int32)}
 
 
 class Predictor:
@@ -151,12 +208,14 @@ class Predictor:
       best first, scores >= ``score_threshold``.
     """
     pre = preprocess(image, self.image_size, *self.resize)
+    # Always float32 (an unresized image exactly its pixels): one compiled program.
     out = self._predict(self.variables, pre["image"][None], pre["valid_size"][None])
     det = jax.device_get(out)
     h, w = (int(v) for v in pre["original_size"])
-    sy, sx = (float(v) for v in pre["image_scale"])
+    # torchvision's resize_boxes: boxes times original / resized size, in float32.
+    ry, rx = pre["original_size"].astype(np.float32) / pre["valid_size"].astype(np.float32)
     keep = np.flatnonzero(det["valid"][0] & (det["scores"][0] >= self.score_threshold))
-    boxes = det["boxes"][0, keep] / np.array([sx, sy, sx, sy], np.float32)
+    boxes = det["boxes"][0, keep] * np.array([rx, ry, rx, ry], np.float32)
     boxes = np.clip(boxes, 0.0, np.array([w, h, w, h], np.float32)).astype(np.float32)
     masks = np.zeros((len(keep), h, w), bool)
     for i, d in enumerate(keep):
@@ -215,17 +274,75 @@ def expand_image_paths(spec: str) -> list[str]:
   return paths
 
 
-def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str) -> dict:
+RESULTS_FILE = "results.json"
+
+
+def _overlay_name(index: int, file_name: str) -> str:
+  return f"{index:04d}_{os.path.splitext(os.path.basename(file_name))[0]}.png"
+
+
+def previous_outputs(out_dir: str) -> list[str]:
+  """The files a previous :func:`predict_files` run left in ``out_dir``: its ``results.json``
+  (written first, so even an interrupted run has one) and the overlays it names. Nothing else
+  in the folder is listed."""
+  results = os.path.join(out_dir, RESULTS_FILE)
+  if not os.path.isfile(results):
+    return []
+  try:
+    with open(results) as f:
+      names = json.load(f).get("images", [])
+  except (OSError, ValueError, AttributeError):  # not a results file of ours: overlays unknown
+    names = []
+  overlays = [os.path.join(out_dir, _overlay_name(i, n)) for i, n in enumerate(names)
+              if isinstance(n, str)]
+  return [results] + [p for p in overlays if os.path.isfile(p)]
+
+
+def check_out_dir(out_dir: str, overwrite: bool = False) -> None:
+  """Refuses an output folder holding another run's results, unless ``overwrite``.
+
+  Raises:
+    ValueError: ``out_dir`` is a file, or holds a ``results.json`` and ``overwrite`` is off.
+  """
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ValueError(f"--out {out_dir!r} is a file, not a folder")
+  previous = previous_outputs(out_dir)
+  if previous and not overwrite:
+    n = len(previous) - 1
+    raise ValueError(
+        f"--out {out_dir!r} holds another run's results ({RESULTS_FILE} and {n} "
+        f"overlay{'' if n == 1 else 's'}); pick another folder or pass --overwrite to replace them")
+
+
+def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
+                  overwrite: bool = False) -> dict:
   """Predicts each image file, writing overlays and one COCO-results JSON to ``out_dir``.
 
-  Unreadable files are skipped and listed, never fatal to the batch.
+  Unreadable files are skipped and listed, never fatal to the batch. A folder holding another
+  run's results is refused (:func:`check_out_dir`); with ``overwrite`` that run's
+  ``results.json`` and overlays (only those) are deleted first, so no stale overlay remains.
 
   Returns:
     ``{'results': path of results.json, 'overlays': [png paths], 'failed': [(path, reason)],
     'num_instances': int}``. ``results.json`` holds the COCO result records (``image_id`` =
-    the file's index in ``paths``, plus its ``file_name``) and the list of failures.
+    the file's index in ``paths``, plus its ``file_name``), the list of failures, and
+    ``complete`` (false while the run is under way).
   """
+  check_out_dir(out_dir, overwrite)
+  for path in previous_outputs(out_dir):
+    os.remove(path)
   os.makedirs(out_dir, exist_ok=True)
+  results_path = os.path.join(out_dir, RESULTS_FILE)
+  names = [os.path.basename(p) for p in paths]
+
+  def write_results(records, failed, complete):
+    with open(results_path, "w") as f:
+      json.dump({"detections": records, "images": names,
+                 "failed": [{"path": p, "reason": r} for p, r in failed],
+                 "complete": complete}, f)
+
+  # Written first: a run stopped half-way still names the overlays it wrote, for the next one.
+  write_results([], [], complete=False)
   records, overlays, failed = [], [], []
   for index, path in enumerate(paths):
     try:
@@ -240,13 +357,9 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str) -> d
     records += to_coco_results(result, index, file_name=os.path.basename(path))
     drawn = visualize.draw_instances(image, result["boxes"], result["scores"], result["labels"],
                                      result["masks"])
-    stem = os.path.splitext(os.path.basename(path))[0]
-    png = os.path.join(out_dir, f"{index:04d}_{stem}.png")
+    png = os.path.join(out_dir, _overlay_name(index, path))
     visualize.save_png(drawn, png)
     overlays.append(png)
-  results_path = os.path.join(out_dir, "results.json")
-  with open(results_path, "w") as f:
-    json.dump({"detections": records, "images": [os.path.basename(p) for p in paths],
-               "failed": [{"path": p, "reason": r} for p, r in failed]}, f)
+  write_results(records, failed, complete=True)
   return {"results": results_path, "overlays": overlays, "failed": failed,
           "num_instances": len(records)}

@@ -129,7 +129,7 @@ class MaskRCNN(nn.Module):
   # ------------------------------------------------------------------ shared pieces
 
   def _features(self, images: jax.Array, train: bool, valid_size: Optional[jax.Array] = None):
-    """uint8 [B, H, W, 3] -> [P2..P6] in the compute dtype.
+    """[B, H, W, 3] RGB, uint8 or float32 in 0..255 -> [P2..P6] in the compute dtype.
 
     ``valid_size`` [B, 2] int (h, w): pixels outside each image's valid region (its padding)
     are 0 after normalising, as torchvision pads its normalised batch with zeros. Normalising
@@ -355,7 +355,8 @@ class MaskRCNN(nn.Module):
     """Detections for a batch of images.
 
     Args:
-      images: uint8 [B, H, W, 3] RGB, zero-padded at bottom/right.
+      images: [B, H, W, 3] RGB, uint8 or float32 in 0..255 (e.g. an unrounded float resize),
+        zero-padded at bottom/right.
       valid_size: [B, 2] int (h, w) of each image before padding; default (H, W).
 
     Returns:

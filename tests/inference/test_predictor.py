@@ -40,11 +40,44 @@ def test_preprocess_matches_the_eval_geometry():
 
 def test_preprocess_shorter_side_rule():
   """With min_size / max_size the predictor resizes as torchvision does: 480 x 640 -> 800 x
-  1067 (fitting 1344 x 1344 would give 1008 x 1344)."""
+  1066 (torchvision floors 1066.67; fitting 1344 x 1344 would give 1008 x 1344)."""
   image = np.zeros((480, 640, 3), np.uint8)
   pre = inference.preprocess(image, (1344, 1344), 800, 1333)
-  np.testing.assert_array_equal(pre["valid_size"], [800, 1067])
+  np.testing.assert_array_equal(pre["valid_size"], [800, 1066])
   assert pre["image"].shape == (1344, 1344, 3)
+
+
+@pytest.mark.parametrize("hw, resize, image_size", [
+    ((150, 226), (200, 333), (336, 336)),   # x 4/3, 301.33 wide
+    ((120, 182), (160, 256), (256, 256)),   # x 4/3, 242.67 wide: floor, not round
+    ((480, 640), (800, 1333), (1344, 1344)),
+    ((500, 1500), (800, 1333), (1344, 1344)),  # longer side capped, downscaled
+    ((200, 120), (100, 160), (160, 160)),    # x 0.8, longer side capped
+    ((100, 160), (100, 160), (160, 160)),    # scale 1: the image's own pixels
+])
+def test_preprocess_resizes_as_torchvision(hw, resize, image_size):
+  """The valid region is torchvision's resized float image (``GeneralizedRCNNTransform``) bit
+  for bit: same size, same source pixels and weights, not rounded to uint8. torchvision
+  normalises before resizing, ``MaskRCNN`` after: both affine, they differ by float rounding."""
+  torch = pytest.importorskip("torch")
+  tv_transform = pytest.importorskip("torchvision.models.detection.transform")
+  image = np.random.default_rng(0).integers(0, 256, hw + (3,), dtype=np.uint8)
+  pre = inference.preprocess(image, image_size, *resize)
+  x = torch.from_numpy(image).permute(2, 0, 1).float()
+  identity = tv_transform.GeneralizedRCNNTransform(*resize, [0.0] * 3, [1.0] * 3).eval()
+  with torch.no_grad():
+    batch, _ = identity([x])
+  rh, rw = batch.image_sizes[0]
+  np.testing.assert_array_equal(pre["valid_size"], [rh, rw])
+  np.testing.assert_array_equal(pre["image"][:rh, :rw], batch.tensors[0, :, :rh, :rw].permute(
+      1, 2, 0).numpy())
+  assert pre["image"][rh:].max(initial=0) == 0 and pre["image"][:, rw:].max(initial=0) == 0
+  mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+  with torch.no_grad():
+    batch, _ = tv_transform.GeneralizedRCNNTransform(*resize, mean, std).eval()([x / 255.0])
+  ours = (pre["image"][:rh, :rw] - 255 * np.float32(mean)) / (255 * np.float32(std))
+  np.testing.assert_allclose(ours, batch.tensors[0, :, :rh, :rw].permute(1, 2, 0).numpy(),
+                             rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -88,6 +121,14 @@ def test_predict_any_size_and_files(predictor, tmp_path):
     assert d["segmentation"]["size"] == [h, w]
     mask = mask_util.decode(d["segmentation"])
     assert mask.shape == (h, w)
+
+
+def test_one_compilation_for_images_of_any_size(predictor):
+  """Resized (float) and unresized images alike feed one compiled program (static shapes)."""
+  rng = np.random.default_rng(2)
+  for hw in ((64, 64), (30, 90), (100, 37)):
+    predictor(rng.integers(0, 256, hw + (3,), dtype=np.uint8))
+  assert predictor._predict._cache_size() == 1  # pylint: disable=protected-access
 
 
 def test_predict_files_skips_an_image_pillow_refuses_as_too_large(predictor, tmp_path,
@@ -149,3 +190,29 @@ def test_from_workdir_refuses_a_checkpoint_of_another_model_config(predictor, tm
   other.data.eval_annotations, other.data.eval_images = str(tmp_path / "instances.json"), "."
   with pytest.raises(ValueError, match="different model config"):
     evaluator.evaluate_checkpoint(other, str(tmp_path))
+
+
+def test_predict_files_refuses_another_runs_results_unless_overwrite(predictor, tmp_path):
+  """A rerun into the same folder: refused; with ``overwrite`` the previous run's results.json
+  and overlays go (none left stale), while files it did not write stay."""
+  images = []
+  for name in ("a.png", "b.png", "c.png"):
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / name)
+    images.append(str(tmp_path / name))
+  out_dir = tmp_path / "out"
+  first = inference.predict_files(predictor, images, str(out_dir))
+  assert sorted(os.listdir(out_dir)) == ["0000_a.png", "0001_b.png", "0002_c.png", "results.json"]
+  with open(first["results"]) as f:
+    assert json.load(f)["complete"] is True
+  (out_dir / "notes.txt").write_text("mine")
+  (out_dir / "0005_z.png").write_bytes(b"not written by predict_files")
+  with pytest.raises(ValueError, match=r"holds another run's results \(results.json and 3 "
+                     r"overlays\); .* --overwrite"):
+    inference.predict_files(predictor, images[2:], str(out_dir))
+  assert len(os.listdir(out_dir)) == 6  # refused before touching anything
+
+  second = inference.predict_files(predictor, images[2:], str(out_dir), overwrite=True)
+  assert second["overlays"] == [str(out_dir / "0000_c.png")]
+  assert sorted(os.listdir(out_dir)) == ["0000_c.png", "0005_z.png", "notes.txt", "results.json"]
+  with open(second["results"]) as f:
+    assert json.load(f)["images"] == ["c.png"]
