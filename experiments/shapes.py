@@ -9,7 +9,7 @@ Launch (the README's main job runs this, after generating the data set)::
 
 Hardware and time: any CPU; on an idle 2-core machine 1000 steps at 0.13-0.16 s/step, about
 3 min end to end (data, training, evaluation, drawing). Known result (50-image val split): mask
-AP 0.729, AP50 0.940, AP75 0.860; box AP 0.769, AP50 0.940 (docs/benchmarks.md, "Main job").
+AP 0.742, AP50 0.936, AP75 0.868; box AP 0.743, AP50 0.952 (docs/benchmarks.md, "Main job").
 
 The model is a narrow ResNet-FPN (same code paths as R50-FPN: all five FPN levels, RPN, box and
 mask branches) sized for 128-pixel images of 3 shape classes; anchors are scaled down with the
