@@ -16,11 +16,13 @@ from mrcnn_jax.modeling.kernel_set import PLAIN
 from mrcnn_jax.modeling.mask_rcnn import init_variables
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.modeling.mask_rcnn import trainable_mask
+from mrcnn_jax.modeling.resnet import REMAT_CHOICES
 
 __all__ = [
     "KernelSet",
     "MaskRCNN",
     "PLAIN",
+    "REMAT_CHOICES",
     "init_variables",
     "model_config",
     "tiny_model_config",

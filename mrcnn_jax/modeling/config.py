@@ -39,6 +39,10 @@ def model_config() -> ml_collections.ConfigDict:
   # Stride of each stage's first block on its first 1x1 conv (MSRA ResNet, Detectron2's model
   # zoo: RESNETS.STRIDE_IN_1X1) instead of on the 3x3 conv (torchvision, "ResNet v1.5").
   c.backbone.stride_in_1x1 = False
+  # Rematerialisation (jax.checkpoint) in training: 'none'; 'blocks' keeps only each
+  # bottleneck's output and recomputes its inside in the backward pass; 'stages' keeps only
+  # each stage's output. Trades compute for activation memory; the numbers are the same.
+  c.backbone.remat = "none"
 
   c.fpn = ml_collections.ConfigDict()
   c.fpn.channels = 256

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+# config.backbone.remat: what the backward pass recomputes instead of keeping (jax.checkpoint).
+REMAT_CHOICES = ("none", "blocks", "stages")
 EXPANSION = 4
 # torchvision's order for ``trainable_layers``: the first ``n`` of these train.
 _LAYERS_BY_TRAINABILITY = ("layer4", "layer3", "layer2", "layer1", "conv1")
@@ -163,7 +165,11 @@ class _Downsample(nn.Module):
 
 
 class ResLayer(nn.Module):
-  """One stage (torchvision ``layerN``): blocks named ``0``, ``1``, ..."""
+  """One stage (torchvision ``layerN``): blocks named ``0``, ``1``, ...
+
+  ``remat_blocks`` recomputes each block's inner activations in the backward pass
+  (``nn.remat``): only the block outputs are kept. Parameter names are unchanged.
+  """
 
   planes: int
   blocks: int
@@ -175,13 +181,15 @@ class ResLayer(nn.Module):
   dtype: Any
   stride_in_1x1: bool = False
   conv: Any = nn.Conv
+  remat_blocks: bool = False
 
   @nn.compact
   def __call__(self, x):
+    block = nn.remat(Bottleneck) if self.remat_blocks else Bottleneck
     for i in range(self.blocks):
-      x = Bottleneck(self.planes, self.stride if i == 0 else 1, self.norm, self.train,
-                     self.frozen, self.norm_kwargs, self.dtype, self.stride_in_1x1, self.conv,
-                     name=str(i))(x)
+      x = block(self.planes, self.stride if i == 0 else 1, self.norm, self.train,
+                self.frozen, self.norm_kwargs, self.dtype, self.stride_in_1x1, self.conv,
+                name=str(i))(x)
     return x
 
 
@@ -241,12 +249,16 @@ class ResNet(nn.Module):
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     if "conv1" in frozen:
       x = jax.lax.stop_gradient(x)
+    remat = cfg.backbone.remat
+    if remat not in REMAT_CHOICES:
+      raise ValueError(f"backbone.remat must be one of {REMAT_CHOICES}, got {remat!r}")
+    layer = nn.remat(ResLayer) if remat == "stages" else ResLayer
     feats = []
     for i, blocks in enumerate(stage_blocks(cfg)):
       name = f"layer{i + 1}"
-      x = ResLayer(width * 2**i, blocks, 1 if i == 0 else 2, cfg.norm, train,
-                   name in frozen, norm_kwargs, dtype,
-                   bool(cfg.backbone.stride_in_1x1), self.conv, name=name)(x)
+      x = layer(width * 2**i, blocks, 1 if i == 0 else 2, cfg.norm, train,
+                name in frozen, norm_kwargs, dtype, bool(cfg.backbone.stride_in_1x1),
+                self.conv, remat == "blocks", name=name)(x)
       if name in frozen:
         # Nothing upstream trains: cutting the graph here makes their gradients exactly zero
         # and lets XLA drop their backward pass.

@@ -16,10 +16,12 @@ else touches JAX on a multi-host job).
 
 The pure, un-jitted step is ``mrcnn_jax.training.train_step.train_step`` (the submodule keeps
 the name, so the function is not re-exported here).
+
+``train_and_evaluate`` (the loop, with its tf.data input) is imported on first use, so the
+model, the step and the benchmarks built on them run where TensorFlow is not installed.
 """
 
 from mrcnn_jax.training.config import train_config
-from mrcnn_jax.training.loop import train_and_evaluate
 from mrcnn_jax.training.optimizer import learning_rate_schedule
 from mrcnn_jax.training.optimizer import make_optimizer
 from mrcnn_jax.training.optimizer import peak_learning_rate
@@ -41,3 +43,10 @@ __all__ = [
     "train_config",
     "weight_decay_mask",
 ]
+
+
+def __getattr__(name):
+  if name == "train_and_evaluate":
+    from mrcnn_jax.training.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
+    return train_and_evaluate
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
