@@ -12,7 +12,9 @@ Several processes (hosts) run the same command; the workdir must be shared by al
   python scripts/train.py ... --coordinator_address=host0:12345 --num_processes=2 --process_id=1
 
 ``--distributed=auto|on|off`` (default auto) says whether to start JAX's multi-process runtime;
-see ``mrcnn_jax.run.distributed``. A thin wrapper over
+see ``mrcnn_jax.run.distributed``. If a process dies (killed, its host lost), each of the
+others prints ``error: process K of N is gone; last complete checkpoint: step S; rerun the same
+command to resume`` within seconds and exits with status 75. A thin wrapper over
 ``mrcnn_jax.training.train_and_evaluate(config, workdir)``.
 """
 
@@ -36,7 +38,8 @@ def main(argv):
   _cli.run_main(lambda _: _DISTRIBUTED.initialize(), argv)  # before any other JAX call
   config = _cli.load_config_or_exit(_CONFIG)
   from mrcnn_jax.training.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
-  _cli.run_main(lambda _: train_and_evaluate(config, _WORKDIR.value), argv)
+  with _cli.exit_when_a_process_is_gone(_WORKDIR.value):
+    _cli.run_main(lambda _: train_and_evaluate(config, _WORKDIR.value), argv)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,19 @@ slice of the batch.
 
 On CPU, processes exchange collectives through gloo (``jax_cpu_collectives_implementation``),
 which is what the tests use: 2 local processes with 2 fake CPU devices each stand in for hosts.
+
+A process that dies without a word (``kill -9``, a lost host) is noticed by :class:`PeerWatch`
+within seconds, so the others can stop cleanly instead of waiting for JAX's own heartbeat
+timeout (which ends them with a C++ fatal error).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Mapping, Optional, Sequence, Union
+import threading
+import time
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 from absl import logging
 import jax
@@ -228,3 +234,133 @@ def compile_together(fn, *args, name: str):
   compiled = fn.lower(*args).compile()
   barrier(name)
   return compiled
+
+
+# ------------------------------------------------------------------------ a process that dies
+
+_ALIVE_KEY = "mrcnn_jax/peer_watch/alive/"
+_GONE_KEY = "mrcnn_jax/peer_watch/gone/"
+_DONE = "done"
+
+
+def _client():
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  return getattr(jax_distributed.global_state, "client", None)
+
+
+class PeerWatch:
+  """Notices a process of the run that is gone (killed, its host lost) and names it.
+
+  JAX's own check is the coordination service's heartbeat: after ``heartbeat_timeout_seconds``
+  (100 s) it ends every process with a C++ fatal error and a stack dump, while a collective with
+  the dead process either fails at once (gloo: "Connection closed by peer") or hangs until then.
+  This watch answers sooner, through the coordination service's key-value store: every process
+  bumps a counter every ``interval_s``; process ``i`` reads the counter of ``(i + 1) % n`` only
+  (traffic grows with ``n``, not ``n**2``); a counter that has not moved for ``timeout_s`` means
+  that process is gone. Its finder posts the index for everyone, every watch reads the posts,
+  and each process calls ``on_lost(index)`` once, from the watch's thread (the caller decides how
+  to leave: a blocked collective never returns, so ``on_lost`` typically ends the process).
+
+  A process that leaves the ``with`` block normally marks itself done and is never reported. If
+  the coordinator (process 0) itself is gone, the key-value store goes with it: ``on_lost(0)``
+  after ``timeout_s`` without an answer (JAX usually ends the process before that).
+
+  A no-op on one process (or where ``jax.distributed`` did not start the run).
+
+  Args:
+    on_lost: called with the index of the process that is gone.
+    interval_s: seconds between beats and between checks.
+    timeout_s: silence after which a process counts as gone; far below JAX's heartbeat timeout,
+      far above any stall of a live process (the counter is bumped by a thread of its own,
+      which runs while the main thread computes, compiles or waits in a collective).
+  """
+
+  def __init__(self, on_lost: Callable[[int], None], *, interval_s: float = 1.0,
+               timeout_s: float = 10.0):
+    self._on_lost = on_lost
+    self._interval_s = float(interval_s)
+    self._timeout_s = float(timeout_s)
+    self._client = _client() if jax.process_count() > 1 else None
+    self._stop = threading.Event()
+    self._found = threading.Event()
+    self._lost: Optional[int] = None
+    self._thread: Optional[threading.Thread] = None
+
+  @property
+  def lost(self) -> Optional[int]:
+    """The index of the process found gone, or ``None``."""
+    return self._lost
+
+  def wait_for_lost(self, timeout_s: Optional[float] = None) -> Optional[int]:
+    """Blocks until a process is found gone (``on_lost`` has run) or ``timeout_s`` passes.
+
+    A collective that fails in the main thread may be the first sign of a dead peer; waiting
+    here (by default one ``timeout_s`` plus two checks) tells that apart from other errors.
+    """
+    if self._thread is None:
+      return None
+    self._found.wait(self._timeout_s + 2 * self._interval_s if timeout_s is None else timeout_s)
+    return self._lost
+
+  def __enter__(self) -> "PeerWatch":
+    if self._client is not None:
+      self._beat(0)
+      self._thread = threading.Thread(target=self._run, name="mrcnn_jax-peer-watch", daemon=True)
+      self._thread.start()
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if self._thread is None:
+      return
+    self._stop.set()
+    self._thread.join()
+    if exc_type is None and self._lost is None:
+      try:
+        self._client.key_value_set(_ALIVE_KEY + str(jax.process_index()), _DONE,
+                                   allow_overwrite=True)
+      except Exception:  # pylint: disable=broad-except  # the run succeeded; nothing to report
+        pass
+
+  def _beat(self, count: int) -> None:
+    self._client.key_value_set(_ALIVE_KEY + str(jax.process_index()), str(count),
+                               allow_overwrite=True)
+
+  def _report(self, index: int) -> None:
+    self._lost = index
+    self._found.set()
+    self._on_lost(index)
+
+  def _run(self) -> None:
+    me, n = jax.process_index(), jax.process_count()
+    peer = (me + 1) % n
+    count, seen = 0, None
+    last_change = last_answer = time.monotonic()
+    while not self._stop.wait(self._interval_s):
+      now = time.monotonic()
+      try:
+        count += 1
+        self._beat(count)
+        gone = self._client.key_value_dir_get(_GONE_KEY)
+        if gone:
+          return self._report(int(gone[0][0].rsplit("/", 1)[-1]))
+        try:
+          value = self._client.key_value_try_get(_ALIVE_KEY + str(peer))
+        except Exception as e:  # pylint: disable=broad-except  # not posted yet: NOT_FOUND
+          if "NOT_FOUND" not in str(e):
+            raise
+          value = None
+        last_answer = now
+      except Exception:  # pylint: disable=broad-except  # the coordinator does not answer
+        if now - last_answer > self._timeout_s:
+          return self._report(0)
+        continue
+      if value == _DONE:
+        continue  # finished normally; it may well exit before this process does
+      if value != seen:
+        seen, last_change = value, now
+      elif now - last_change > self._timeout_s:
+        try:
+          self._client.key_value_set(_GONE_KEY + str(peer), "", allow_overwrite=True)
+        except Exception:  # pylint: disable=broad-except  # this process reports it all the same
+          pass
+        return self._report(peer)
