@@ -9,7 +9,8 @@ Launch::
 Hardware and time: 8x A100 or a TPU v3-8, about 1.5 days. Known results (box / mask AP on
 val2017): detectron2 ``mask_rcnn_R_101_FPN_3x`` 42.9 / 38.6.
 The global batch (16) is split over all hosts: 16 / process_count images per host, 2 per
-device on 8 devices.
+device on 8 devices. Training uses the 1x config's aspect buckets (832 x 1344 and 1344 x 832,
+``config.data.buckets``); evaluation pads to 1344 x 1344.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ val2017): detectron2 ``mask_rcnn_R_50_FPN_3x`` 41.0 / 37.2. Multi-scale training
 (shorter side 640-800, longer <= 1333), with the shorter side drawn uniformly instead of from
 its steps of 32.
 The global batch (16) is split over all hosts as in coco_r50_fpn_1x.py: 16 / process_count
-images per host (e.g. 8 per host on 2 hosts x 4 chips, 2 per device).
+images per host (e.g. 8 per host on 2 hosts x 4 chips, 2 per device). Training uses the 1x
+config's aspect buckets (832 x 1344 and 1344 x 832, ``config.data.buckets``); evaluation pads to
+1344 x 1344.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Trained from scratch-friendly normalisation: trainable BatchNorm (``norm='bn'``) whose batch
 statistics XLA computes over the whole global batch (the step is jitted over the data-parallel
-mesh), i.e. synchronised BatchNorm as in detectron2's recipe.
+mesh), i.e. synchronised BatchNorm as in detectron2's recipe. Every training image is cropped or
+padded to the one 1024 x 1024 square (no aspect buckets, unlike the 1x/3x recipes).
 
 Launch (TPU v3-32 / v4-32 pod slice or 4 hosts x 8 GPUs; global batch 64 = 16 per host on 4
 hosts)::
@@ -24,6 +25,7 @@ from mrcnn_jax.config import load_config_file
 def get_config(arg: str | None = None):
   config = load_config_file(os.path.join(os.path.dirname(__file__), "coco_r50_fpn_1x.py"), arg)
   config.data.image_size = (1024, 1024)
+  config.data.buckets = ()  # LSJ crops to the one 1024 x 1024 square (no aspect buckets)
   config.data.min_size = config.data.max_size = 0  # LSJ scales to fit 1024 x 1024, then jitters
   config.data.scale_range = (0.1, 2.0)  # large-scale jitter, then a random 1024x1024 crop
   config.model.norm = "bn"

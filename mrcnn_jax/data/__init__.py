@@ -9,6 +9,8 @@ Public API::
   generate_shapes(out_dir, num_train=200, num_val=50, size=128, seed=0,
                   image_format='mixed') -> dict of config.data paths
   shapes_data_paths(out_dir) -> the same paths, for a folder already written
+  train_batch_specs(config, batch_size) -> {(h, w): {key: (shape, dtype)}}, one per training
+                                            input shape (config.data.buckets or image_size)
   CocoSource, CategoryMap, DataStats, BadExampleError, data_config
 
 Iterating an :class:`InputPipeline` yields host batches in the format of the batch contract
@@ -25,7 +27,7 @@ import importlib
 _EXPORTS = {
     "BadExampleError": "coco", "CategoryMap": "coco", "CocoSource": "coco", "DataStats": "coco",
     "data_config": "config", "build_eval_dataset": "pipeline", "build_train_dataset": "pipeline",
-    "InputPipeline": "batching",
+    "InputPipeline": "batching", "train_batch_specs": "buckets",
     "generate_shapes": "shapes", "shapes_data_paths": "shapes",
 }
 __all__ = sorted(_EXPORTS)

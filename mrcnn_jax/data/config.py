@@ -11,6 +11,12 @@ Sources (``source``):
     JSON as ground truth, so they take ``'coco'``; ``eval_split`` feeds
     ``tfds_source.build_tfds_eval_dataset`` (predictions without metrics).
 
+Training input shape: ``image_size``, or with ``buckets`` one of several (h, w) shapes, chosen
+per image by its aspect ratio (:mod:`mrcnn_jax.data.buckets`); each global batch holds one
+bucket's images, and the train step is compiled once per bucket before the first step.
+Evaluation keeps the single ``image_size`` (one predict program; the COCO recipes pad to
+1344 x 1344 there, which holds max_size 1333 in either orientation).
+
 Batch sizes are global (over all hosts): training uses ``config.train.batch_size``, evaluation
 ``eval_batch_size``; each host reads ``global / jax.process_count()`` examples per step.
 """
@@ -30,6 +36,13 @@ def data_config() -> ml_collections.ConfigDict:
   # Detectron2: 800 and 1333), and image_size must hold max_size on both sides.
   c.min_size = 0
   c.max_size = 0
+  # Aspect-ratio buckets for training, ((h, w), ...): () pads every training image to
+  # image_size; e.g. ((832, 1344), (1344, 832)) pads landscape images to 832 x 1344 and
+  # portrait ones to 1344 x 832 (squares: the first). Each image is scaled as above (min_size /
+  # max_size, or fit into its bucket), then padded (and cropped for jitter > 1) to its bucket.
+  # Multiples of 32; with min_size > 0 each bucket must hold the images it gets unscaled by
+  # jitter (for the pair above: max_size on the long side, min_size on the short).
+  c.buckets = ()
   c.max_instances = 100
   c.mask_size = 112  # GT masks carried cropped to their box at this resolution
 

@@ -17,6 +17,14 @@ batch / P), so a global batch is the same, row for row, for any host count. Resu
 ``(seed, g)``, so the resumed examples are bit-identical. (A bad image dropped at run time shifts
 the following examples of that host by one; resume stays exact when none is dropped.)
 
+Buckets (``config.data.buckets``, the 'coco' source): every global batch holds images of one
+aspect-ratio bucket and has its static shape; which records form global batch ``s`` is a pure
+function of ``(seed, s)`` (:mod:`mrcnn_jax.data.buckets`: a hashed permutation per epoch, cut
+per bucket into global batches, the batches in a hashed order; each bucket's last partial
+batch of an epoch is dropped), host ``p`` takes the same rows as above, and augmentation draws
+are stateless in ``(seed, g)`` as above. A bad image keeps its slot, filled by the next image
+of its bucket that loads, so batches never mix buckets and resume stays exact.
+
 Evaluation: the n images are padded to a multiple of the global batch; host ``p`` takes the
 same rows of every global batch as in training; positions >= n are padding slots
 (``example_valid`` False, ``image_id`` -1), so every image is seen exactly once and every host
@@ -34,6 +42,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from mrcnn_jax.data import buckets as buckets_lib
 from mrcnn_jax.data import coco as coco_lib
 from mrcnn_jax.data import tfds_source
 from mrcnn_jax.data import transforms
@@ -48,14 +57,14 @@ _RAW_KEYS = ("image", "boxes", "classes", "masks", "image_id", "ok")
 _RAW_SHAPES = ((None, None, 3), (None, 4), (None,), (None, None, None), (), ())
 
 
-def _load_fn(source: coco_lib.CocoSource, give_up_after: int = 0):
-  """A tf function: record index (int64, -1 = padding) -> raw example dict.
+def _guarded_load(source: coco_lib.CocoSource, give_up_after: int = 0):
+  """A Python function: record index (-1 = padding) -> ``source.load``'s example dict.
 
   ``give_up_after`` > 0 (training): when that many loads have all failed and none has ever
   succeeded (e.g. every image missing because ``train_images`` names the wrong folder), raise
-  ``BadExampleError`` naming the skip counts. Training drops failed examples, so such a stream
-  would otherwise never yield a batch. (Only "none ever": failures in a row would also fire on
-  a mostly broken but usable set, as parallel loads and hosts interleave.)
+  ``BadExampleError`` naming the skip counts. Training drops (or replaces) failed examples, so
+  such a stream would otherwise never yield a batch. (Only "none ever": failures in a row would
+  also fire on a mostly broken but usable set, as parallel loads and hosts interleave.)
   """
   loads = [0, False]  # loads so far, whether one succeeded; map calls run on several threads
   lock = threading.Lock()
@@ -72,15 +81,31 @@ def _load_fn(source: coco_lib.CocoSource, give_up_after: int = 0):
                    f"so far: {source.stats.as_dict()}; last: {source.stats.last_error}); check "
                    "config.data.train_images")
         raise coco_lib.BadExampleError(message)
+    return ex
+
+  return py_load
+
+
+def _raw_example(values) -> dict:
+  """The tensors of a ``tf.numpy_function`` returning ``_RAW_KEYS`` -> a raw example dict."""
+  raw = {}
+  for key, v, shape in zip(_RAW_KEYS, values, _RAW_SHAPES):
+    v.set_shape(shape)
+    raw[key] = v
+  return raw
+
+
+def _load_fn(source: coco_lib.CocoSource, give_up_after: int = 0):
+  """A tf function: record index (int64, -1 = padding) -> raw example dict (see
+  :func:`_guarded_load` for ``give_up_after``)."""
+  py_load = _guarded_load(source, give_up_after)
+
+  def py_values(index):
+    ex = py_load(index)
     return tuple(ex[k] for k in _RAW_KEYS)
 
   def load(index):
-    values = tf.numpy_function(py_load, [index], _RAW_DTYPES, stateful=False)
-    raw = {}
-    for key, v, shape in zip(_RAW_KEYS, values, _RAW_SHAPES):
-      v.set_shape(shape)
-      raw[key] = v
-    return raw
+    return _raw_example(tf.numpy_function(py_values, [index], _RAW_DTYPES, stateful=False))
 
   return load
 
@@ -112,7 +137,11 @@ def build_train_dataset(config, *, global_batch_size: Optional[int] = None,
     source: a prebuilt :class:`CocoSource` (default: from ``config.data``).
   """
   d = config.data
+  bucket_shapes = buckets_lib.train_image_sizes(config) if d.get("buckets") else None
   if d.source == "tfds":
+    if bucket_shapes:
+      raise ValueError("config.data.buckets need the 'coco' source (its JSON gives every "
+                       "image's size up front); set config.data.buckets = () for 'tfds'")
     return tfds_source.build_tfds_train_dataset(
         config, global_batch_size=global_batch_size, seed=seed, start_step=start_step,
         process_index=process_index, process_count=process_count)
@@ -128,9 +157,16 @@ def build_train_dataset(config, *, global_batch_size: Optional[int] = None,
   n = len(source)
   if n == 0:
     raise ValueError("the training source has no usable image (all skipped or empty)")
+  kwargs = transform_kwargs(config, training=True)
+  if bucket_shapes:
+    ds = _bucketed_examples(config, source, bucket_shapes, kwargs, p=p, gb=gb, hb=hb, seed=seed,
+                            start_step=int(start_step))
+    ds = ds.batch(hb, drop_remainder=True).prefetch(int(d.prefetch))
+    return InputPipeline(ds.with_options(dataset_options()), source=source,
+                         categories=source.categories, stats=stats, global_batch_size=gb,
+                         host_batch_size=hb, num_batches=None, num_examples=n)
   # This host's first 2n loads try most records at least once: none usable means none is.
   load = _load_fn(source, give_up_after=2 * n)
-  kwargs = transform_kwargs(config, training=True)
 
   def element(k):
     # Global position in the run: host p holds rows [p*hb, (p+1)*hb) of each global batch, so
@@ -150,6 +186,50 @@ def build_train_dataset(config, *, global_batch_size: Optional[int] = None,
   ds = ds.batch(hb, drop_remainder=True).prefetch(int(d.prefetch)).with_options(dataset_options())
   return InputPipeline(ds, source=source, categories=source.categories, stats=stats,
                        global_batch_size=gb, host_batch_size=hb, num_batches=None, num_examples=n)
+
+
+def _bucketed_examples(config, source: coco_lib.CocoSource, shapes, kwargs, *, p: int, gb: int,
+                       hb: int, seed: int, start_step: int) -> tf.data.Dataset:
+  """This host's examples, in order, from global batch ``start_step`` on, each global batch
+  from one bucket (:class:`~mrcnn_jax.data.buckets.BucketSchedule`).
+
+  A bad example keeps its slot: it is replaced by the next record of its bucket in the
+  epoch's order that loads (the skip is counted as usual), so batches never mix buckets and
+  the stream stays a pure function of ``(seed, step)`` (a resume is exact even then).
+  """
+  record_buckets = [buckets_lib.assign_bucket(r.height, r.width, shapes) for r in source.records]
+  schedule = buckets_lib.BucketSchedule(record_buckets, len(shapes), gb, seed)
+  for (h, w), count, batches in zip(shapes, schedule.bucket_sizes, schedule.batches_per_bucket):
+    log = logging.warning if batches == 0 else logging.info
+    log("train bucket %dx%d: %d images, %d global batches of %d per epoch%s", h, w, count,
+        batches, gb, "" if batches else " (fewer images than a batch: never trained on)")
+  py_load = _guarded_load(source, give_up_after=2 * len(source))
+
+  def py_slot(step, row):
+    bucket, candidates = schedule.slot(int(step), int(row))
+    for record in candidates:
+      ex = py_load(record)
+      if ex["ok"]:
+        return tuple(ex[k] for k in _RAW_KEYS) + (np.int32(bucket),)
+    h, w = shapes[bucket]
+    raise coco_lib.BadExampleError(
+        f"no image of train bucket {h}x{w} could be loaded (skips so far: "
+        f"{source.stats.as_dict()}; last: {source.stats.last_error})")
+
+  def element(k):
+    step, row = k // hb, p * hb + k % hb  # host p: rows [p*hb, (p+1)*hb) of each global batch
+    values = tf.numpy_function(py_slot, [step, row], _RAW_DTYPES + (tf.int32,), stateful=False)
+    raw, bucket = _raw_example(values[:-1]), values[-1]
+    aug_seed = tf.stack([tf.cast(seed, tf.int64) + 0x5EED, step * gb + row])
+    # One transform per bucket, each with its static shape; the batch's shape is its bucket's.
+    branches = [lambda size=size: transforms.transform_example(raw, aug_seed,
+                                                               **dict(kwargs, image_size=size))
+                for size in shapes]
+    return tf.switch_case(bucket, branches)
+
+  ds = tf.data.Dataset.range(start_step * hb, np.iinfo(np.int64).max)
+  return ds.map(element, num_parallel_calls=int(config.data.num_parallel_calls),
+                deterministic=True)
 
 
 def eval_positions(num_examples: int, global_batch_size: int, process_index: int,

@@ -2,10 +2,12 @@
 
 One call trains an experiment from its config, in a notebook or from ``scripts/train.py``:
 builds the mesh, model, state and input; resumes (see :mod:`mrcnn_jax.run.checkpoint` for
-the order); runs the jitted sharded step; fetches metrics every ``config.log.every_steps``
-steps (the device is never blocked on a per-step transfer); writes TensorBoard scalars and
-prediction images and a console progress line (process 0 only); checkpoints on the interval, at
-the end and on SIGTERM; evaluates periodically and at the end.
+the order); compiles the sharded step once per training input shape (``config.data.buckets``,
+else ``image_size``) before the first step and runs each batch on its shape's program; fetches
+metrics every ``config.log.every_steps`` steps (the device is never blocked on a per-step
+transfer); writes TensorBoard scalars and prediction images and a console progress line
+(process 0 only); checkpoints on the interval, at the end and on SIGTERM; evaluates
+periodically and at the end.
 
 Multi-process (after :func:`mrcnn_jax.run.distributed.initialize`): every process runs this
 same function; the mesh spans the devices of all of them, each feeds its own slice of the batch,
@@ -196,6 +198,41 @@ class _MetricBuffer:
     return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
+# ------------------------------------------------------------------------------ compilation
+
+def _compile_train_steps(step_fn, state, config: ml_collections.ConfigDict, mesh) -> dict:
+  """``{(h, w): program}``: the train step compiled for each training input shape (the
+  ``config.data.buckets``, or ``image_size``), ahead of the first step, so no step waits on a
+  compile (the loop's barrier before its first step then lets all processes start together).
+
+  A ``step_fn`` without ``lower`` (not a jitted function) is used as it is, for every shape.
+  """
+  batch_size = int(config.train.batch_size)
+  sharding = sharding_lib.batch_sharding(mesh)
+  programs = {}
+  for size, spec in data_lib.train_batch_specs(config, batch_size).items():
+    if not hasattr(step_fn, "lower"):
+      programs[size] = step_fn
+      continue
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+             for k, (shape, dtype) in spec.items()}
+    t0 = time.perf_counter()
+    programs[size] = step_fn.lower(state, batch).compile()
+    if jax.process_index() == 0:
+      logging.info("train step compiled for %dx%d inputs (batch %d) in %.1fs", size[0], size[1],
+                   batch_size, time.perf_counter() - t0)
+  return programs
+
+
+def _program_for(programs: dict, batch: dict):
+  """The compiled train step for ``batch``'s image shape."""
+  size = tuple(batch["image"].shape[1:3])
+  if size not in programs:
+    raise ValueError(f"a training batch of {size[0]}x{size[1]} images, but the train step was "
+                     f"compiled for {sorted(programs)} (config.data.buckets / image_size)")
+  return programs[size]
+
+
 # --------------------------------------------------------------------------------------- loop
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -244,6 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_data = data_lib.build_eval_dataset(config)
     evaluator = evaluator_lib.Evaluator(config, batch_predict.make_batch_predict(model, mesh), mesh)
   step_fn = train_step_lib.make_train_step(config, model, mesh, state, optimizer=optimizer)
+  programs = _compile_train_steps(step_fn, state, config, mesh)  # one per input shape
   writer = _Writer(workdir, bool(config.log.tensorboard))
   buffer = _MetricBuffer()
   log_every = max(int(config.log.every_steps), 1)
@@ -313,8 +351,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         host_batch = next(iterator)
         batch = sharding_lib.make_global_batch(host_batch, mesh)
         if step == start_step:  # all processes start stepping together (a no-op on one)
-          step_fn = distributed_lib.compile_together(step_fn, state, batch, name="train_step")
-        state, metrics = step_fn(state, batch)
+          distributed_lib.barrier("train_step")
+        state, metrics = _program_for(programs, batch)(state, batch)
         buffer.add(step + 1, metrics)  # steps count from 1, as in the progress line
         if (step + 1) % log_every == 0 or step + 1 == num_steps:
           flush_and_log(step + 1)
