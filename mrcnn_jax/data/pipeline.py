@@ -223,7 +223,8 @@ def _bucketed_examples(config, source: coco_lib.CocoSource, shapes, kwargs, *, p
     aug_seed = tf.stack([tf.cast(seed, tf.int64) + 0x5EED, step * gb + row])
     # One transform per bucket, each with its static shape; the batch's shape is its bucket's.
     branches = [lambda size=size: transforms.transform_example(raw, aug_seed,
-                                                               **dict(kwargs, image_size=size))
+                                                               **dict(kwargs, image_size=size,
+                                                                      bucket=True))
                 for size in shapes]
     return tf.switch_case(bucket, branches)
 

@@ -123,7 +123,7 @@ def transform_example(raw: Dict[str, tf.Tensor], seed: tf.Tensor, *, image_size:
                       max_instances: int, mask_size: int, training: bool,
                       scale_range: Sequence[float] = (1.0, 1.0),
                       random_flip: bool = False, min_size: int = 0,
-                      max_size: int = 0) -> Dict[str, tf.Tensor]:
+                      max_size: int = 0, bucket: bool = False) -> Dict[str, tf.Tensor]:
   """One raw example -> one batch-contract example (see the module docstring).
 
   Args:
@@ -139,8 +139,11 @@ def transform_example(raw: Dict[str, tf.Tensor], seed: tf.Tensor, *, image_size:
     min_size, max_size: 0, 0 scales the image to fit ``image_size``; else the shorter side to
       ``min_size`` (times the jitter in training), the longer at most ``max_size`` (see the
       module docstring; :func:`check_resize`).
+    bucket: ``image_size`` is an aspect bucket that ``buckets.check_buckets`` found to hold
+      every image sent to it (not necessarily max_size on both sides).
   """
-  check_resize(image_size, min_size, max_size)
+  if not bucket:
+    check_resize(image_size, min_size, max_size)
   image = raw["image"]
   shape = tf.shape(image)
   h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)

@@ -156,6 +156,17 @@ def test_batches_one_bucket_each_and_two_hosts_give_the_global_batch(shapes_dir)
   _assert_batches_equal(stacked, batches)
 
 
+def test_buckets_narrower_than_max_size_on_one_side(shapes_dir):
+  """As in the COCO recipes (800 / 1333 into 832x1344 and 1344x832): a bucket need only hold
+  the images of its aspects, not max_size on both sides as a single image_size must."""
+  _, paths = shapes_dir
+  c = _config(paths, min_size=60, max_size=90)
+  for b in _take(data.build_train_dataset(c, process_index=0, process_count=1), 6):
+    assert tuple(b["image"].shape[1:3]) in BUCKETS
+    assert (b["valid_size"].min(axis=1) <= 60).all() and (b["valid_size"].max(axis=1) <= 90).all()
+    assert (b["valid_size"].max(axis=1) > 64).any()  # longer than the bucket's short side
+
+
 def test_resume_from_start_step_is_the_uninterrupted_stream(shapes_dir):
   _, paths = shapes_dir
   c = _config(paths, num_parallel_calls=-1)
