@@ -3,7 +3,7 @@ r"""Recipe-scale speed: train step and inference at a COCO recipe's shape, on th
 R50-FPN (91 classes) at 832x1344 (the 1x/3x recipes' landscape bucket), bfloat16, 8 images per
 device: step time, images/s per device, compile time, memory and MFU
 (``mrcnn_jax.benchmarks.recipe``). Needs JAX, Flax, optax, orbax and ml_collections; not
-TensorFlow, pycocotools or torch.
+TensorFlow, pycocotools or torch (except ``--input_pipeline``, which times the tf.data input).
 
 Usage::
 
@@ -14,6 +14,7 @@ Usage::
 
 import functools
 import json
+import tempfile
 
 from absl import app
 from absl import flags
@@ -38,6 +39,8 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per program.", lower_bou
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps before timing.", lower_bound=1)
 _SKIP_TRAIN = flags.DEFINE_bool("skip_train", False, "Measure predict only.")
 _SKIP_PREDICT = flags.DEFINE_bool("skip_predict", False, "Measure the train step only.")
+_INPUT = flags.DEFINE_bool("input_pipeline", False, "Also time the input pipeline at these "
+                           "shapes (needs TensorFlow) and the cores 8 devices would need.")
 _OUT = flags.DEFINE_string("out", None, "Write the results here as JSON (after each program).")
 
 
@@ -65,6 +68,15 @@ def main(argv):
     log(f"--- {'train' if run['train'] else 'predict'} {opts.height}x{opts.width} "
         f"{opts.compute_dtype}, remat {opts.remat}")
     save(recipe.run(opts, log))
+  if _INPUT.value:
+    train = next((r["train"] for r in results if "train" in r), None)
+    with tempfile.TemporaryDirectory(prefix="recipe_input_") as data_dir:
+      rate = recipe.input_rate(options, train, data_dir, log=log)
+    if train:
+      log(f"input: {rate['images_per_core_s']:.1f} images per core-second; 8 devices at "
+          f"{train['images_per_s_per_device']:.1f} img/s each need "
+          f"{rate['cores_for_8_devices']:.0f} cores")
+    save({"input_pipeline": rate})
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Callable
+from typing import Callable, Sequence, Tuple
 
 from mrcnn_jax import data
 from mrcnn_jax.config import get_base_config
@@ -49,13 +49,17 @@ def ensure_shapes_set(data_dir: str, num_images: int, size: int,
   log(f"generated {num_images} images of {size} px in {time.time() - t0:.1f} s")
 
 
-def measure(data_dir: str, batch_size: int, steps: int, warmup: int,
-            image_size: int) -> Throughput:
+def measure(data_dir: str, batch_size: int, steps: int, warmup: int, image_size: int,
+            min_size: int = 0, max_size: int = 0,
+            buckets: Sequence[Tuple[int, int]] = ()) -> Throughput:
   """Times ``steps`` batches of the training stream over the shapes set in ``data_dir``, at a
-  padded ``image_size`` x ``image_size`` input, after ``warmup`` untimed batches."""
+  padded ``image_size`` x ``image_size`` input (or the aspect ``buckets``; images scaled by
+  ``min_size`` / ``max_size`` as ``config.data`` says), after ``warmup`` untimed batches."""
   config = get_base_config()
   config.data.update(data.shapes_data_paths(data_dir))
   config.data.image_size = (image_size, image_size)
+  config.data.min_size, config.data.max_size = int(min_size), int(max_size)
+  config.data.buckets = tuple(tuple(b) for b in buckets)
   config.train.batch_size = batch_size
   pipeline = data.build_train_dataset(config, process_index=0, process_count=1)
   it = iter(pipeline)

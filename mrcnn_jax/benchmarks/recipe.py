@@ -285,6 +285,28 @@ def run(options: Options, log: Log = print,
   return out
 
 
+def input_rate(options: Options, train: Optional[Dict[str, Any]], data_dir: str,
+               num_images: int = 64, steps: int = 10, log: Log = print) -> Dict[str, Any]:
+  """The training input pipeline at the recipe's shapes (needs TensorFlow): images per CPU
+  core-second, and the cores a node of 8 devices would need to feed ``train``'s measured rate.
+
+  The COCO recipes' input: shorter side 800, longer at most 1333, in the buckets 832x1344 /
+  1344x832 (the 832x1344 options) or else padded to the options' shape.
+  """
+  from mrcnn_jax.benchmarks import input_pipeline  # pylint: disable=import-outside-toplevel
+  input_pipeline.ensure_shapes_set(data_dir, num_images, 640, log)
+  h, w = options.height, options.width
+  buckets = ((h, w), (w, h)) if h != w else ()
+  result = input_pipeline.measure(data_dir, options.train_batch, steps, 2, max(h, w), 800, 1333,
+                                  buckets)
+  log(result.describe())
+  per_core = result.images / result.cpu_s
+  out = {"images_per_s_wall": result.images / result.wall_s, "images_per_core_s": per_core}
+  if train:
+    out["cores_for_8_devices"] = 8 * train["images_per_s_per_device"] / per_core
+  return out
+
+
 def describe(r: Dict[str, Any]) -> str:
   """One line per measurement."""
   mem = r["memory"].get("total")
