@@ -26,9 +26,46 @@ def instance_colors(n: int) -> np.ndarray:
   return _PALETTE[np.arange(n) % len(_PALETTE)]
 
 
+def _pairwise_iou(boxes: np.ndarray, masks: Optional[np.ndarray]) -> np.ndarray:
+  """[N, N] IoU of the instances: of their masks when given, else of their boxes."""
+  if masks is not None:
+    flat = masks.reshape(masks.shape[0], -1).astype(np.float32)
+    inter = flat @ flat.T
+    area = flat.sum(axis=1)
+  else:
+    x0, y0, x1, y1 = (boxes[:, None, k] for k in range(4))
+    iw = np.clip(np.minimum(x1, x1.T) - np.maximum(x0, x0.T), 0, None)
+    ih = np.clip(np.minimum(y1, y1.T) - np.maximum(y0, y0.T), 0, None)
+    inter = iw * ih
+    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clip(0)
+  union = area[:, None] + area[None, :] - inter
+  return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def suppress_duplicates(boxes: np.ndarray, scores: np.ndarray,
+                        masks: Optional[np.ndarray] = None,
+                        iou_threshold: float = 0.7) -> np.ndarray:
+  """Indices (best score first) of the instances to draw: each one overlapping a better-scored
+  kept one by more than ``iou_threshold`` (mask IoU when ``masks`` [N, H, W] bool are given,
+  else box IoU) is dropped, whatever the classes.
+
+  Mask R-CNN suppresses duplicates per class only, so one object can come out twice under two
+  classes (a circle as "circle 0.9" and "square 0.6"). Right for COCO scoring, which these
+  pictures never feed; confusing in a picture, which should show one label per object.
+  """
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+  iou = _pairwise_iou(boxes, masks)
+  keep = []
+  for i in np.argsort(-np.asarray(scores, np.float32), kind="stable"):
+    if all(iou[i, j] <= iou_threshold for j in keep):
+      keep.append(int(i))
+  return np.asarray(keep, np.int64)
+
+
 def draw_instances(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
                    labels: Sequence[str], masks: Optional[np.ndarray] = None, *,
-                   alpha: float = 0.45) -> np.ndarray:
+                   alpha: float = 0.45,
+                   duplicate_iou: Optional[float] = 0.7) -> np.ndarray:
   """Draws instances onto a copy of ``image``.
 
   Args:
@@ -38,6 +75,9 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
     labels: N class names.
     masks: [N, H, W] bool (or probabilities, thresholded at 0.5), optional.
     alpha: mask tint opacity.
+    duplicate_iou: draw one label per object: an instance overlapping a better-scored one by
+      more than this (mask IoU, or box IoU without masks) is not drawn, whatever its class
+      (:func:`suppress_duplicates`); None draws every instance.
 
   Returns:
     [H, W, 3] uint8 RGB with the overlay.
@@ -49,15 +89,23 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
   n = boxes.shape[0]
   if len(scores) != n or len(labels) != n:
     raise ValueError(f"got {n} boxes, {len(scores)} scores and {len(labels)} labels")
-  colors = instance_colors(n)
-  canvas = image.astype(np.float32)
   if masks is not None:
     masks = np.asarray(masks)
     if masks.shape != (n,) + image.shape[:2]:
       raise ValueError(f"masks must be [N, H, W] = {(n,) + image.shape[:2]}, got {masks.shape}")
+    masks = masks > 0.5 if masks.dtype != bool else masks
+  if duplicate_iou is not None and n > 1:
+    keep = np.sort(suppress_duplicates(boxes, scores, masks, duplicate_iou))
+    boxes, scores = boxes[keep], np.asarray(scores)[keep]
+    labels = [labels[i] for i in keep]
+    masks = None if masks is None else masks[keep]
+    n = len(keep)
+  colors = instance_colors(n)
+  canvas = image.astype(np.float32)
+  if masks is not None:
     # Lowest score first, so the most confident instance's tint ends on top.
     for i in np.argsort(scores):
-      m = masks[i] > 0.5 if masks.dtype != bool else masks[i]
+      m = masks[i]
       canvas[m] = (1.0 - alpha) * canvas[m] + alpha * colors[i]
   out = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
   draw = ImageDraw.Draw(out)

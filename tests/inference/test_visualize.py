@@ -52,3 +52,35 @@ def test_upscale_and_grid():
   assert grid.shape == (1 + 4 + 1, 1 + 2 * 7, 3)
   np.testing.assert_array_equal(grid[1:3, 1:4], image)
   np.testing.assert_array_equal(grid[1:5, 8:14], big)
+
+
+def _duplicate_scene():
+  """A circle detected twice (as circle 0.9 and square 0.6) and a separate square 0.8."""
+  image = np.full((60, 80, 3), 40, np.uint8)
+  masks = np.zeros((3, 60, 80), bool)
+  yy, xx = np.mgrid[:60, :80]
+  masks[0] = (yy - 30) ** 2 + (xx - 20) ** 2 <= 100
+  masks[1] = masks[0].copy()
+  masks[1, 20:22, 10:30] = True  # nearly the same pixels
+  masks[2, 20:40, 50:70] = True
+  boxes = np.array([[10, 20, 30, 40], [10, 20, 30, 40], [50, 20, 70, 40]], np.float32)
+  return image, boxes, np.array([0.9, 0.6, 0.8]), ["circle", "square", "square"], masks
+
+
+def test_suppress_duplicates_is_class_agnostic_best_first():
+  _, boxes, scores, _, masks = _duplicate_scene()
+  np.testing.assert_array_equal(visualize.suppress_duplicates(boxes, scores, masks), [0, 2])
+  np.testing.assert_array_equal(visualize.suppress_duplicates(boxes, scores), [0, 2])  # boxes
+  # Touching objects are not duplicates: a mask IoU of 0 keeps both even at threshold 0.
+  np.testing.assert_array_equal(visualize.suppress_duplicates(boxes[[0, 2]], scores[[0, 2]],
+                                                              masks[[0, 2]], 0.0), [0, 1])
+
+
+def test_one_label_per_object_by_default():
+  image, boxes, scores, labels, masks = _duplicate_scene()
+  deduped = visualize.draw_instances(image, boxes, scores, labels, masks)
+  kept = visualize.draw_instances(image, boxes[[0, 2]], scores[[0, 2]], [labels[0], labels[2]],
+                                  masks[[0, 2]], duplicate_iou=None)
+  np.testing.assert_array_equal(deduped, kept)
+  every = visualize.draw_instances(image, boxes, scores, labels, masks, duplicate_iou=None)
+  assert not np.array_equal(every, deduped)  # the duplicate's label and tint are drawn there
