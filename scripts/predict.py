@@ -3,11 +3,13 @@
   python scripts/predict.py --config experiments/shapes.py --workdir workdirs/shapes \
       --images 'data_cache/shapes/val/*.png' --out predictions/
 
-``--checkpoint`` picks one step folder instead of the workdir's latest. Unreadable images are
-skipped and listed (in the log and in ``<out>/results.json``); they do not stop the batch, but
-if none can be read the exit status is 1. An ``--out`` folder holding another run's results is
-refused unless ``--overwrite`` (which deletes that run's ``results.json`` and overlays, nothing
-else).
+``--checkpoint`` picks one step folder instead of the workdir's latest. ``--batch_size N`` runs
+N images per call of the compiled program (the last batch padded), the host's mask pasting and
+overlays of one batch overlapped with the next batch's network work; each image's result is
+that of predicting it alone at that batch size. Unreadable images are skipped and listed (in
+the log and in ``<out>/results.json``); they do not stop the run, but if none can be read the
+exit status is 1. An ``--out`` folder holding another run's results is refused unless
+``--overwrite`` (which deletes that run's ``results.json`` and overlays, nothing else).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a checkpoint (overrides -
 _IMAGES = flags.DEFINE_string("images", None, "an image file, a folder or a glob pattern")
 _OUT = flags.DEFINE_string("out", None, "output folder for results.json and overlays")
 _SCORE = flags.DEFINE_float("score_threshold", 0.5, "drop detections below this score")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 1, "images per call of the compiled program")
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "replace the results.json and overlays a previous run left in --out "
     "(without it such a folder is refused); other files there are kept")
@@ -36,9 +39,12 @@ def _predict(config):
   source = _CHECKPOINT.value or _WORKDIR.value
   if not source:
     raise ValueError("give --workdir or --checkpoint")
+  if _BATCH_SIZE.value < 1:
+    raise ValueError(f"--batch_size must be >= 1, got {_BATCH_SIZE.value}")
   paths = inference.expand_image_paths(_IMAGES.value)
   check_out_dir(_OUT.value, _OVERWRITE.value)  # before loading the model
-  predictor = inference.Predictor.from_workdir(config, source, score_threshold=_SCORE.value)
+  predictor = inference.Predictor.from_workdir(config, source, score_threshold=_SCORE.value,
+                                                batch_size=_BATCH_SIZE.value)
   out = inference.predict_files(predictor, paths, _OUT.value, overwrite=_OVERWRITE.value)
   print(f"{len(out['overlays'])} images, {out['num_instances']} instances -> {out['results']}")
   for path, reason in out["failed"]:

@@ -1,7 +1,8 @@
-"""mrcnn_jax.inference: single-image prediction at any size, and overlays.
+"""mrcnn_jax.inference: prediction on images of any size, one or a static batch at a time.
 
   predictor = Predictor.from_workdir(config, workdir)
   result = predictor(image)   # boxes, scores, classes, labels, category_ids, masks (original px)
+  results = Predictor.from_workdir(config, workdir, batch_size=8).predict_batch(images)
   overlay = draw_instances(image, result["boxes"], result["scores"], result["labels"],
                            result["masks"])
 

@@ -9,15 +9,22 @@ and 28x28 masks are mapped back to the original pixels (boxes and masks as torch
     predictor = Predictor.from_workdir(config, "workdirs/shapes")
     result = predictor(image)                 # image: [h, w, 3] uint8 RGB
     result["boxes"], result["masks"]          # [N, 4] xyxy, [N, h, w] bool, original pixels
+
+Batched (``batch_size`` images per call of the static program, the host's mask paste of one
+batch overlapped with the device's work on the next):
+
+    predictor = Predictor.from_workdir(config, "workdirs/shapes", batch_size=8)
+    results = predictor.predict_batch(images)  # any number of images of any sizes
 """
 
 from __future__ import annotations
 
+import collections
 import glob
 import json
 import math
 import os
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import flax
@@ -31,6 +38,7 @@ from mrcnn_jax import kernels
 from mrcnn_jax import modeling
 from mrcnn_jax.data import transforms
 from mrcnn_jax.data.coco import decode_image_rgb
+from mrcnn_jax.inference import batch_predict
 from mrcnn_jax.inference import visualize
 from mrcnn_jax.inference.masks import encode_mask
 from mrcnn_jax.inference.masks import paste_mask
@@ -140,7 +148,7 @@ def preprocess(image: np.ndarray, image_size: Sequence[int], min_size: int = 0,
 
 
 class Predictor:
-  """Runs a trained Mask R-CNN on single images of any size.
+  """Runs a trained Mask R-CNN on images of any size, one at a time or in static batches.
 
   Args:
     config: the full experiment config (``model``, ``data.image_size``).
@@ -152,12 +160,16 @@ class Predictor:
       1..K.
     score_threshold: detections below this score are dropped.
     mask_threshold: pasted mask probability above which a pixel is foreground.
+    batch_size: images per call of the compiled program in :meth:`predict_batch` /
+      :meth:`predict_iter` (:meth:`predict` always runs a batch of 1).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, variables: PyTree, *,
                class_names: Optional[Sequence[str]] = None,
                category_ids: Optional[Sequence[int]] = None,
-               score_threshold: float = 0.5, mask_threshold: float = 0.5):
+               score_threshold: float = 0.5, mask_threshold: float = 0.5,
+               batch_size: int = 1):
+    self.batch_size = batch_predict.check_batch_size(batch_size)
     self.config = config
     self.image_size = tuple(int(v) for v in config.data.image_size)
     self.resize = (int(config.data.get("min_size", 0)), int(config.data.get("max_size", 0)))
@@ -210,18 +222,63 @@ class Predictor:
     pre = preprocess(image, self.image_size, *self.resize)
     # Always float32 (an unresized image exactly its pixels): one compiled program.
     out = self._predict(self.variables, pre["image"][None], pre["valid_size"][None])
-    det = jax.device_get(out)
+    return self._postprocess(jax.device_get(out), 0, pre)
+
+  def predict_batch(self, images: Iterable[np.ndarray], overlap: bool = True) -> list[dict]:
+    """:meth:`predict`'s results for each image, ``batch_size`` images per program call.
+
+    Each image is preprocessed exactly as :meth:`predict` does (same static input size) and
+    letterboxed into a slot of the static batch; the last batch is filled with padding slots
+    whose outputs are dropped. An image's result does not depend on its slot, its neighbours or
+    the padding, so it is bit for bit what predicting it alone at this ``batch_size`` gives;
+    against :meth:`predict` (a batch-1 program) XLA may round floats differently (last bits).
+
+    Args:
+      images: [h, w, 3] uint8 RGB arrays of any sizes, any number.
+      overlap: paste the masks of one batch on the host while the next one runs on the device.
+
+    Returns:
+      One :meth:`predict` dict per image, in order.
+    """
+    return list(self.predict_iter(images, overlap=overlap))
+
+  def predict_iter(self, images: Iterable[np.ndarray], overlap: bool = True) -> Iterator[dict]:
+    """:meth:`predict_batch` as a generator: images are read lazily, one batch ahead.
+
+    With ``overlap`` batch k + 1 is preprocessed and dispatched (JAX dispatch returns at once)
+    before batch k's detections are fetched and pasted, and before the caller's work on the
+    results of batch k (RLE, overlays) runs, so host and device work at the same time.
+    """
+    pending = collections.deque()  # (preprocessed images, device outputs) in flight
+    for chunk in batch_predict.chunks(images, self.batch_size):
+      pres = [preprocess(image, self.image_size, *self.resize) for image in chunk]
+      batch = batch_predict.stack_padded([p["image"] for p in pres],
+                                         [p["valid_size"] for p in pres], self.batch_size)
+      pending.append((pres, self._predict(self.variables, *batch)))
+      if len(pending) > int(overlap):  # without overlap: wait for this batch before the next
+        yield from self._postprocess_batch(*pending.popleft())
+    while pending:
+      yield from self._postprocess_batch(*pending.popleft())
+
+  def _postprocess_batch(self, pres: Sequence[dict], out: dict) -> Iterator[dict]:
+    """The results of a batch's real slots (the first ``len(pres)``; padding is dropped)."""
+    det = jax.device_get(out)  # waits for this batch only; the next keeps running
+    for i, pre in enumerate(pres):
+      yield self._postprocess(det, i, pre)
+
+  def _postprocess(self, det: Mapping[str, np.ndarray], i: int, pre: Mapping[str, Any]) -> dict:
+    """Slot ``i`` of host detections as a :meth:`predict` result, in original pixels."""
     h, w = (int(v) for v in pre["original_size"])
     # torchvision's resize_boxes: boxes times original / resized size, in float32.
     ry, rx = pre["original_size"].astype(np.float32) / pre["valid_size"].astype(np.float32)
-    keep = np.flatnonzero(det["valid"][0] & (det["scores"][0] >= self.score_threshold))
-    boxes = det["boxes"][0, keep] * np.array([rx, ry, rx, ry], np.float32)
+    keep = np.flatnonzero(det["valid"][i] & (det["scores"][i] >= self.score_threshold))
+    boxes = det["boxes"][i, keep] * np.array([rx, ry, rx, ry], np.float32)
     boxes = np.clip(boxes, 0.0, np.array([w, h, w, h], np.float32)).astype(np.float32)
     masks = np.zeros((len(keep), h, w), bool)
-    for i, d in enumerate(keep):
-      masks[i] = paste_mask(det["masks"][0, d], boxes[i], (h, w)) > self.mask_threshold
-    classes = det["classes"][0, keep].astype(np.int32)
-    return {"boxes": boxes, "scores": det["scores"][0, keep].astype(np.float32),
+    for j, d in enumerate(keep):
+      masks[j] = paste_mask(det["masks"][i, d], boxes[j], (h, w)) > self.mask_threshold
+    classes = det["classes"][i, keep].astype(np.int32)
+    return {"boxes": boxes, "scores": det["scores"][i, keep].astype(np.float32),
             "classes": classes, "labels": [self.class_names[c - 1] for c in classes],
             "category_ids": np.asarray([self.category_ids[c - 1] for c in classes], np.int64),
             "masks": masks}
@@ -318,9 +375,11 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
                   overwrite: bool = False) -> dict:
   """Predicts each image file, writing overlays and one COCO-results JSON to ``out_dir``.
 
-  Unreadable files are skipped and listed, never fatal to the batch. A folder holding another
-  run's results is refused (:func:`check_out_dir`); with ``overwrite`` that run's
-  ``results.json`` and overlays (only those) are deleted first, so no stale overlay remains.
+  Images go through :meth:`Predictor.predict_iter` (``predictor.batch_size`` per program call,
+  the overlays of one batch drawn while the next runs). Unreadable files are skipped and
+  listed, never fatal to the run. A folder holding another run's results is refused
+  (:func:`check_out_dir`); with ``overwrite`` that run's ``results.json`` and overlays (only
+  those) are deleted first, so no stale overlay remains.
 
   Returns:
     ``{'results': path of results.json, 'overlays': [png paths], 'failed': [(path, reason)],
@@ -344,16 +403,24 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
   # Written first: a run stopped half-way still names the overlays it wrote, for the next one.
   write_results([], [], complete=False)
   records, overlays, failed = [], [], []
-  for index, path in enumerate(paths):
-    try:
-      image = load_image(path)
-    # Pillow refuses images over ~179 M pixels with DecompressionBombError, not an OSError.
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-      reason = f"{type(e).__name__}: {e}".splitlines()[0]
-      logging.warning("skipping unreadable image %s (%s)", path, reason)
-      failed.append((path, reason))
-      continue
-    result = predictor.predict(image)
+  readable = collections.deque()  # (index, path, image) fed to the predictor, not yet returned
+
+  def images():
+    for index, path in enumerate(paths):
+      try:
+        image = load_image(path)
+      # Pillow refuses images over ~179 M pixels with DecompressionBombError, not an OSError.
+      except (OSError, ValueError, Image.DecompressionBombError) as e:
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        logging.warning("skipping unreadable image %s (%s)", path, reason)
+        failed.append((path, reason))
+        continue
+      readable.append((index, path, image))
+      yield image
+
+  # Results come in the order images went in; overlays are drawn while the next batch runs.
+  for result in predictor.predict_iter(images()):
+    index, path, image = readable.popleft()
     records += to_coco_results(result, index, file_name=os.path.basename(path))
     drawn = visualize.draw_instances(image, result["boxes"], result["scores"], result["labels"],
                                      result["masks"])
