@@ -15,6 +15,10 @@ that compare against torchvision, and before anything pulls TensorFlow in:
 * ``profiling``             per-module time of the compiled model from a profiler trace
 * ``collectives``           collective ops and their bytes in compiled HLO
 * ``scaling``               parameters, step FLOPs and gradient traffic (docs/scaling.md)
+* ``recipe``                train step and predict at a COCO recipe's shape: img/s, memory, MFU
+* ``hlo_audit``             convolutions and dots of a program by dtype (the bf16 audit)
+* ``inference_sweep``       predict over batch sizes x shapes x dtypes; exported vs in-process
+* ``batched_predict``       one-by-one against batched (and overlapped) prediction
 
 This package sits above every other one: it may import anything in ``mrcnn_jax``, and nothing
 in ``mrcnn_jax`` imports it.
