@@ -47,6 +47,9 @@ _WEIGHTS = flags.DEFINE_enum("weights", "baked", ["baked", "argument"],
                              "(written as weights.npz); --format=jax only")
 _PASTE = flags.DEFINE_bool("paste_masks", False,
                            "also output every mask pasted into the input size [B, D, H, W]")
+_KERNELS = flags.DEFINE_enum("kernels", "auto", ["auto", "plain", "cpu"],
+                             "auto: the CPU kernels (faster on XLA:CPU) for a CPU-only artifact "
+                             "with baked weights, else plain (what GPUs and TPUs run)")
 _SCORE = flags.DEFINE_float("score_threshold", None,
                             "detections below it are dropped (default: config.model.roi's)")
 _STABLEHLO = flags.DEFINE_string(
@@ -60,6 +63,9 @@ def _check_format_options():
   """The options a format cannot honour are refused, not ignored."""
   if _FORMAT.value == "savedmodel" and flags.FLAGS["weights"].present:
     raise ValueError("--weights is for --format=jax: a SavedModel holds its weights as variables")
+  if _FORMAT.value == "savedmodel" and _KERNELS.value == "cpu":
+    raise ValueError("--kernels=cpu is for --format=jax (a SavedModel takes its weights as "
+                     "variables: the plain kernels)")
   if _FORMAT.value == "jax" and _STABLEHLO.value is not None:
     raise ValueError("--stablehlo_version is for --format=savedmodel")
 
@@ -80,6 +86,7 @@ def _export(config):
     savedmodel.check_out_dir(_OUT.value, _OVERWRITE.value)
   else:
     export.check_out_dir(_OUT.value, _OVERWRITE.value)
+    export.resolve_kernels(_KERNELS.value, _PLATFORMS.value, _WEIGHTS.value)
   if _RANDOM.value:
     variables, names, ids = export.random_variables(config), None, None
   else:
@@ -94,11 +101,13 @@ def _export(config):
                                             stablehlo_version=_STABLEHLO.value)
     paths = savedmodel.save(artifact, _OUT.value, overwrite=_OVERWRITE.value)
   else:
-    artifact = export.export_predict(config, variables, **options, weights=_WEIGHTS.value)
+    artifact = export.export_predict(config, variables, **options, weights=_WEIGHTS.value,
+                                     kernel_name=_KERNELS.value)
     paths = export.save(artifact, _OUT.value, overwrite=_OVERWRITE.value)
   side = artifact.sidecar
   print(f"predict [{side['batch_size']}, {size[0]}, {size[1]}, 3] {side['input_dtype']} for "
-        f"{', '.join(side['platforms'])}, weights {side['weights']} -> {_OUT.value} "
+        f"{', '.join(side['platforms'])}, weights {side['weights']}, kernels "
+        f"{side.get('kernels', 'plain')} -> {_OUT.value} "
         f"({', '.join(sorted(paths))})")
 
 

@@ -6,10 +6,12 @@
 The exported program is ``MaskRCNN.predict`` (pixel normalisation, network, detection, 28x28
 masks), optionally followed by pasting every mask into the static input size
 (``ops.masks.paste_masks``), at a fixed batch, input size, input dtype and compute dtype. It is
-built with the plain kernels (``modeling.PLAIN``: the CPU kernel set is XLA:CPU-specific) and
-lowered for several platforms in one module. The weights are either baked in as constants or
-the program's first argument, a flat dict ``{'params/backbone/stem/conv/kernel': array}``
-(saved as ``weights.npz``), so one artifact serves retrained weights of the same config.
+built with the plain kernels (``modeling.PLAIN``) and lowered for several platforms in one
+module; a CPU-only artifact with baked weights is built with the CPU kernels instead (what the
+in-process ``predict`` runs there), and the loader compiles it with the same XLA:CPU options.
+The weights are either baked in as constants or the program's first argument, a flat dict
+``{'params/backbone/stem/conv/kernel': array}`` (saved as ``weights.npz``), so one artifact
+serves retrained weights of the same config.
 
 ``mrcnn_jax.inference.exported`` (jax and numpy only, copied next to the artifact by
 :func:`save`) loads and runs it.
@@ -45,6 +47,7 @@ KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 WEIGHT_MODES = ("baked", "argument")
 INPUT_DTYPES = ("uint8", "float32")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+KERNELS = ("auto", "plain", "cpu")
 LOADER_FILE = "exported.py"
 
 _OUTPUT_DOCS = {
@@ -107,11 +110,12 @@ def save_weights(variables: Mapping[str, Any], path: str) -> str:
   return path
 
 
-def predict_program(model_config: ml_collections.ConfigDict, *,
-                    paste_masks: bool = False) -> Callable[..., Dict[str, jax.Array]]:
-  """``predict(variables, images, valid_size)``: ``MaskRCNN.predict`` with the plain kernels,
+def predict_program(model_config: ml_collections.ConfigDict, *, paste_masks: bool = False,
+                    kernel_set: modeling.KernelSet = modeling.PLAIN
+                    ) -> Callable[..., Dict[str, jax.Array]]:
+  """``predict(variables, images, valid_size)``: ``MaskRCNN.predict`` with ``kernel_set``,
   plus ``image_masks`` [B, D, H, W] (each mask pasted into the input size) if ``paste_masks``."""
-  model = modeling.MaskRCNN(model_config, kernels=modeling.PLAIN)
+  model = modeling.MaskRCNN(model_config, kernels=kernel_set)
 
   def predict(variables, images, valid_size):
     out = model.apply(variables, images, valid_size, method=modeling.MaskRCNN.predict)
@@ -163,7 +167,8 @@ def export_predict(config: ml_collections.ConfigDict, variables: PyTree, *, batc
                    weights: str = "baked", paste_masks: bool = False,
                    score_threshold: Optional[float] = None,
                    class_names: Optional[Sequence[str]] = None,
-                   category_ids: Optional[Sequence[int]] = None) -> Artifact:
+                   category_ids: Optional[Sequence[int]] = None,
+                   kernel_name: str = "auto") -> Artifact:
   """Exports ``predict`` of ``config.model`` at a static batch and input shape.
 
   Args:
@@ -182,6 +187,8 @@ def export_predict(config: ml_collections.ConfigDict, variables: PyTree, *, batc
     score_threshold: detections below it are dropped in the program (the detector's
       ``roi.score_threshold``); default the config's.
     class_names, category_ids: of classes 1..K for the sidecar; default ``class_k`` and 1..K.
+    kernel_name: 'auto', 'plain' or 'cpu' (:func:`resolve_kernels`): a CPU-only artifact
+      with baked weights runs the CPU kernels, as the in-process predict does on a CPU.
 
   Returns:
     An :class:`Artifact`; :func:`save` writes it.
@@ -209,10 +216,13 @@ def export_predict(config: ml_collections.ConfigDict, variables: PyTree, *, batc
     raise ValueError(f"need {num_fg} class names and category ids (num_classes - 1), got "
                      f"{len(class_names)} and {len(category_ids)}")
 
-  program = predict_program(model_config, paste_masks=paste_masks)
-  # PLAIN keeps no precomputed collection: this drops a CPU predictor's Winograd transforms.
-  plain = kernels.prepare_inference(modeling.MaskRCNN(model_config, kernels=modeling.PLAIN),
-                                    dict(variables), image_size)
+  kernel_name = resolve_kernels(kernel_name, platforms, weights)
+  kernel_set = kernels.select(kernel_name)
+  program = predict_program(model_config, paste_masks=paste_masks, kernel_set=kernel_set)
+  # PLAIN keeps no precomputed collection (this drops a CPU predictor's Winograd transforms);
+  # the CPU set bakes its transformed kernels in.
+  plain = kernels.prepare_inference(modeling.MaskRCNN(model_config, kernels=kernel_set),
+                                    dict(variables), image_size, int(batch_size))
   b = int(batch_size)
   images = jax.ShapeDtypeStruct((b,) + image_size + (3,), jnp.dtype(input_dtype))
   valid_size = jax.ShapeDtypeStruct((b, 2), jnp.int32)
@@ -245,6 +255,11 @@ def export_predict(config: ml_collections.ConfigDict, variables: PyTree, *, batc
       # jax.export: loadable by a jaxlib up to 6 months newer, 3 weeks older than this one.
       "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "platforms": list(exp.platforms),
+      "kernels": kernel_name,
+      # The CPU kernels' compiler options (kernels.compiler_options), as the in-process
+      # predict compiles them; the loader applies them when its XLA accepts them.
+      "compiler_options": ({"cpu": kernels.compiler_options("cpu")} if kernel_name == "cpu"
+                           else {}),
       "batch_size": b,
       "image_size": list(image_size),
       "input_dtype": input_dtype,
@@ -268,6 +283,21 @@ def export_predict(config: ml_collections.ConfigDict, variables: PyTree, *, batc
       "model": json.loads(model_config.to_json()),
   }
   return Artifact(exp, sidecar, flat if weights == "argument" else None)
+
+
+def resolve_kernels(name: str, platforms: Sequence[str], weights: str) -> str:
+  """'plain' or 'cpu' for ``kernel_name`` ('auto', 'plain', 'cpu'): 'auto' picks the CPU
+  kernels (Winograd, matmul forms: faster on XLA:CPU) for a CPU-only artifact with baked
+  weights, else the plain ones (what GPUs and TPUs run; weights as an argument stay the
+  model's own parameters, not their CPU transforms)."""
+  _check_choice("kernels", name, KERNELS)
+  cpu_only = tuple(platforms) == ("cpu",)
+  if name == "auto":
+    return "cpu" if cpu_only and weights == "baked" else "plain"
+  if name == "cpu" and not (cpu_only and weights == "baked"):
+    raise ValueError("kernels='cpu' needs platforms=('cpu',) and baked weights (its programs "
+                     "are XLA:CPU's, its weights transformed)")
+  return name
 
 
 def _lowers(fn: Callable, platform: str, args: Sequence[Any]) -> bool:

@@ -84,8 +84,20 @@ class ExportedPredict:
       self._weights = self._load_weights(weights)
     elif weights is not None:
       raise ValueError("this artifact has its weights baked in; do not pass weights=")
-    # One jit around the call: compiled on the first call, cached for the following ones.
-    self._call = jax.jit(self._exported.call)
+    # One jit around the call: compiled on the first call, cached for the following ones,
+    # with the compiler options the exporter recorded for this platform.
+    self._call = jax.jit(self._exported.call, compiler_options=self._compiler_options() or None)
+
+  def _compiler_options(self) -> Dict[str, str]:
+    """The sidecar's options for this backend, or none where this XLA rejects them."""
+    options = self.sidecar.get("compiler_options", {}).get(jax.default_backend(), {})
+    if not options:
+      return {}
+    try:
+      jax.jit(lambda a: a + 1, compiler_options=options).lower(np.zeros(2, np.float32)).compile()
+    except Exception:  # pylint: disable=broad-except  # an XLA that does not know an option
+      return {}
+    return dict(options)
 
   def _check_platform(self) -> None:
     backend = jax.default_backend()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from mrcnn_jax import config as config_lib
+from mrcnn_jax import kernels
 from mrcnn_jax import modeling
 from mrcnn_jax.inference import export
 from mrcnn_jax.inference import exported as exported_lib
@@ -242,7 +243,8 @@ def test_script_exports_random_then_checkpoint_weights(tmp_path):
   proc = _run_script(*common, "--random_weights", "--paste_masks", "--compute_dtype",
                      "bfloat16", "--out", str(first))
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert f"predict [1, 64, 96, 3] uint8 for cpu, tpu, weights argument -> {first}" in proc.stdout
+  assert (f"predict [1, 64, 96, 3] uint8 for cpu, tpu, weights argument, kernels plain -> {first}"
+          in proc.stdout)
   side = exported_lib.read_sidecar(str(first))
   assert (side["image_size"], side["compute_dtype"], side["paste_masks"]) == (
       [64, 96], "bfloat16", True)
@@ -260,3 +262,29 @@ def test_script_exports_random_then_checkpoint_weights(tmp_path):
       np.testing.assert_array_equal(f[k], v, err_msg=k)
   proc = _run_script(*common, "--random_weights", "--out", str(first))
   assert proc.returncode == 1 and "pass --overwrite" in proc.stderr.splitlines()[-1]
+
+
+def test_cpu_only_artifact_runs_the_cpu_kernels_as_predict_does(setup, tmp_path):
+  """A CPU-only artifact with baked weights is the in-process CPU predict: the CPU kernels,
+  their precomputed transforms baked in, compiled with the same XLA:CPU options."""
+  c, variables = setup["config"], setup["variables"]
+  artifact = export.export_predict(c, variables, batch_size=BATCH, platforms=("cpu",))
+  assert artifact.sidecar["kernels"] == "cpu"
+  assert artifact.sidecar["compiler_options"] == {"cpu": kernels.compiler_options("cpu")}
+  export.save(artifact, str(tmp_path / "cpu"))
+  got = jax.device_get(exported_lib.load(str(tmp_path / "cpu"))(setup["images"],
+                                                             setup["valid_size"]))
+  model = modeling.MaskRCNN(c.model, kernels=kernels.select("cpu"))
+  prepared = kernels.prepare_inference(model, variables, SIZE, BATCH)
+  fn = jax.jit(lambda im, vs: model.apply(prepared, im, vs, method=modeling.MaskRCNN.predict),
+               compiler_options=kernels.compiler_options("cpu"))
+  want = jax.device_get(fn(setup["images"], setup["valid_size"]))
+  for name in ("classes", "valid"):
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  for name in ("boxes", "scores", "masks"):  # constants folded as in the baked case above
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+  # Portable artifacts keep the plain kernels; the CPU ones are refused where they do not fit.
+  assert export.resolve_kernels("auto", ("cpu", "cuda"), "baked") == "plain"
+  assert export.resolve_kernels("auto", ("cpu",), "argument") == "plain"
+  with pytest.raises(ValueError, match="kernels='cpu' needs"):
+    export.resolve_kernels("cpu", ("cpu", "tpu"), "baked")

@@ -146,7 +146,8 @@ def test_script_writes_a_savedmodel(tmp_path):
                      "savedmodel", "--height", "64", "--width", "96", "--platforms", "cpu,tpu",
                      "--paste_masks", "--out", str(folder))
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert (f"predict [1, 64, 96, 3] uint8 for cpu, tpu, weights variables -> {folder} "
+  assert (f"predict [1, 64, 96, 3] uint8 for cpu, tpu, weights variables, kernels plain -> "
+          f"{folder} "
           "(savedmodel, sidecar)") in proc.stdout
   assert sorted(os.listdir(folder)) == ["assets", "assets.extra", "fingerprint.pb",
                                         "saved_model.pb", "variables"]
