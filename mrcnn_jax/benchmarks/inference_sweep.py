@@ -30,7 +30,6 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mrcnn_jax.benchmarks import programs
@@ -88,14 +87,7 @@ def measure_point(shape: Tuple[int, int], dtype: str, batch: int, options: Sweep
     config = options.make_config(shape, dtype, batch)
   else:
     config = _config(shape, dtype, batch, options.every_slot)
-  model = programs.build_model(config)
-  variables = programs.prepare_inference(model, programs.random_variables(model, (h, w)),
-                                         (h, w), batch)
-  predict = programs.predict_function(model)
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8))
-  valid_size = jnp.asarray(np.tile([h, w], (batch, 1)), jnp.int32)
-  args = (variables, images, valid_size)
+  predict, args = programs.random_predict(config, batch)
   lowered, compiled, cold, warm = _compile_twice(predict, args)
   if options.hlo_dir:
     os.makedirs(options.hlo_dir, exist_ok=True)
@@ -115,12 +107,7 @@ def measure_point(shape: Tuple[int, int], dtype: str, batch: int, options: Sweep
     t0 = time.perf_counter()
     jax.block_until_ready(call())
     latencies.append(time.perf_counter() - t0)
-  t0 = time.perf_counter()
-  out = None
-  for _ in range(options.repeats):
-    out = call()
-  jax.block_until_ready(out)
-  throughput = batch * options.repeats / (time.perf_counter() - t0)
+  throughput = batch * options.repeats / timing.back_to_back_seconds(call, options.repeats)
   flops = recipe.predict_flops(config, batch)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
@@ -182,24 +169,10 @@ def compare_exported(directory: str, rounds: int = 5, repeats: int = 5,
   batch, (h, w) = artifact.batch_size, artifact.image_size
   config = _config((h, w), sidecar["compute_dtype"], batch, False)
   config.model = upgrade_model_config(sidecar["model"])
-  model = programs.build_model(config)
-  variables = programs.prepare_inference(model, programs.random_variables(model, (h, w)),
-                                         (h, w), batch)
-  predict = programs.predict_function(model)
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8))
-  valid_size = jnp.asarray(np.tile([h, w], (batch, 1)), jnp.int32)
-
-  def timed(fn):
-    def run():
-      out = None
-      for _ in range(repeats):
-        out = fn()
-      jax.block_until_ready(out)
-    return run
-
-  fns = [timed(lambda: predict(variables, images, valid_size)),
-         timed(lambda: artifact(images, valid_size))]
+  predict, args = programs.random_predict(config, batch)
+  _, images, valid_size = args
+  fns = [lambda: timing.back_to_back_seconds(lambda: predict(*args), repeats),
+         lambda: timing.back_to_back_seconds(lambda: artifact(images, valid_size), repeats)]
   medians, walls = timing.median_times(fns, rounds)
   inproc, exported = (m[0] / repeats for m in medians)
   ratios = [e / i for i, e in zip(walls[0], walls[1])]

@@ -51,6 +51,20 @@ def predict_function(model: modeling.MaskRCNN, library: bool = True) -> Callable
   return jax.jit(lambda v, im, vs: model.apply(v, im, vs, method=type(model).predict))
 
 
+def random_predict(config: ml_collections.ConfigDict, batch: int
+                   ) -> Tuple[Callable, Tuple[Dict[str, Any], jax.Array, jax.Array]]:
+  """``(predict, (variables, images, valid_size))`` at ``config.data.image_size``: the library's
+  jitted ``predict`` with random, prepared variables and ``batch`` random uint8 images on the
+  default device (each image the whole input)."""
+  h, w = config.data.image_size
+  model = build_model(config)
+  variables = prepare_inference(model, random_variables(model, (h, w)), (h, w), batch)
+  rng = np.random.default_rng(0)
+  images = jax.device_put(rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8))
+  valid_size = jax.device_put(np.tile(np.asarray([h, w], np.int32), (batch, 1)))
+  return predict_function(model), (variables, images, valid_size)
+
+
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
   """The trainer's data-parallel mesh over ``devices`` (default: all)."""
   return run.make_mesh(devices)

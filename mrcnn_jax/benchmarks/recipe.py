@@ -36,6 +36,7 @@ from mrcnn_jax.benchmarks import hlo_audit
 from mrcnn_jax.benchmarks import programs
 from mrcnn_jax.benchmarks import scaling
 from mrcnn_jax.benchmarks import synthetic
+from mrcnn_jax.benchmarks import timing
 
 Log = Callable[[str], None]
 
@@ -170,16 +171,6 @@ def _as_json(counts) -> Dict[str, int]:
   return {f"{op} {dtype}": n for (op, dtype), n in sorted(counts.items())}
 
 
-def _timed_loop(call: Callable[[], Any], steps: int) -> float:
-  """Seconds for ``steps`` back-to-back calls, one ``block_until_ready`` at the end."""
-  t0 = time.perf_counter()
-  out = None
-  for _ in range(steps):
-    out = call()
-  jax.block_until_ready(out)
-  return time.perf_counter() - t0
-
-
 def _rates(seconds: float, steps: int, images_per_step: int, num_devices: int,
            step_flops: float, peak: float) -> Dict[str, float]:
   step_s = seconds / steps
@@ -220,7 +211,7 @@ def measure_train(config: ml_collections.ConfigDict, options: Options, peak: flo
   for _ in range(options.warmup):
     metrics = call()
   jax.block_until_ready(metrics)
-  seconds = _timed_loop(call, options.steps)
+  seconds = timing.back_to_back_seconds(call, options.steps)
   losses = {k: float(v) for k, v in jax.device_get(call()).items() if k.endswith("loss")}
   result = {"program": "train_step", "compile_s": compile_s, "batch": batch,
             "num_devices": mesh.size, "flops_per_step": step_flops,
@@ -233,29 +224,21 @@ def measure_train(config: ml_collections.ConfigDict, options: Options, peak: flo
 def measure_predict(config: ml_collections.ConfigDict, options: Options, peak: float,
                     log: Log = print) -> Dict[str, Any]:
   """``predict`` on one device, compiled as ``inference.Predictor`` compiles it."""
-  h, w = config.data.image_size
   batch = options.infer_batch
-  model = programs.build_model(config)
-  variables = programs.prepare_inference(model, programs.random_variables(model, (h, w)),
-                                         (h, w), batch)
-  predict = programs.predict_function(model)
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8))
-  valid_size = jnp.asarray(np.tile([h, w], (batch, 1)), jnp.int32)
+  predict, args = programs.random_predict(config, batch)
   t0 = time.perf_counter()
-  lowered = predict.lower(variables, images, valid_size)
-  compiled = lowered.compile()
+  compiled = predict.lower(*args).compile()
   compile_s = time.perf_counter() - t0
   log(f"predict compiled in {compile_s:.1f} s")
   step_flops = predict_flops(config, batch)
   hlo = hlo_audit.op_dtypes(compiled.as_text())
 
   def call():
-    return compiled(variables, images, valid_size)
+    return compiled(*args)
 
   for _ in range(options.warmup):
     jax.block_until_ready(call())
-  seconds = _timed_loop(call, options.steps)
+  seconds = timing.back_to_back_seconds(call, options.steps)
   result = {"program": "predict", "compile_s": compile_s, "batch": batch, "num_devices": 1,
             "flops_per_step": step_flops, "memory": memory(compiled),
             "allocator_peak": allocator_peak(jax.devices()[0]), "hlo_ops": _as_json(hlo)}

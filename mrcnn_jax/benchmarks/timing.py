@@ -59,3 +59,15 @@ def median_wall_time(fn: Callable[[], object], repeats: int) -> float:
     fn()
     times.append(time.perf_counter() - start)
   return statistics.median(times)
+
+
+def back_to_back_seconds(call: Callable[[], object], calls: int) -> float:
+  """Seconds for ``calls`` calls dispatched back to back, one ``jax.block_until_ready`` on the
+  last result (no host sync in between, as a training or serving loop runs)."""
+  import jax  # pylint: disable=import-outside-toplevel  # timing itself needs no JAX
+  start = time.perf_counter()
+  out = None
+  for _ in range(calls):
+    out = call()
+  jax.block_until_ready(out)
+  return time.perf_counter() - start

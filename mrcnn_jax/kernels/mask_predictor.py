@@ -31,11 +31,7 @@ class MatmulMaskPredictor(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, classes: Optional[jax.Array] = None) -> jax.Array:
-    """x: [N, h, w, C]; classes: optional [N] int32.
-
-    Returns:
-      [N, 2h, 2w, K+1] float32 logits, or [N, 2h, 2w] of class ``classes[n]`` when given.
-    """
+    """As ``roi_heads.MaskRCNNPredictor.__call__``: [N, 2h, 2w, K+1] logits (or of ``classes``)."""
     n, h, w, c = x.shape
     deconv = _ParamHolder((2, 2, c, c), (c,), deconv_init, name="conv5_mask")
     logits_p = _ParamHolder((1, 1, c, self.num_classes), (self.num_classes,), mask_conv_init,

@@ -21,17 +21,8 @@ from mrcnn_jax.ops.roi_align import pool_corners
 
 def pool_rois_loop(tables: Sequence[jax.Array], level: jax.Array, index: jax.Array,
                    wy: jax.Array, wx: jax.Array) -> jax.Array:
-  """``pool_corners`` one RoI at a time, from table ``tables[level[r]]``.
-
-  Args:
-    tables: per level, [T_l, C] pixels.
-    level: [R] int32, each RoI's table.
-    index: [R, oh*2g, ow*2g] int32 rows of that table.
-    wy, wx: [R, oh, 2g], [R, ow, 2g] float32 weights.
-
-  Returns:
-    [R, oh, ow, C] in the tables' dtype.
-  """
+  """``pool_corners`` one RoI at a time, from table ``tables[level[r]]``: the arguments and
+  result of :func:`mrcnn_jax.ops.roi_align.pool_all_rois` ([R, oh, ow, C], tables' dtype)."""
   dtype = tables[0].dtype
   # CPUs have no bfloat16 arithmetic: pool in float32 and cast the result back.
   tables = [t.astype(jnp.float32) for t in tables]
