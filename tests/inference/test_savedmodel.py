@@ -10,20 +10,17 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo
 
-from mrcnn_jax import config as config_lib
-from mrcnn_jax import modeling
 from mrcnn_jax.inference import export
 from mrcnn_jax.inference import savedmodel
-from mrcnn_jax.modeling.config import tiny_model_config
+from tests.inference import export_case
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-SIZE, BATCH = (64, 64), 2
+SIZE, BATCH = export_case.SIZE, export_case.BATCH
 # XLA_FLAGS empty: the suite's fake-device flag is jaxlib's, not TensorFlow's XLA's.
 ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
 
@@ -44,18 +41,9 @@ np.savez(out, **{k: v.numpy() for k, v in result.items()})
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  c = config_lib.get_base_config()
-  c.data.image_size = SIZE
-  c.model = tiny_model_config(num_classes=3)
-  variables = export.random_variables(c)
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (BATCH,) + SIZE + (3,), dtype=np.uint8)
-  images[1, 48:], images[1, :, 40:] = 0, 0  # the second image is 48 x 40, zero-padded
-  valid_size = np.array([SIZE, (48, 40)], np.int32)
-  model = modeling.MaskRCNN(c.model, kernels=modeling.PLAIN)
-  predict = lambda v, im, vs: model.apply(v, im, vs, method=modeling.MaskRCNN.predict)
-  ref = jax.device_get(jax.jit(predict)(variables, images, valid_size))
-  assert ref["valid"].sum() > 2, "no detections to compare: pick another seed"
+  case = export_case.tiny_case()
+  c, variables, ref = case["config"], case["variables"], case["ref"]
+  images, valid_size = case["images"], case["valid_size"]
   out = tmp_path_factory.mktemp("savedmodel")
   artifact = savedmodel.export_savedmodel(c, variables, batch_size=BATCH,
                                           class_names=["square", "circle"], category_ids=[1, 7])
