@@ -292,8 +292,8 @@ def experiment_config(output_dir: str, image_size: Optional[str] = None
       ``config.data.min_size`` / ``max_size`` to 800 / 1333 (with ``1344,1344``) for their
       sizes; ``inference.Predictor`` then resizes as torchvision does (its size rule and its
       float bilinear resample), so the model sees torchvision's pixels.
-      With H and W multiples of 64 their anchors equal ours on every level (see
-      ``mrcnn_jax.ops.anchors.generate_anchors`` for P6 otherwise).
+      A converted torchvision config places its anchors by torchvision's rule at any size
+      (``anchors.strides_from_grid``); Detectron2's equal ours at multiples of 64.
   """
   # Here, not at the top: the base config pulls in the training package, which converting
   # weights does not need.

@@ -102,10 +102,14 @@ def torchvision_maskrcnn_config(state: Optional[Mapping[str, Any]] = None,
   ``num_classes`` (background included) overrides the state's class count.
 
   Resizing is the caller's: torchvision resizes the shorter side to 800 (longer <= 1333) and
-  pads to a multiple of 32 before the network; feed our model the same resized, padded image.
+  pads to a multiple of 32 before the network; feed our model the same resized, padded image
+  (``anchors.strides_from_grid`` places the anchors as torchvision does at such sizes).
   """
   c = model_config()
   c.norm = "frozen_bn"
+  c.anchors.strides_from_grid = True  # its AnchorGenerator's rule, exact at any padded size
+  # Its train mode: a trainable BatchNorm ('bn') in a frozen stage still uses batch statistics.
+  c.backbone.frozen_stage_statistics = "batch"
   if state is not None:
     state = canonical_keys(state)
     _set_backbone(c, state, _BODY)

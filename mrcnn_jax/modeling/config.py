@@ -33,6 +33,10 @@ def model_config() -> ml_collections.ConfigDict:
   # torchvision's ``trainable_layers``: how many of (layer4, layer3, layer2, layer1, conv1) train.
   # 3 freezes the stem and layer1, as maskrcnn_resnet50_fpn does with pretrained weights.
   c.backbone.trainable_layers = 3
+  # With norm 'bn', the BatchNorms of the stages trainable_layers freezes use, in training,
+  # 'running': their running statistics (the stage is fixed, as Detectron2 freezes it) or
+  # 'batch': batch statistics, as torchvision's train mode (it only cuts their gradients).
+  c.backbone.frozen_stage_statistics = "running"
   c.backbone.norm_eps = 1e-5
   c.backbone.bn_momentum = 0.9  # flax convention: running = m * running + (1 - m) * batch
   c.backbone.gn_groups = 32
@@ -56,6 +60,10 @@ def model_config() -> ml_collections.ConfigDict:
   c.anchors.aspect_ratios = (0.5, 1.0, 2.0)
   # Round the zero-centred cell anchors to whole pixels (torchvision); Detectron2 does not.
   c.anchors.round = True
+  # Space each level's anchors (padded size) // (grid size) apart per axis, as torchvision's
+  # AnchorGenerator, instead of by ``strides``: they differ where the padded size is not a
+  # multiple of the stride (P6 of an 800-high input: 61). Converted torchvision models set it.
+  c.anchors.strides_from_grid = False
 
   c.rpn = ml_collections.ConfigDict()
   c.rpn.head_convs = 1  # 3x3 conv + ReLU layers before the predictors (v2: 2)
@@ -107,6 +115,10 @@ def model_config() -> ml_collections.ConfigDict:
   # Foreground RoIs per image that get a mask loss: a fixed count so shapes stay static.
   # roi.batch_size_per_image * roi.positive_fraction (128) holds every sampled positive.
   c.mask.rois_per_image = 128
+  # Bilinear samples per bin and axis of the mask targets: torchvision takes ceil(side / 28),
+  # i.e. more for RoIs longer than 56 px; a static cap keeps shapes fixed (``ops.masks``).
+  # Raise it to the longest RoI side / 28 for exact torchvision targets.
+  c.mask.target_sampling_ratio = 2
   # The mask head runs in chunks of slots per image whose sizes double from this one
   # (8, 8, 16, 32, 64 for 128 slots); chunks with no positive (no valid detection at
   # inference) are skipped. Same results; 0 runs all slots at once.

@@ -151,7 +151,8 @@ class MaskRCNN(nn.Module):
     """Static anchors: ([N, 4] float32 array, anchors per level)."""
     a = self.config.anchors
     per_level = anchor_ops.generate_anchors(image_size, a.strides, a.sizes, a.aspect_ratios,
-                                            round_to_pixels=a.round)
+                                            round_to_pixels=a.round,
+                                            strides_from_grid=a.strides_from_grid)
     return jnp.asarray(rpn_lib.concat_anchors(per_level)), rpn_lib.level_sizes(per_level)
 
   def _proposals(self, objectness, deltas, anchors, level_sizes, valid_size, train: bool):
@@ -345,8 +346,10 @@ class MaskRCNN(nn.Module):
     # statistics over them only, as torchvision's, which sees no other RoI.
     valid = rois["valid"][:, :m] & (labels > 0)
     logits = self._mask_branch(feats, boxes, labels, train=True, valid=valid)
-    targets = batch_parallel.vmap(functools.partial(mask_targets, size=logits.shape[-1]),
-                                  mesh=self.mesh)(gt.masks, gt.boxes, boxes, matched)
+    targets = batch_parallel.vmap(functools.partial(
+        mask_targets, size=logits.shape[-1],
+        sampling_ratio=self.config.mask.target_sampling_ratio),
+        mesh=self.mesh)(gt.masks, gt.boxes, boxes, matched)
     return dict(roi_mask=loss_lib.mask_loss(logits, jax.lax.stop_gradient(targets), valid))
 
   # ------------------------------------------------------------------ inference

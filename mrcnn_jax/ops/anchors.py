@@ -61,6 +61,7 @@ def generate_anchors(
     sizes: Sizes = ((32,), (64,), (128,), (256,), (512,)),
     aspect_ratios: Ratios = (0.5, 1.0, 2.0),
     round_to_pixels: bool = True,
+    strides_from_grid: bool = False,
 ) -> List[np.ndarray]:
   """Anchors of every FPN level for a (padded) input of ``image_size``.
 
@@ -68,12 +69,12 @@ def generate_anchors(
   (what a stride-2 conv tower with "SAME" padding yields) and anchors centred at
   ``(x * stride_l, y * stride_l)``, the top-left corner of each cell, as in torchvision.
 
-  Note on torchvision parity: torchvision does not take the strides as given; it derives them
-  as ``image_size // feature_size`` per level. With ``Hl = ceil(h / stride)`` that equals
-  ``stride`` only when ``h`` (and ``w``) is a multiple of the stride; for a 800 x 1201 input
-  the P6 level (stride 64, 19 columns) would get stride ``1201 // 19 = 63``. Pad inputs to a
-  multiple of the largest stride (64 for P2-P6; the input pipeline does) and the two agree
-  exactly, values and order.
+  torchvision does not take the strides as given: its ``AnchorGenerator`` derives them as
+  ``image_size // feature_size`` per level and axis. With ``Hl = ceil(h / stride)`` that equals
+  ``stride`` only when ``h`` (and ``w``) is a multiple of the stride; for an 800 x 1216 input
+  (torchvision pads to 32) the P6 level (13 x 19 cells) gets strides ``800 // 13 = 61`` and
+  ``1216 // 19 = 64``. ``strides_from_grid=True`` follows that rule (converted torchvision
+  models set it); at multiples of the largest stride the two rules agree exactly.
 
   Args:
     image_size: ``(h, w)`` of the padded network input, static Python ints.
@@ -82,6 +83,8 @@ def generate_anchors(
     aspect_ratios: ratios ``h / w``: one sequence shared by all levels, or one per level.
     round_to_pixels: round the cell anchors to whole pixels (torchvision) or not (Detectron2,
       whose grid is otherwise the same: offset 0, the given strides).
+    strides_from_grid: space each level's anchors ``h // Hl`` and ``w // Wl`` apart
+      (torchvision) instead of ``stride`` (Detectron2); the grid sizes are the same.
 
   Returns:
     A list with one entry per level: np.ndarray [Hl * Wl * A, 4] float32, xyxy pixels, where
@@ -117,9 +120,10 @@ def generate_anchors(
     base = cell_anchors(level_sizes, ratios, round_to_pixels)  # [A, 4]
     grid_h = math.ceil(height / stride)
     grid_w = math.ceil(width / stride)
+    step_y, step_x = (height // grid_h, width // grid_w) if strides_from_grid else (stride,) * 2
     # Integer shifts, as torchvision computes them, then one exact float32 addition.
-    shift_x = np.arange(grid_w, dtype=np.int32) * stride
-    shift_y = np.arange(grid_h, dtype=np.int32) * stride
+    shift_x = np.arange(grid_w, dtype=np.int32) * step_x
+    shift_y = np.arange(grid_h, dtype=np.int32) * step_y
     sy, sx = np.meshgrid(shift_y, shift_x, indexing="ij")
     sx = sx.reshape(-1)
     sy = sy.reshape(-1)

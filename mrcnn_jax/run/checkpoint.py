@@ -205,7 +205,7 @@ def restore_checkpoint(path: str, abstract_state: PyTree,
 # other field (architecture, anchors, normalisation, RoIAlign, box coding) must match.
 INFERENCE_FREE_FIELDS = frozenset(f"model.{k}" for k in (
     "compute_dtype", "detections_per_image", "backbone.trainable_layers", "backbone.bn_momentum",
-    "backbone.remat",
+    "backbone.remat", "backbone.frozen_stage_statistics", "mask.target_sampling_ratio",
     "rpn.pre_nms_top_k_train", "rpn.pre_nms_top_k_test", "rpn.post_nms_top_k_train",
     "rpn.post_nms_top_k_test", "rpn.nms_threshold", "rpn.min_size", "rpn.score_threshold",
     "rpn.fg_iou_threshold", "rpn.bg_iou_threshold", "rpn.batch_size_per_image",

@@ -40,6 +40,21 @@ def test_default_fpn_anchors_match_torchvision(image_size):
     np.testing.assert_array_equal(g, r, err_msg=f"level {level}")
 
 
+@pytest.mark.parametrize("image_size", [(96, 160), (800, 1216), (224, 200)])
+def test_sizes_off_the_largest_stride_match_torchvision_with_strides_from_grid(image_size):
+  """torchvision spaces the anchors (padded size) // (grid size) apart: P6 of a 96-high input
+  has 2 rows 48 px apart, not 64. ``strides_from_grid`` reproduces it; the fixed strides do
+  not (the grids are the same size either way)."""
+  strides = (4, 8, 16, 32, 64)
+  sizes = ((32,), (64,), (128,), (256,), (512,))
+  got = A.generate_anchors(image_size, strides_from_grid=True)
+  fixed = A.generate_anchors(image_size)
+  ref = torchvision_anchors(image_size, strides, sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+  for level, (g, r) in enumerate(zip(got, ref)):
+    np.testing.assert_array_equal(g, r, err_msg=f"level {level}")
+  assert fixed[-1].shape == ref[-1].shape and not np.array_equal(fixed[-1], ref[-1])
+
+
 def test_custom_sizes_and_per_level_ratios_match_torchvision():
   image_size = (128, 64)
   strides = (8, 16, 32)
