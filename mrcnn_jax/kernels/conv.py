@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from mrcnn_jax.kernels import winograd
+from mrcnn_jax.modeling import layers
 from mrcnn_jax.ops._checks import check_shape
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
@@ -230,7 +231,7 @@ class Conv(nn.Module):
     y = conv2d(x, kernel, self.strides, self.padding, self._transformed_kernel(x, kernel),
                self.use_winograd)
     if bias is not None:
-      y = y + bias.astype(dtype)
+      y = layers.add_bias(y, bias)  # its gradient summed in float32 under any dtype
     return y[0] if unbatched else y
 
   def _transformed_kernel(self, x: jax.Array, kernel: jax.Array) -> Optional[jax.Array]:

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling import layers
 from mrcnn_jax.modeling.roi_heads import deconv_init
 from mrcnn_jax.modeling.roi_heads import mask_conv_init
 
@@ -43,9 +44,9 @@ class MatmulMaskPredictor(nn.Module):
     # kernel tap (1 - a, 1 - b) to output pixel (2i + a, 2j + b): hence the flip.
     kflip = k5[::-1, ::-1]  # [a, b, C, O]
     y = jnp.einsum("nijc,abco->nijabo", x.astype(dt), kflip.astype(dt))
-    y = nn.relu(y + b5.astype(dt))  # [N, h, w, 2, 2, C]
+    y = nn.relu(layers.add_bias(y, b5))  # [N, h, w, 2, 2, C]
     if classes is None:
-      out = jnp.einsum("nijabo,ok->nijabk", y, k1[0, 0].astype(dt)) + b1.astype(dt)
+      out = layers.add_bias(jnp.einsum("nijabo,ok->nijabk", y, k1[0, 0].astype(dt)), b1)
       out = out.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, self.num_classes)
       return out.astype(jnp.float32)
     wc = jnp.take(k1[0, 0], classes, axis=1).T  # [N, C]

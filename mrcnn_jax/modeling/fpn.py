@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrcnn_jax.modeling import layers
 from mrcnn_jax.modeling import resnet as resnet_lib
 
 # torchvision's FPN init: kaiming_uniform_(a=1), i.e. U(+-sqrt(3 / fan_in)), bias 0.
@@ -55,7 +56,7 @@ class FPN(nn.Module):
   channels: int = 256
   dtype: Any = jnp.float32
   norm: str = "none"
-  conv: Any = nn.Conv
+  conv: Any = layers.Conv
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array], train: bool = False) -> List[jax.Array]:

@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling import layers
 from mrcnn_jax.modeling import resnet as resnet_lib
 from mrcnn_jax.modeling import rpn as rpn_lib
 
@@ -82,7 +83,7 @@ class ConvNormAct(nn.Module):
   features: int
   norm: str = "none"
   dtype: Any = jnp.float32
-  conv: Any = nn.Conv
+  conv: Any = layers.Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -121,7 +122,7 @@ class RPNHeadV2(nn.Module):
   num_anchors: int
   num_convs: int = 2
   dtype: Any = jnp.float32
-  conv: Any = nn.Conv
+  conv: Any = layers.Conv
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array]) -> Tuple[jax.Array, jax.Array]:
@@ -163,7 +164,7 @@ class FastRCNNConvFCHead(nn.Module):
   fc_sizes: Sequence[int] = (1024,)
   norm: str = "bn"
   dtype: Any = jnp.float32
-  conv: Any = nn.Conv
+  conv: Any = layers.Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -177,8 +178,9 @@ class FastRCNNConvFCHead(nn.Module):
     x = x.reshape(lead + (-1,))  # HWC order; the converter permutes torch's CHW fc weights
     index = len(self.conv_channels) + 1  # torchvision's Flatten sits at len(conv_channels)
     for size in self.fc_sizes:
-      x = nn.relu(nn.Dense(size, kernel_init=_linear_init, bias_init=_uniform_bias(x.shape[-1]),
-                           dtype=self.dtype, param_dtype=jnp.float32, name=str(index))(x))
+      x = nn.relu(layers.Dense(size, kernel_init=_linear_init,
+                               bias_init=_uniform_bias(x.shape[-1]), dtype=self.dtype,
+                               param_dtype=jnp.float32, name=str(index))(x))
       index += 2  # Linear, ReLU
     return x
 
@@ -196,7 +198,7 @@ class MaskRCNNHeadsNorm(nn.Module):
   channels: Sequence[int] = (256, 256, 256, 256)
   norm: str = "bn"
   dtype: Any = jnp.float32
-  conv: Any = nn.Conv
+  conv: Any = layers.Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,

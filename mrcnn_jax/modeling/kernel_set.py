@@ -15,8 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional, Tuple
 
-import flax.linen as nn
-
+from mrcnn_jax.modeling import layers
 from mrcnn_jax.modeling import roi_heads
 
 
@@ -37,7 +36,7 @@ class KernelSet:
       layers read (training refuses variables that carry them).
   """
 
-  conv: Any = nn.Conv
+  conv: Any = layers.Conv
   mask_predictor: Any = roi_heads.MaskRCNNPredictor
   pool_rois: Optional[Callable[..., Any]] = None
   init_key: Optional[Callable[[Any], Any]] = None

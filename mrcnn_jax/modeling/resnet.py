@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling import layers
+
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 # config.backbone.remat: what the backward pass recomputes instead of keeping (jax.checkpoint).
@@ -151,7 +153,7 @@ class _GroupNorm(nn.Module):
 
 def _conv(conv: Any, features: int, kernel: int, stride: int, dtype: Any,
           name: str) -> nn.Module:
-  """A bias-free ``conv`` layer (a ``KernelSet.conv`` class, ``nn.Conv`` by default)."""
+  """A bias-free ``conv`` layer (a ``KernelSet.conv`` class, ``layers.Conv`` by default)."""
   pad = (kernel - 1) // 2  # torch's symmetric padding, not "SAME" (differs for stride 2)
   return conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
               use_bias=False, kernel_init=conv_init, dtype=dtype, param_dtype=jnp.float32,
@@ -172,7 +174,7 @@ class Bottleneck(nn.Module):
   norm_kwargs: Tuple[Tuple[str, Any], ...]
   dtype: Any
   stride_in_1x1: bool = False
-  conv: Any = nn.Conv
+  conv: Any = layers.Conv
 
   def _norm(self, name):
     return make_norm(self.norm, train=self.train, frozen=self.frozen, dtype=self.dtype,
@@ -201,7 +203,7 @@ class _Downsample(nn.Module):
   frozen: bool
   norm_kwargs: Tuple[Tuple[str, Any], ...]
   dtype: Any
-  conv: Any = nn.Conv
+  conv: Any = layers.Conv
 
   @nn.compact
   def __call__(self, x):
@@ -226,7 +228,7 @@ class ResLayer(nn.Module):
   norm_kwargs: Tuple[Tuple[str, Any], ...]
   dtype: Any
   stride_in_1x1: bool = False
-  conv: Any = nn.Conv
+  conv: Any = layers.Conv
   remat_blocks: bool = False
 
   @nn.compact
@@ -270,7 +272,7 @@ class ResNet(nn.Module):
   """
 
   config: Any
-  conv: Any = nn.Conv
+  conv: Any = layers.Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> Sequence[jax.Array]:

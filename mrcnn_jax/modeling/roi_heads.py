@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling import layers
 from mrcnn_jax.ops import boxes as box_ops
 from mrcnn_jax.ops.matching import match_boxes
 from mrcnn_jax.ops.nms import batched_nms
@@ -44,8 +45,8 @@ def _linear_bias_init(fan_in: int):
   return init
 
 
-def _dense(features: int, fan_in: int, dtype: Any, name: str) -> nn.Dense:
-  return nn.Dense(features, kernel_init=linear_init, bias_init=_linear_bias_init(fan_in),
+def _dense(features: int, fan_in: int, dtype: Any, name: str) -> layers.Dense:
+  return layers.Dense(features, kernel_init=linear_init, bias_init=_linear_bias_init(fan_in),
                   dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
@@ -93,7 +94,7 @@ class MaskRCNNHead(nn.Module):
 
   channels: Sequence[int] = (256, 256, 256, 256)
   dtype: Any = jnp.float32
-  conv: Any = nn.Conv
+  conv: Any = layers.Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
@@ -124,10 +125,11 @@ class MaskRCNNPredictor(nn.Module):
       [N, 2h, 2w, K+1] float32 logits, or [N, 2h, 2w] of class ``classes[n]`` when given.
     """
     c = x.shape[-1]
-    x = nn.ConvTranspose(c, (2, 2), strides=(2, 2), padding="VALID", kernel_init=deconv_init,
-                         dtype=self.dtype, param_dtype=jnp.float32, name="conv5_mask")(x)
-    x = nn.Conv(self.num_classes, (1, 1), kernel_init=mask_conv_init, dtype=self.dtype,
-                param_dtype=jnp.float32, name="mask_fcn_logits")(nn.relu(x))
+    x = layers.ConvTranspose(c, (2, 2), strides=(2, 2), padding="VALID",
+                             kernel_init=deconv_init, dtype=self.dtype,
+                             param_dtype=jnp.float32, name="conv5_mask")(x)
+    x = layers.Conv(self.num_classes, (1, 1), kernel_init=mask_conv_init, dtype=self.dtype,
+                    param_dtype=jnp.float32, name="mask_fcn_logits")(nn.relu(x))
     logits = x.astype(jnp.float32)
     if classes is None:
       return logits

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrcnn_jax.modeling import layers
 from mrcnn_jax.ops import boxes as box_ops
 from mrcnn_jax.ops.matching import match_boxes
 from mrcnn_jax.ops.nms import batched_nms
@@ -42,7 +43,7 @@ class RPNHead(nn.Module):
 
   num_anchors: int
   dtype: Any = jnp.float32
-  conv: Any = nn.Conv
+  conv: Any = layers.Conv
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array]) -> Tuple[jax.Array, jax.Array]:

@@ -17,8 +17,9 @@ train mode uses batch statistics in the frozen stages' BatchNorms too
 (``mask.target_sampling_ratio`` raises our static cap).
 
 Then: our sampling as it really runs gives losses within torchvision's spread over sampling
-seeds; our bf16 step is torchvision's float32 step to bf16 rounding; and the step on 8
-(fake) devices is the 1-device step to float32 rounding.
+seeds; our bf16 step is torchvision's float32 step to bf16 rounding (which found the bias
+gradients summed in bf16: ``modeling.layers`` sums them in float32); and the step on 8 (fake)
+devices is the 1-device step to float32 rounding.
 """
 
 from __future__ import annotations
@@ -146,33 +147,24 @@ def test_bfloat16_step_close_to_torchvision(v1, bf16_step):
   """bf16 keeps 8 significant bits: the RPN's deltas, hence the proposals, move by about 2**-9
   of their size, which flips RoIs lying at the 0.5 IoU border between foreground and
   background (here 4 of 259 positives). The RoI losses, sums over the positives, move with
-  them (measured: 2.9% mask, 2.4% box): the losses must stay within 5%. Each kernel's gradient
-  must point where torchvision's float32 one does (cosine >= 0.95, measured >= 0.97) with its
-  size within 10% (measured 4%)."""
+  them (measured: 2.9% mask, 2.4% box): the losses must stay within 5%. Each parameter's
+  gradient must point where torchvision's float32 one does (cosine >= 0.95) with its size
+  within 10%. Bias gradients are sums over every position: ``modeling.layers`` sums them in
+  float32 (a bf16 sum left the mask predictor's 83% short, cosine 0.76)."""
   losses, grads, stats = bf16_step
   assert stats["roi_num_fg"] > 0, stats
   for name, ref in v1.losses.items():
     assert losses[name] == pytest.approx(ref, rel=5e-2), name
-  kernels = [p for p in grads if v1.trainable[p] and p.endswith("['kernel']")]
-  assert len(kernels) > 20
-  for path in kernels:
+  trainable = [p for p in grads if v1.trainable[p]]
+  assert sum(p.endswith("['bias']") for p in trainable) >= 10
+  worst = {}
+  for path in trainable:
     g, ref = grads[path], v1.grads64[path]
-    assert _cosine(g, ref) >= 0.95, (path, _cosine(g, ref))
-    assert np.linalg.norm(g) == pytest.approx(np.linalg.norm(ref), rel=0.1), path
-
-
-@pytest.mark.xfail(strict=True, reason="known defect: a bf16 bias's gradient is reduced over "
-                   "every position in bfloat16 (XLA:CPU rounds the accumulator), not float32")
-def test_bfloat16_bias_gradients_close_to_torchvision(v1, bf16_step):
-  """The bias gradients sum the output gradient over every position; flax adds a bf16 copy of
-  the bias, so that sum is a bf16 reduction, which XLA:CPU accumulates in bf16 (measured: the
-  mask predictor's bias gradient 83% short, cosine 0.76). Fixing it needs the bias add to
-  reduce its cotangent in float32 in every conv and dense layer."""
-  _, grads, _ = bf16_step
-  for path, g in grads.items():
-    if v1.trainable[path] and path.endswith("['bias']"):
-      ref = v1.grads64[path]
-      assert _cosine(g, ref) >= 0.95, (path, _cosine(g, ref))
+    worst[path] = (_cosine(g, ref), np.linalg.norm(g) / np.linalg.norm(ref) - 1)
+  bad = {p: w for p, w in worst.items() if w[0] < 0.95 or abs(w[1]) > 0.1}
+  assert not bad, bad
+  print(f"bf16: worst gradient cosine {min(w[0] for w in worst.values()):.4f}, "
+        f"worst size error {max(abs(w[1]) for w in worst.values()):.3f}")
 
 
 def test_sampled_losses_within_torchvision_seed_spread():
