@@ -2,7 +2,8 @@
 
 Modules are imported explicitly (nothing here imports them), so that
 ``torchvision_reference``, the one module that imports torch, is loaded only by the entry points
-that compare against torchvision, and before anything pulls TensorFlow in:
+that compare against torchvision (directly or through ``training_vs_torchvision``, which
+imports it first), and before anything pulls TensorFlow in:
 
 * ``programs``              the model, predict and train-step programs every benchmark compiles
 * ``synthetic``             random inputs in the batch contract, the default config at a size
@@ -10,6 +11,7 @@ that compare against torchvision, and before anything pulls TensorFlow in:
 * ``threads``               equal thread counts for JAX and torch (CPU affinity)
 * ``model_vs_torchvision``  the whole model against torchvision's, in isolated processes
 * ``torchvision_reference`` torchvision's side of the comparisons (imports torch)
+* ``training_vs_torchvision`` our training against torchvision's: curves and AP over seeds
 * ``ops``                   RoIAlign and NMS against torchvision's
 * ``input_pipeline``        images/s of the training input pipeline
 * ``profiling``             per-module time of the compiled model from a profiler trace

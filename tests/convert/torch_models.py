@@ -8,11 +8,13 @@ import sys
 
 import numpy as np
 import torch
-import torchvision
 from torchvision.models.detection import mask_rcnn
 from torchvision.models.detection import backbone_utils
 from torchvision.models.detection import faster_rcnn
 from torchvision.ops import misc as misc_ops
+
+# The narrow FrozenBN body is the training benchmark's (shared, not copied).
+from mrcnn_jax.benchmarks.torchvision_reference import narrow_resnet_body
 
 
 def randomize_norms(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -46,61 +48,6 @@ def maskrcnn_v1(seed: int = 0, num_classes: int = 91) -> torch.nn.Module:
   m = mask_rcnn.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None,
                                       num_classes=num_classes)
   return randomize_biases(randomize_norms(m, seed), seed).eval()
-
-
-def narrow_resnet_body(width: int = 16, blocks=(1, 1, 1, 1), calibration=None) -> torch.nn.Module:
-  """torchvision's ResNet layout (``conv1``, ``bn1``, ``layerN.i`` of torchvision
-  ``Bottleneck`` blocks, FrozenBatchNorm2d) with ``width`` stem channels instead of 64, so the
-  oracle trains in seconds on a CPU.
-
-  With ``calibration`` ([N, 3, H, W] normalised images), every norm layer's statistics are
-  those of its input on that batch (then frozen), so the random body yields unit-scale
-  features and the heads can be trained on top of it in a few steps.
-  """
-  norm = torch.nn.BatchNorm2d
-  bottleneck = torchvision.models.resnet.Bottleneck
-  body = torch.nn.Module()
-  body.conv1 = torch.nn.Conv2d(3, width, 7, 2, 3, bias=False)
-  body.bn1 = norm(width)
-  body.relu = torch.nn.ReLU(inplace=True)
-  body.maxpool = torch.nn.MaxPool2d(3, 2, 1)
-  inplanes = width
-  for i, n in enumerate(blocks):
-    planes, stride = width * 2**i, 1 if i == 0 else 2
-    layers = []
-    for j in range(n):
-      down = None
-      if j == 0 and (stride != 1 or inplanes != planes * 4):
-        down = torch.nn.Sequential(torch.nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
-                                   norm(planes * 4))
-      layers.append(bottleneck(inplanes, planes, stride if j == 0 else 1, down, norm_layer=norm))
-      inplanes = planes * 4
-    setattr(body, f"layer{i + 1}", torch.nn.Sequential(*layers))
-  for m in body.modules():
-    if isinstance(m, torch.nn.Conv2d):
-      torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-    if isinstance(m, torch.nn.BatchNorm2d):
-      m.momentum = None  # a cumulative average: one pass sets the batch statistics
-  if calibration is not None:
-    body.train()
-    with torch.no_grad():
-      x = body.maxpool(body.relu(body.bn1(body.conv1(calibration))))
-      for i in range(len(blocks)):
-        x = getattr(body, f"layer{i + 1}")(x)
-  _freeze_norms(body)
-  return body.eval()
-
-
-def _freeze_norms(module: torch.nn.Module) -> None:
-  """Replaces every BatchNorm2d by a FrozenBatchNorm2d with the same four arrays."""
-  for name, child in module.named_children():
-    if isinstance(child, torch.nn.BatchNorm2d):
-      frozen = misc_ops.FrozenBatchNorm2d(child.num_features)
-      for k in ("weight", "bias", "running_mean", "running_var"):
-        getattr(frozen, k).copy_(getattr(child, k).detach())
-      setattr(module, name, frozen)
-    else:
-      _freeze_norms(child)
 
 
 def small_maskrcnn(seed: int = 0, num_classes: int = 4, size: int = 128, width: int = 16,
