@@ -44,34 +44,23 @@ def _promote_with_zero_bias(inputs, kernel, bias, dtype=None):
   return inputs, kernel, None if bias is None else jnp.zeros(bias.shape, inputs.dtype)
 
 
-class Conv(nn.Conv):
-  """``flax.linen.Conv`` whose bias gradient is summed in float32 (module docstring)."""
+def _with_float32_bias_gradient(layer: type) -> type:
+  """``layer`` (a Flax layer class) adding its bias with :func:`add_bias`; same name, fields,
+  parameters and outputs."""
 
-  promote_dtype: Any = _promote_with_zero_bias
+  class Layer(layer):  # pylint: disable=missing-class-docstring
+    promote_dtype: Any = _promote_with_zero_bias
 
-  @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    y = super().__call__(inputs)
-    return add_bias(y, self.get_variable("params", "bias")) if self.use_bias else y
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+      y = super().__call__(inputs)
+      return add_bias(y, self.get_variable("params", "bias")) if self.use_bias else y
 
-
-class ConvTranspose(nn.ConvTranspose):
-  """``flax.linen.ConvTranspose`` whose bias gradient is summed in float32."""
-
-  promote_dtype: Any = _promote_with_zero_bias
-
-  @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    y = super().__call__(inputs)
-    return add_bias(y, self.get_variable("params", "bias")) if self.use_bias else y
+  Layer.__name__ = Layer.__qualname__ = layer.__name__  # Flax's automatic names ("Conv_0")
+  Layer.__doc__ = f"``flax.linen.{layer.__name__}`` whose bias gradient is summed in float32."
+  return Layer
 
 
-class Dense(nn.Dense):
-  """``flax.linen.Dense`` whose bias gradient is summed in float32."""
-
-  promote_dtype: Any = _promote_with_zero_bias
-
-  @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    y = super().__call__(inputs)
-    return add_bias(y, self.get_variable("params", "bias")) if self.use_bias else y
+Conv = _with_float32_bias_gradient(nn.Conv)
+ConvTranspose = _with_float32_bias_gradient(nn.ConvTranspose)
+Dense = _with_float32_bias_gradient(nn.Dense)
