@@ -5,27 +5,18 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from mrcnn_jax import config as config_lib
 from mrcnn_jax import inference
-from mrcnn_jax import modeling
 from pycocotools import mask as mask_util
-from mrcnn_jax.modeling.config import tiny_model_config
+from tests.inference.tiny_predictor import tiny_predictor
 
 
 @pytest.fixture(scope="module")
 def predictor():
-  c = config_lib.get_base_config()
-  c.data.image_size = (64, 64)
-  c.model = tiny_model_config(num_classes=3)
-  variables = modeling.init_variables(modeling.MaskRCNN(c.model), jax.random.PRNGKey(0), (64, 64))
-  # Score threshold 0: an untrained model's detections are all kept, so there is output to check.
-  return inference.Predictor(c, variables, class_names=["square", "circle"],
-                             category_ids=[1, 7], score_threshold=0.0)
+  return tiny_predictor()
 
 
 def test_preprocess_matches_the_eval_geometry():
