@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 from etils import epath
@@ -221,7 +222,13 @@ def save(artifact: SavedModelArtifact, out_dir: str, *, overwrite: bool = False)
   check_out_dir(out_dir, overwrite)
   out = epath.Path(out_dir)
   module = artifact.module
-  tf.saved_model.save(module, str(out), signatures={SIGNATURE: module.serve})
+  absl_level = logging.getLogger("absl").level
+  try:
+    tf.saved_model.save(module, str(out), signatures={SIGNATURE: module.serve})
+  finally:
+    # TensorFlow's save pins absl's logger at WARNING (it restores get_verbosity(), which reads
+    # an unset level as WARNING), silencing this process's later logging.info.
+    logging.getLogger("absl").setLevel(absl_level)
   sidecar = out / SIDECAR_PATH
   sidecar.parent.mkdir(parents=True, exist_ok=True)
   sidecar.write_text(json.dumps(artifact.sidecar, indent=1))

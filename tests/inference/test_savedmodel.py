@@ -5,6 +5,7 @@ weights are variables; the CLI writes TF Serving's layout and refuses options it
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import subprocess
@@ -48,7 +49,11 @@ def setup(tmp_path_factory):
   artifact = savedmodel.export_savedmodel(c, variables, batch_size=BATCH,
                                           class_names=["square", "circle"], category_ids=[1, 7])
   folder = out / "shapes" / "1"
+  absl_level = logging.getLogger("absl").level
   paths = savedmodel.save(artifact, str(folder))
+  # TensorFlow's save pins absl's logger at WARNING; save() puts it back (else a later test,
+  # or a user's training in the same process, logs nothing at INFO).
+  assert logging.getLogger("absl").level == absl_level
   np.savez(out / "inputs.npz", images=images, valid_size=valid_size)
   proc = subprocess.run([sys.executable, "-c", _TF_ONLY_RUN, str(folder), str(out / "inputs.npz"),
                          str(out / "out.npz")], capture_output=True, text=True, env=ENV,
