@@ -12,6 +12,9 @@ over the whole batch, as torchvision concatenates its per-image lists before red
   sampled RoIs.
 * Mask (``maskrcnn_loss``): per-pixel BCE on the GT class's channel averaged over every pixel
   of every foreground RoI; exactly 0 (with zero gradient) when there is none.
+* Keypoint (``keypointrcnn_loss``): softmax cross-entropy over each heatmap's ``S * S`` pixels,
+  averaged over the labelled keypoints of all foreground RoIs; exactly 0 (with zero gradient)
+  when there is none.
 
 Every loss is float32 and returned on its own; the caller sums them. Targets in slots that do
 not count are replaced by 0 *before* the loss: a masked-out NaN or inf target (a delta encoded
@@ -111,3 +114,25 @@ def mask_loss(mask_logits: jax.Array, mask_targets: jax.Array, valid: jax.Array)
   bce = optax.sigmoid_binary_cross_entropy(mask_logits.astype(jnp.float32), mask_targets)
   per_roi = bce.sum((-1, -2))
   return jnp.sum(jnp.where(valid, per_roi, 0.0)) / (_count(valid) * s2)
+
+
+def keypoint_loss(logits: jax.Array, targets: jax.Array, valid: jax.Array) -> jax.Array:
+  """Keypoint-head loss: each heatmap is a softmax over its pixels.
+
+  Any leading dims: ``[N, K, S, S]`` for one image or ``[B, N, K, S, S]`` for a batch (the mean
+  is over every valid entry of the batch, as torchvision concatenates the images).
+
+  Args:
+    logits: [..., K, S, S] float32 (or bfloat16) heatmap logits.
+    targets: [..., K] int32 linear pixel index ``y * S + x`` of each GT keypoint (read only
+      where ``valid``), e.g. from ``mrcnn_jax.ops.keypoint_targets``.
+    valid: [..., K] bool: a labelled keypoint inside a sampled foreground RoI.
+
+  Returns:
+    float32 scalar: mean cross-entropy over the valid entries; 0 when none is valid.
+  """
+  s2 = logits.shape[-1] * logits.shape[-2]
+  flat = logits.astype(jnp.float32).reshape(logits.shape[:-2] + (s2,))
+  targets = jnp.where(valid, targets, 0)  # an out-of-range padding label must not be read
+  ce = optax.softmax_cross_entropy_with_integer_labels(flat, targets)
+  return jnp.sum(jnp.where(valid, ce, 0.0)) / _count(valid)

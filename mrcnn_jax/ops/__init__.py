@@ -19,6 +19,7 @@ from mrcnn_jax.ops.boxes import (
     small_box_mask,
     xyxy_to_cxcywh,
 )
+from mrcnn_jax.ops.keypoints import heatmaps_to_keypoints, keypoint_targets
 from mrcnn_jax.ops.masks import mask_targets, paste_masks
 from mrcnn_jax.ops.matching import match_boxes
 from mrcnn_jax.ops.nms import batched_nms, nms
@@ -27,7 +28,8 @@ from mrcnn_jax.ops.sampling import sample_balanced
 
 __all__ = [
     "assign_fpn_levels", "batched_nms", "box_area", "box_iou", "cell_anchors", "clip_boxes",
-    "cxcywh_to_xyxy", "decode_boxes", "encode_boxes", "generate_anchors", "mask_targets",
-    "match_boxes", "multilevel_roi_align", "nms", "num_anchors_per_location", "paste_masks",
-    "roi_align", "sample_balanced", "small_box_mask", "xyxy_to_cxcywh",
+    "cxcywh_to_xyxy", "decode_boxes", "encode_boxes", "generate_anchors",
+    "heatmaps_to_keypoints", "keypoint_targets", "mask_targets", "match_boxes",
+    "multilevel_roi_align", "nms", "num_anchors_per_location", "paste_masks", "roi_align",
+    "sample_balanced", "small_box_mask", "xyxy_to_cxcywh",
 ]
