@@ -12,6 +12,8 @@ Usage::
       --input maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --output /tmp/maskrcnn_tv
   python scripts/convert_weights.py --source torchvision-v2 \
       --input maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth --output /tmp/maskrcnn_tv2
+  python scripts/convert_weights.py --source torchvision-keypoint \
+      --input keypointrcnn_resnet50_fpn_coco-fc266e95.pth --output /tmp/keypointrcnn_tv
   python scripts/convert_weights.py --source torchvision-resnet \
       --input resnet50-0676ba61.pth --output /tmp/r50_imagenet
   python scripts/convert_weights.py --source detectron2 --input model_final_f10217.pkl \

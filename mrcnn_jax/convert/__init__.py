@@ -16,10 +16,12 @@ from mrcnn_jax.convert.detectron2 import detectron2_config
 from mrcnn_jax.convert.detectron2 import load_detectron2_pkl
 from mrcnn_jax.convert.sources import convert_file
 from mrcnn_jax.convert.sources import SOURCES
+from mrcnn_jax.convert.torchvision import convert_torchvision_keypointrcnn
 from mrcnn_jax.convert.torchvision import convert_torchvision_maskrcnn
 from mrcnn_jax.convert.torchvision import convert_torchvision_maskrcnn_v2
 from mrcnn_jax.convert.torchvision import convert_torchvision_resnet
 from mrcnn_jax.convert.torchvision import load_torch_state_dict
+from mrcnn_jax.convert.torchvision import torchvision_keypointrcnn_config
 from mrcnn_jax.convert.torchvision import torchvision_maskrcnn_config
 from mrcnn_jax.convert.torchvision import torchvision_maskrcnn_v2_config
 
@@ -28,6 +30,7 @@ __all__ = [
     "SOURCES",
     "convert_detectron2",
     "convert_file",
+    "convert_torchvision_keypointrcnn",
     "convert_torchvision_maskrcnn",
     "convert_torchvision_maskrcnn_v2",
     "convert_torchvision_resnet",
@@ -36,6 +39,7 @@ __all__ = [
     "load_detectron2_pkl",
     "load_torch_state_dict",
     "save_converted",
+    "torchvision_keypointrcnn_config",
     "torchvision_maskrcnn_config",
     "torchvision_maskrcnn_v2_config",
 ]

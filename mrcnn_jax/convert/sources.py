@@ -14,7 +14,8 @@ import ml_collections
 from mrcnn_jax.convert import detectron2
 from mrcnn_jax.convert import torchvision
 
-SOURCES = ("torchvision", "torchvision-v2", "detectron2", "torchvision-resnet")
+SOURCES = ("torchvision", "torchvision-v2", "torchvision-keypoint", "detectron2",
+           "torchvision-resnet")
 
 
 def convert_file(source: str, path: str, *, num_classes: Optional[int] = None,
@@ -24,7 +25,8 @@ def convert_file(source: str, path: str, *, num_classes: Optional[int] = None,
 
   Args:
     source: 'torchvision' (maskrcnn_resnet50_fpn v1 ``.pth``), 'torchvision-v2'
-      (maskrcnn_resnet50_fpn_v2 ``.pth``), 'detectron2' (model-zoo ``.pkl``) or
+      (maskrcnn_resnet50_fpn_v2 ``.pth``), 'torchvision-keypoint' (keypointrcnn_resnet50_fpn
+      ``.pth``: boxes and keypoints, no masks), 'detectron2' (model-zoo ``.pkl``) or
       'torchvision-resnet' (ImageNet resnet50/101 ``.pth``: backbone only).
     num_classes: classes including background, for fine-tuning with another label set.
     input_format, stride_in_1x1: Detectron2 only, see ``convert_detectron2``.
@@ -35,6 +37,9 @@ def convert_file(source: str, path: str, *, num_classes: Optional[int] = None,
   elif source == "torchvision-v2":
     out = torchvision.convert_torchvision_maskrcnn_v2(torchvision.load_torch_state_dict(path),
                                                       num_classes=num_classes)
+  elif source == "torchvision-keypoint":
+    out = torchvision.convert_torchvision_keypointrcnn(torchvision.load_torch_state_dict(path),
+                                                       num_classes=num_classes)
   elif source == "detectron2":
     out = detectron2.convert_detectron2(detectron2.load_detectron2_pkl(path),
                                         num_classes=num_classes, input_format=input_format,

@@ -7,6 +7,9 @@
   backbone variables only, for ``config.init_weights`` (the trainer keeps its fresh heads).
 * :func:`convert_torchvision_maskrcnn_v2`: a ``maskrcnn_resnet50_fpn_v2`` state dict (FPN and
   head norms, 2-conv RPN head, 4conv1fc box head) -> variables + config (``modeling.heads_v2``).
+* :func:`convert_torchvision_keypointrcnn`: a ``keypointrcnn_resnet50_fpn`` state dict (v1
+  trunk and box head, keypoint head instead of the mask head) -> variables + a config with
+  ``mask.enabled`` off and ``keypoint.enabled`` on (``modeling.keypoint_head``).
 
 Our module names follow torchvision's, so the table is mostly renames: HWIO kernels from OIHW,
 Dense kernels transposed, ``fc6`` re-ordered from torch's CHW flattening to our HWC one, and the
@@ -24,10 +27,12 @@ import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from mrcnn_jax.convert import common
+from mrcnn_jax.modeling import roi_heads
 from mrcnn_jax.modeling.config import model_config
 
 _BODY = "backbone.body."
@@ -228,6 +233,10 @@ def convert_torchvision_maskrcnn(
   if "rpn.head.conv.1.0.weight" in state or "roi_heads.box_head.0.0.weight" in state:
     raise common.ConversionError("this is a maskrcnn_resnet50_fpn_v2 state dict; use "
                                  "convert_torchvision_maskrcnn_v2 (--source torchvision-v2)")
+  if _KEYPOINT_LOGITS in state:
+    raise common.ConversionError("this is a keypointrcnn_resnet50_fpn state dict; use "
+                                 "convert_torchvision_keypointrcnn (--source "
+                                 "torchvision-keypoint)")
   src = common.SourceWeights(state, "torchvision Mask R-CNN state dict")
   src.ignore([r".*\.num_batches_tracked"], "BatchNorm step-counter")
   if config is None:
@@ -387,3 +396,105 @@ def convert_torchvision_maskrcnn_v2(
 def log_summary(variables: Mapping[str, Any], what: str) -> None:
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables))
   logging.info("%s: %d arrays, %.1fM values", what, len(jax.tree.leaves(variables)), n / 1e6)
+
+
+# ---------------------------------------------------------------------------- keypoints
+
+_KEYPOINT_LOGITS = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
+
+
+def torchvision_keypointrcnn_config(state: Optional[Mapping[str, Any]] = None,
+                                    num_classes: Optional[int] = None
+                                    ) -> ml_collections.ConfigDict:
+  """The model config of torchvision's ``keypointrcnn_resnet50_fpn``.
+
+  v1's (:func:`torchvision_maskrcnn_config`: trunk, RPN, box head and thresholds are the same)
+  with the mask branch off and the keypoint branch on: 14x14 RoIAlign (sampling ratio 2), eight
+  3x3 convs of 512 and K = 17 keypoints, 2 classes (background, person). With ``state``, the
+  keypoint convs' widths and K are read from it (K from the predictor's weight [C, K, 4, 4]).
+  """
+  c = torchvision_maskrcnn_config(state, num_classes)
+  c.mask.enabled = False
+  c.keypoint.enabled = True
+  if state is None:
+    c.num_classes = 2 if num_classes is None else int(num_classes)
+    return c
+  state = canonical_keys(state)
+  convs = []
+  while f"roi_heads.keypoint_head.{2 * len(convs)}.weight" in state:
+    convs.append(int(state[f"roi_heads.keypoint_head.{2 * len(convs)}.weight"].shape[0]))
+  if convs:
+    c.keypoint.conv_channels = tuple(convs)
+  if _KEYPOINT_LOGITS in state:
+    c.keypoint.num_keypoints = int(state[_KEYPOINT_LOGITS].shape[1])
+  return c
+
+
+def keypoint_table(expected: common.Flat):
+  """Rows for the keypoint head and predictor leaves in ``expected``: ``keypoint_head/<i>``
+  is torchvision's ``Sequential`` index ``i`` (the convs; ReLUs between), the predictor's
+  ``kps_score_lowres`` a transposed conv."""
+  rows = []
+  for path in expected:
+    module, layer, leaf = path[1], path[2], path[-1]
+    name = f"roi_heads.{module}.{layer}.{'weight' if leaf == 'kernel' else leaf}"
+    if leaf != "kernel":
+      fn = _identity
+    elif module == "keypoint_predictor":
+      fn = common.deconv_kernel
+    else:
+      fn = common.conv_kernel
+    rows.append((path, name, fn))
+  return rows
+
+
+def convert_torchvision_keypointrcnn(
+    state: Mapping[str, Any],
+    *,
+    num_classes: Optional[int] = None,
+    config: Optional[ml_collections.ConfigDict] = None,
+    key: Optional[jax.Array] = None,
+) -> Tuple[Dict[str, Any], ml_collections.ConfigDict]:
+  """torchvision ``keypointrcnn_resnet50_fpn`` state dict -> ``(variables, config)``.
+
+  As :func:`convert_torchvision_maskrcnn`, with :func:`torchvision_keypointrcnn_config`: the
+  result runs in ``MaskRCNN(config)`` as a box + keypoint model (no mask branch), whose
+  ``predict`` gives torchvision's boxes, keypoints and keypoint scores. With another
+  ``num_classes`` the box predictor is re-initialised (the keypoint layers are
+  class-agnostic, so they are kept).
+
+  Raises:
+    ConversionError: not a Keypoint R-CNN state dict, unknown or missing keys, or shape
+      mismatches, all named.
+  """
+  state = canonical_keys(common.to_numpy_dict(state))
+  if _KEYPOINT_LOGITS not in state:
+    raise common.ConversionError(f"no {_KEYPOINT_LOGITS}: not a keypointrcnn_resnet50_fpn "
+                                 "state dict (Mask R-CNN: --source torchvision)")
+  src = common.SourceWeights(state, "torchvision Keypoint R-CNN state dict")
+  src.ignore([r".*\.num_batches_tracked"], "BatchNorm step-counter")
+  if config is None:
+    config = torchvision_keypointrcnn_config(state)
+  target_classes = int(config.num_classes if num_classes is None else num_classes)
+  # Converted at the checkpoint's class count; then only the box predictor is class-dependent.
+  config = ml_collections.ConfigDict(config.to_dict())
+  logits = state.get("roi_heads.box_predictor.cls_score.weight")
+  config.num_classes = target_classes if logits is None else int(logits.shape[0])
+
+  def table(expected):
+    keypoints = {p: v for p, v in expected.items() if p[1].startswith("keypoint_")}
+    rest = {p: v for p, v in expected.items() if p not in keypoints}
+    return (backbone_table(rest, _BODY) + heads_table(rest, config.roi.pooler_size)
+            + keypoint_table(keypoints))
+
+  variables = common.convert_table(src, config, common.expected_variables(config), table, (),
+                                   key)
+  if target_classes != config.num_classes:
+    logging.info("num_classes %d -> %d: re-initialised box_predictor; kept the rest",
+                 config.num_classes, target_classes)
+    config.num_classes = target_classes
+    fresh = roi_heads.FastRCNNPredictor(target_classes).init(
+        jax.random.key(0) if key is None else key,
+        jnp.zeros((1, config.roi.representation_size)))
+    variables["params"]["box_predictor"] = fresh["params"]
+  return variables, config

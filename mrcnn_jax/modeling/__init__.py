@@ -1,4 +1,4 @@
-"""mrcnn_jax.modeling: the Mask R-CNN network, its losses and its configs.
+"""mrcnn_jax.modeling: the Mask R-CNN network (and its keypoint branch), losses and configs.
 
     from mrcnn_jax import modeling
     model = modeling.MaskRCNN(modeling.model_config())   # plain Flax / lax layers
@@ -7,6 +7,8 @@
 
 Platform kernels (XLA:CPU's Winograd convs, ...) come in through one attribute:
 ``MaskRCNN(config, kernels=mrcnn_jax.kernels.select())``; the parameters are the same.
+Keypoint R-CNN is the same module with ``config.keypoint.enabled`` (and, as torchvision's
+``keypointrcnn_resnet50_fpn``, ``config.mask.enabled = False``).
 """
 
 from mrcnn_jax.modeling.config import model_config

@@ -2,8 +2,9 @@
 
 Every number the model uses lives here, so an experiment changes behaviour by overriding a
 field, never by editing code. Sub-sections: ``backbone``, ``fpn``, ``anchors``, ``rpn``, ``roi``
-(box branch and detection post-processing) and ``mask``. ``norm`` and ``detections_per_image``
-sit at the top level because the training and evaluation code read them directly.
+(box branch and detection post-processing), ``mask`` and ``keypoint`` (the pose branch of the
+paper's sec. 5, off by default). ``norm`` and ``detections_per_image`` sit at the top level
+because the training and evaluation code read them directly.
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ def model_config() -> ml_collections.ConfigDict:
   c.roi.pre_nms_top_k = None
 
   c.mask = ml_collections.ConfigDict()
+  # False drops the mask branch entirely (no parameters, loss or ``masks`` output), as
+  # torchvision's keypointrcnn_resnet50_fpn, a box + keypoint model.
+  c.mask.enabled = True
   c.mask.pooler_size = 14
   c.mask.sampling_ratio = 2
   c.mask.conv_channels = (256, 256, 256, 256)
@@ -123,6 +127,24 @@ def model_config() -> ml_collections.ConfigDict:
   # (8, 8, 16, 32, 64 for 128 slots); chunks with no positive (no valid detection at
   # inference) are skipped. Same results; 0 runs all slots at once.
   c.mask.chunk_size = 8
+
+  # Keypoint branch (Mask R-CNN sec. 5, torchvision's keypointrcnn_resnet50_fpn): each keypoint
+  # is a one-hot mask, K heatmaps per RoI from 8 3x3 convs, a deconv and 2x upsampling.
+  c.keypoint = ml_collections.ConfigDict()
+  c.keypoint.enabled = False
+  c.keypoint.num_keypoints = 17  # K: COCO's person keypoints
+  c.keypoint.pooler_size = 14  # RoIAlign output; heatmaps are 4x this (56)
+  c.keypoint.sampling_ratio = 2
+  c.keypoint.conv_channels = (512,) * 8
+  # Leading (positive-first) RoI slots per image that get a keypoint loss, as mask.rois_per_image.
+  c.keypoint.rois_per_image = 128
+  c.keypoint.loss_weight = 1.0
+  # Static cap on the side a heatmap is upsampled to before its argmax (torchvision: the RoI's
+  # own ceil(w) x ceil(h), exact up to this side; longer ones read a grid of this many cells).
+  # Costs D * K * max_resize**2 float32 per image (111 MB at 100 x 17 x 128**2).
+  c.keypoint.max_resize = 128
+  # Chunked like the mask head (mask.chunk_size): chunks of slots with no positive are skipped.
+  c.keypoint.chunk_size = 8
   return c
 
 

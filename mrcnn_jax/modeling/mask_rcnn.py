@@ -1,4 +1,4 @@
-"""Mask R-CNN (He et al., "Mask R-CNN", 2017): ResNet-FPN, RPN, box and mask heads.
+"""Mask R-CNN (He et al., "Mask R-CNN", 2017): ResNet-FPN, RPN, box, mask and keypoint heads.
 
 One Flax module with two entry points, both static-shape and jit-able:
 
@@ -10,6 +10,10 @@ One Flax module with two entry points, both static-shape and jit-able:
 The config selects torchvision's ``maskrcnn_resnet50_fpn`` layout (v1, the defaults) or, per
 part, its ``maskrcnn_resnet50_fpn_v2`` one: FPN norms, a 2-conv RPN head, a 4conv1fc box head
 and mask-head norms (``modeling.heads_v2``; ``convert_torchvision_maskrcnn_v2`` sets them all).
+``config.mask.enabled`` and ``config.keypoint.enabled`` switch the two RoI branches on top of
+the box branch: the defaults are Mask R-CNN; the paper's pose model (sec. 5) and torchvision's
+``keypointrcnn_resnet50_fpn`` are masks off, keypoints on (``modeling.keypoint_head``); both on
+trains them in the same step.
 
 Sub-module names follow torchvision's ``MaskRCNN`` (``backbone`` is torchvision's
 ``backbone.body``, ``fpn`` its ``backbone.fpn``, ``rpn_head`` its ``rpn.head``, the rest its
@@ -32,6 +36,7 @@ from jax.sharding import Mesh
 
 from mrcnn_jax.modeling import batch_parallel
 from mrcnn_jax.modeling import heads_v2
+from mrcnn_jax.modeling import keypoint_head as keypoint_lib
 from mrcnn_jax.modeling import losses as loss_lib
 from mrcnn_jax.modeling import resnet as resnet_lib
 from mrcnn_jax.modeling import roi_heads as roi_lib
@@ -40,6 +45,8 @@ from mrcnn_jax.modeling.fpn import FPN
 from mrcnn_jax.modeling.kernel_set import KernelSet
 from mrcnn_jax.modeling.kernel_set import PLAIN
 from mrcnn_jax.ops import anchors as anchor_ops
+from mrcnn_jax.ops.keypoints import heatmaps_to_keypoints
+from mrcnn_jax.ops.keypoints import keypoint_targets
 from mrcnn_jax.ops.masks import mask_targets
 from mrcnn_jax.ops.roi_align import multilevel_roi_align
 
@@ -48,7 +55,8 @@ NUM_POOLED_LEVELS = 4  # the RoI heads pool from P2..P5; P6 feeds only the RPN
 
 
 def mask_chunk_bounds(num_slots: int, first: int) -> List[Tuple[int, int]]:
-  """Slot ranges ``[start, stop)`` of the mask head's chunks: sizes first, first, 2 first, ...
+  """Slot ranges ``[start, stop)`` of the mask (and keypoint) head's chunks: sizes first, first,
+  2 first, ...
 
   The chunks end at ``first * 2**k``, so running the chunks up to the one holding the last
   valid slot costs less than twice the valid slots (or ``first``), and 128 slots take 5 chunks
@@ -69,19 +77,24 @@ class GroundTruth(NamedTuple):
 
   boxes: jax.Array    # [B, G, 4] float32 xyxy network-input pixels
   classes: jax.Array  # [B, G] int32, 1..K
-  masks: jax.Array    # [B, G, S, S] float32 {0, 1}, each cropped to its box
+  masks: Optional[jax.Array]  # [B, G, S, S] float32 {0, 1}, each cropped to its box
   valid: jax.Array    # [B, G] bool
+  # [B, G, K, 3] float32 (x, y, visibility 0/1/2) network-input pixels, or None
+  keypoints: Optional[jax.Array] = None
 
   @classmethod
   def from_batch(cls, batch: Batch) -> "GroundTruth":
+    optional = lambda key: (jnp.asarray(batch[key], jnp.float32) if key in batch  # noqa: E731
+                            else None)
     return cls(boxes=jnp.asarray(batch["gt_boxes"], jnp.float32),
                classes=jnp.asarray(batch["gt_classes"], jnp.int32),
-               masks=jnp.asarray(batch["gt_masks"], jnp.float32),
-               valid=jnp.asarray(batch["gt_valid"], bool))
+               masks=optional("gt_masks"),
+               valid=jnp.asarray(batch["gt_valid"], bool),
+               keypoints=optional("gt_keypoints"))
 
 
 class MaskRCNN(nn.Module):
-  """Mask R-CNN with a ResNet-FPN backbone.
+  """Mask R-CNN with a ResNet-FPN backbone; the mask and keypoint branches as the config says.
 
   Attributes:
     config: ``config.model`` (see ``modeling/config.py``).
@@ -119,12 +132,19 @@ class MaskRCNN(nn.Module):
     else:
       self.box_head = roi_lib.TwoMLPHead(ro.representation_size, dtype)
     self.box_predictor = roi_lib.FastRCNNPredictor(cfg.num_classes, dtype)
-    if cfg.mask.norm != "none":
-      self.mask_head = heads_v2.MaskRCNNHeadsNorm(tuple(cfg.mask.conv_channels), cfg.mask.norm,
-                                                  dtype, conv)
-    else:
-      self.mask_head = roi_lib.MaskRCNNHead(tuple(cfg.mask.conv_channels), dtype, conv)
-    self.mask_predictor = self.kernels.mask_predictor(cfg.num_classes, dtype)
+    with_masks, with_keypoints = branches(cfg)
+    if with_masks:
+      if cfg.mask.norm != "none":
+        self.mask_head = heads_v2.MaskRCNNHeadsNorm(tuple(cfg.mask.conv_channels),
+                                                    cfg.mask.norm, dtype, conv)
+      else:
+        self.mask_head = roi_lib.MaskRCNNHead(tuple(cfg.mask.conv_channels), dtype, conv)
+      self.mask_predictor = self.kernels.mask_predictor(cfg.num_classes, dtype)
+    if with_keypoints:
+      self.keypoint_head = keypoint_lib.KeypointRCNNHeads(tuple(cfg.keypoint.conv_channels),
+                                                          dtype, conv)
+      self.keypoint_predictor = keypoint_lib.KeypointRCNNPredictor(cfg.keypoint.num_keypoints,
+                                                                   dtype)
 
   # ------------------------------------------------------------------ shared pieces
 
@@ -189,18 +209,12 @@ class MaskRCNN(nn.Module):
   def _mask_branch(self, feats, rois, classes, train: bool = False, valid=None):
     """rois [B, M, 4], classes [B, M] -> [B, M, 28, 28] float32 logits of those classes.
 
-    ``valid`` [B, M] bool (optional) marks the slots whose logits are used. The slots come
-    valid-first (the sampler puts positives first, detections are sorted), so the M slots are
-    run in chunks (:func:`mask_chunk_bounds`: c, c, 2c, 4c, ... slots for
-    ``config.mask.chunk_size`` = c) and a chunk with no valid slot in any image is skipped
-    (``lax.cond``; its logits are zero). The values that are used, and every gradient, are the
-    same; the cost follows the actual positives (a few per image early in training, or on
-    sparse images) instead of always M: at most about twice them, in log2(M / c) + 1 chunks.
+    ``valid`` [B, M] bool (optional) marks the slots whose logits are used; chunks of slots
+    with none valid are skipped (:meth:`_by_chunks`, ``config.mask.chunk_size``).
     """
     m = self.config.mask
     pooled = self._pool(feats, rois, m.pooler_size, m.sampling_ratio)
-    b, n = pooled.shape[:2]
-    classes = classes.astype(jnp.int32)
+    b = pooled.shape[0]
 
     def run(module, x, cls, ok):
       # Only each RoI's own class channel is computed (not all K+1, then a gather).
@@ -210,24 +224,55 @@ class MaskRCNN(nn.Module):
       logits = module.mask_predictor(heads, cls.reshape(b * k))
       return logits.reshape((b, k) + logits.shape[1:])  # [B, k, 28, 28]
 
-    chunk = int(m.chunk_size or 0)
+    res = 2 * m.pooler_size  # the predictor's 2x2 stride-2 transposed conv: 14 -> 28
     # Trainable BatchNorm in the mask head (v2 'bn') updates statistics, which a skipped
-    # branch could not; initialisation must create the parameters; values sown into
-    # 'intermediates' (stage-by-stage inspection) or stored by the kernels' inference
-    # collections (kernels.prepare_inference) would differ between the two branches.
-    mutable_stats = train and m.norm == "bn"
-    if (valid is None or not chunk or n <= chunk or mutable_stats or self.is_initializing()
+    # chunk could not: then every slot runs.
+    return self._by_chunks(run, (res, res), m.chunk_size, valid, pooled,
+                           classes.astype(jnp.int32), valid, whole=train and m.norm == "bn")
+
+  def _keypoint_branch(self, feats, rois, valid=None):
+    """rois [B, M, 4] -> [B, M, K, 56, 56] float32 heatmap logits, one per keypoint (sec. 5).
+
+    ``valid`` [B, M] bool (optional) marks the slots whose heatmaps are used; chunks of slots
+    with none valid are skipped (:meth:`_by_chunks`, ``config.keypoint.chunk_size``).
+    """
+    kp = self.config.keypoint
+    pooled = self._pool(feats, rois, kp.pooler_size, kp.sampling_ratio)
+    b = pooled.shape[0]
+
+    def run(module, x):
+      k = x.shape[1]
+      maps = module.keypoint_predictor(module.keypoint_head(x.reshape((b * k,) + x.shape[2:])))
+      return jnp.moveaxis(maps.reshape((b, k) + maps.shape[1:]), -1, 2)  # [B, k, K, 56, 56]
+
+    res = 4 * kp.pooler_size  # stride-2 transposed conv, then 2x upsampling: 14 -> 56
+    return self._by_chunks(run, (kp.num_keypoints, res, res), kp.chunk_size, valid, pooled)
+
+  def _by_chunks(self, run, out_shape, chunk_size, valid, *slots, whole: bool = False):
+    """``run(self, *slots)`` -> [B, M, *out_shape] float32 for RoI-slot arrays [B, M, ...].
+
+    The slots come valid-first (the sampler puts positives first, detections are sorted), so
+    with ``valid`` [B, M] the M slots run in chunks (:func:`mask_chunk_bounds`: c, c, 2c, 4c,
+    ... slots for ``chunk_size`` = c) and a chunk with no valid slot in any image is skipped
+    (``lax.cond``; its outputs are zero). The outputs that are used, and every gradient, are
+    the same; the cost follows the actual positives (a few per image early in training, or on
+    sparse images) instead of always M: at most about twice them, in log2(M / c) + 1 chunks.
+    ``whole`` runs every slot at once.
+    """
+    b, n = slots[0].shape[:2]
+    chunk = int(chunk_size or 0)
+    # Initialisation must create the parameters; values sown into 'intermediates' (stage-by-
+    # stage inspection) or stored by the kernels' inference collections
+    # (kernels.prepare_inference) would differ between the two branches of a cond.
+    if (whole or valid is None or not chunk or n <= chunk or self.is_initializing()
         or any(self.is_mutable_collection(c)
                for c in ("intermediates",) + self.kernels.inference_collections)):
-      return run(self, pooled, classes, valid)
-    res = 2 * m.pooler_size  # the predictor's 2x2 stride-2 transposed conv: 14 -> 28
+      return run(self, *slots)
     outs = []
     for start, stop in mask_chunk_bounds(n, chunk):
-      part = slice(start, stop)
-      k = stop - start
-      zero = lambda module, x, cls, ok, k=k: jnp.zeros((b, k, res, res), jnp.float32)
-      outs.append(nn.cond(jnp.any(valid[:, part]), run, zero, self, pooled[:, part],
-                          classes[:, part], valid[:, part]))
+      part = [x[:, start:stop] for x in slots]
+      zero = lambda module, *_, k=stop - start: jnp.zeros((b, k) + tuple(out_shape), jnp.float32)
+      outs.append(nn.cond(jnp.any(valid[:, start:stop]), run, zero, self, *part))
     return jnp.concatenate(outs, axis=1)
 
   @staticmethod
@@ -241,16 +286,20 @@ class MaskRCNN(nn.Module):
 
   def losses(self, batch: Batch) -> Tuple[Dict[str, jax.Array], Dict[str, jax.Array]]:
     """Training forward pass: the multi-task loss of eq. 1 of the paper, L = L_cls + L_box +
-    L_mask, plus the RPN's two losses (Faster R-CNN's joint training).
+    L_mask (+ the keypoint loss of sec. 5), plus the RPN's two losses (Faster R-CNN's joint
+    training).
 
     Args:
       batch: the batch contract's dict: ``image`` uint8 [B, H, W, 3], ``gt_boxes`` [B, G, 4],
-        ``gt_classes`` [B, G], ``gt_masks`` uint8 [B, G, S, S], ``gt_valid`` [B, G] and
-        optionally ``valid_size`` [B, 2] (default: the full padded size).
+        ``gt_classes`` [B, G], ``gt_masks`` uint8 [B, G, S, S] (with ``mask.enabled``),
+        ``gt_keypoints`` float32 [B, G, K, 3] (with ``keypoint.enabled``), ``gt_valid``
+        [B, G] and optionally ``valid_size`` [B, 2] (default: the full padded size).
 
     Returns:
       losses: float32 scalars ``rpn_objectness``, ``rpn_box``, ``roi_class``, ``roi_box``,
-        ``roi_mask`` (the training objective is their sum).
+        ``roi_mask`` (with ``mask.enabled``) and ``roi_keypoint`` (with ``keypoint.enabled``,
+        which needs ``gt_keypoints`` [B, G, K, 3] in the batch); the training objective is
+        their sum.
       stats: float32 scalars, per-image means: ``rpn_num_fg``, ``rpn_num_bg``,
         ``roi_num_fg``, ``roi_num_bg``, ``num_proposals``.
     """
@@ -270,7 +319,9 @@ class MaskRCNN(nn.Module):
                                                    valid_size, train=True)
     rois = self._sample_rois(proposals, proposal_valid, gt, roi_keys)
     box_losses = self._box_losses(feats, rois)
-    mask_losses = self._mask_losses(feats, rois, gt)
+    with_masks, with_keypoints = branches(self.config)
+    mask_losses = self._mask_losses(feats, rois, gt) if with_masks else {}
+    keypoint_losses = self._keypoint_losses(feats, rois, gt) if with_keypoints else {}
 
     per_image = lambda x: jnp.sum(x.astype(jnp.float32)) / b
     stats = dict(
@@ -278,7 +329,7 @@ class MaskRCNN(nn.Module):
         roi_num_fg=per_image(rois["valid"] & (rois["labels"] > 0)),
         roi_num_bg=per_image(rois["valid"] & (rois["labels"] == 0)),
         num_proposals=per_image(proposal_valid))
-    return {**rpn_losses, **box_losses, **mask_losses}, stats
+    return {**rpn_losses, **box_losses, **mask_losses, **keypoint_losses}, stats
 
   def _refuse_inference_state(self) -> None:
     for collection in self.kernels.inference_collections:
@@ -340,6 +391,8 @@ class MaskRCNN(nn.Module):
     ``batch_size_per_image * positive_fraction`` of them, so with the default
     ``mask.rois_per_image`` these slots hold every sampled positive.
     """
+    if gt.masks is None:
+      raise ValueError("config.model.mask.enabled needs the batch's gt_masks [B, G, S, S]")
     m = self.config.mask.rois_per_image
     boxes, labels, matched = rois["rois"][:, :m], rois["labels"][:, :m], rois["matched"][:, :m]
     # Only positives count; a trainable-BatchNorm mask head (v2 'bn') also takes its batch
@@ -351,6 +404,28 @@ class MaskRCNN(nn.Module):
         sampling_ratio=self.config.mask.target_sampling_ratio),
         mesh=self.mesh)(gt.masks, gt.boxes, boxes, matched)
     return dict(roi_mask=loss_lib.mask_loss(logits, jax.lax.stop_gradient(targets), valid))
+
+  def _keypoint_losses(self, feats, rois: Batch, gt: "GroundTruth") -> Dict[str, jax.Array]:
+    """The keypoint loss (sec. 5 of the paper): each visible GT keypoint is a one-hot 56x56
+    mask in its RoI, and each heatmap a softmax over its pixels; cross-entropy, mean over the
+    visible keypoints of every foreground RoI in the batch: {``roi_keypoint``}.
+
+    The leading ``keypoint.rois_per_image`` RoI slots, as :meth:`_mask_losses`.
+    """
+    kp = self.config.keypoint
+    if gt.keypoints is None or gt.keypoints.shape[2:] != (kp.num_keypoints, 3):
+      raise ValueError(f"config.model.keypoint.enabled needs the batch's gt_keypoints "
+                       f"[B, G, {kp.num_keypoints}, 3], got "
+                       f"{None if gt.keypoints is None else gt.keypoints.shape}")
+    n = kp.rois_per_image
+    boxes, labels, matched = rois["rois"][:, :n], rois["labels"][:, :n], rois["matched"][:, :n]
+    valid = rois["valid"][:, :n] & (labels > 0)
+    logits = self._keypoint_branch(feats, boxes, valid)  # [B, n, K, S, S]
+    targets, visible = batch_parallel.vmap(
+        functools.partial(keypoint_targets, heatmap_size=logits.shape[-1]), mesh=self.mesh)(
+            gt.keypoints, boxes, matched)  # [B, n, K]: pixel index; labelled, inside the RoI
+    loss = loss_lib.keypoint_loss(logits, targets, visible & valid[:, :, None])
+    return dict(roi_keypoint=kp.loss_weight * loss)
 
   # ------------------------------------------------------------------ inference
 
@@ -364,9 +439,11 @@ class MaskRCNN(nn.Module):
 
     Returns:
       dict, D = config.detections_per_image: ``boxes`` [B, D, 4] float32 xyxy network-input
-      pixels, ``scores`` [B, D] float32, ``classes`` [B, D] int32 (1..K), ``masks``
-      [B, D, 28, 28] float32 probabilities of the predicted class, ``valid`` [B, D] bool
-      (best first; padding rows are zero).
+      pixels, ``scores`` [B, D] float32, ``classes`` [B, D] int32 (1..K), ``valid`` [B, D]
+      bool (best first; padding rows are zero); with ``mask.enabled`` ``masks`` [B, D, 28, 28]
+      float32 probabilities of the predicted class; with ``keypoint.enabled`` ``keypoints``
+      [B, D, K, 2] float32 (x, y) network-input pixels and ``keypoint_scores`` [B, D, K]
+      float32 (each heatmap's logit at its peak).
     """
     cfg = self.config
     h, w = images.shape[1:3]
@@ -383,23 +460,50 @@ class MaskRCNN(nn.Module):
         nms_threshold=ro.nms_threshold, min_size=ro.min_size,
         detections=cfg.detections_per_image, pre_nms_top_k=ro.pre_nms_top_k),
         class_logits, box_deltas, proposals, proposal_valid, valid_size, mesh=self.mesh)
-    mask_logits = self._mask_branch(feats, det["boxes"], det["classes"], valid=det["valid"])
-    masks = jnp.where(det["valid"][:, :, None, None], jax.nn.sigmoid(mask_logits), 0.0)
-    return dict(boxes=det["boxes"], scores=det["scores"], classes=det["classes"], masks=masks,
-                valid=det["valid"])
+    out = dict(boxes=det["boxes"], scores=det["scores"], classes=det["classes"],
+               valid=det["valid"])
+    with_masks, with_keypoints = branches(cfg)
+    if with_masks:
+      mask_logits = self._mask_branch(feats, det["boxes"], det["classes"], valid=det["valid"])
+      out["masks"] = jnp.where(det["valid"][:, :, None, None], jax.nn.sigmoid(mask_logits), 0.0)
+    if with_keypoints:
+      out.update(self._detect_keypoints(feats, det))
+    return out
+
+  def _detect_keypoints(self, feats, det: Batch) -> Batch:
+    """Each detection's keypoints: the peak of each heatmap, upsampled to the box (bicubic),
+    in network-input pixels: {``keypoints`` [B, D, K, 2], ``keypoint_scores`` [B, D, K]}."""
+    maps = self._keypoint_branch(feats, det["boxes"], det["valid"])
+    xy, scores = batch_parallel.vmap(functools.partial(
+        heatmaps_to_keypoints, max_resize=self.config.keypoint.max_resize),
+        mesh=self.mesh)(maps, det["boxes"])
+    ok = det["valid"][:, :, None]
+    return dict(keypoints=jnp.where(ok[..., None], xy, 0.0),
+                keypoint_scores=jnp.where(ok, scores, 0.0))
 
   # ------------------------------------------------------------------ initialisation
 
   def _init_all(self, images: jax.Array):
     """Touches every sub-module once on small inputs (parameter shapes do not depend on the
     image size), so ``init`` is cheap even outside ``jit``."""
+    cfg = self.config
     feats = self._features(images, train=False)
     self.rpn_head(feats)
-    b = images.shape[0]
-    c = feats[0].shape[-1]
-    r, m = self.config.roi.pooler_size, self.config.mask.pooler_size
-    self.box_predictor(self.box_head(jnp.zeros((b, r, r, c), feats[0].dtype)))
-    return self.mask_predictor(self.mask_head(jnp.zeros((b, m, m, c), feats[0].dtype)))
+    roi_features = lambda size: jnp.zeros((images.shape[0], size, size, feats[0].shape[-1]),
+                                          feats[0].dtype)
+    self.box_predictor(self.box_head(roi_features(cfg.roi.pooler_size)))
+    with_masks, with_keypoints = branches(cfg)
+    if with_masks:
+      self.mask_predictor(self.mask_head(roi_features(cfg.mask.pooler_size)))
+    if with_keypoints:
+      self.keypoint_predictor(self.keypoint_head(roi_features(cfg.keypoint.pooler_size)))
+
+
+def branches(cfg: Any) -> Tuple[bool, bool]:
+  """``(masks, keypoints)``: which RoI branches ``config.model`` switches on. A config from
+  before the switches (no ``mask.enabled``, no ``keypoint`` section) is Mask R-CNN."""
+  keypoint = cfg.get("keypoint") or {}
+  return bool(cfg.mask.get("enabled", True)), bool(keypoint.get("enabled", False))
 
 
 def _check_head_norms(cfg: Any) -> None:

@@ -212,7 +212,8 @@ INFERENCE_FREE_FIELDS = frozenset(f"model.{k}" for k in (
     "rpn.positive_fraction", "rpn.box_loss_beta", "roi.fg_iou_threshold",
     "roi.bg_iou_threshold", "roi.batch_size_per_image", "roi.positive_fraction",
     "roi.box_loss_beta", "roi.score_threshold", "roi.nms_threshold", "roi.min_size",
-    "roi.pre_nms_top_k", "mask.rois_per_image", "mask.chunk_size"))
+    "roi.pre_nms_top_k", "mask.rois_per_image", "mask.chunk_size", "keypoint.rois_per_image",
+    "keypoint.loss_weight", "keypoint.max_resize", "keypoint.chunk_size"))
 
 
 def check_checkpoint_model(config: ml_collections.ConfigDict, path: str) -> None:

@@ -11,6 +11,7 @@ import torch
 from torchvision.models.detection import mask_rcnn
 from torchvision.models.detection import backbone_utils
 from torchvision.models.detection import faster_rcnn
+from torchvision.models.detection import keypoint_rcnn
 from torchvision.ops import misc as misc_ops
 
 # The narrow FrozenBN body is the training benchmark's (shared, not copied).
@@ -73,6 +74,37 @@ def small_maskrcnn(seed: int = 0, num_classes: int = 4, size: int = 128, width: 
   model.transform.size_divisible = 64
   for p in model.backbone.body.parameters():
     p.requires_grad_(False)  # a random, calibrated feature extractor; the rest trains
+  return model
+
+
+def small_keypointrcnn(seed: int = 0, num_classes: int = 2, num_keypoints: int = 4,
+                       size: int = 128, width: int = 16, fpn: int = 64, rep: int = 128,
+                       keypoint_channels=(32, 32), calibration=None,
+                       **kwargs) -> torch.nn.Module:
+  """A narrow torchvision ``KeypointRCNN``, as :func:`small_maskrcnn`: the same body, FPN and
+  box head, then ``KeypointRCNNHeads(fpn, keypoint_channels)`` and a ``KeypointRCNNPredictor``
+  for ``num_keypoints``. ``kwargs`` go to ``KeypointRCNN`` (sampler sizes, thresholds) over
+  :func:`small_maskrcnn`'s cut proposal and RoI counts; the transform neither resizes nor pads
+  a ``size`` x ``size`` image; the body is frozen."""
+  torch.manual_seed(seed)
+  body = narrow_resnet_body(width, calibration=calibration)
+  chans = [width * 4 * 2**i for i in range(4)]
+  backbone = backbone_utils.BackboneWithFPN(
+      body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, chans, fpn)
+  options = dict(min_size=size, max_size=size, rpn_pre_nms_top_n_train=300,
+                 rpn_post_nms_top_n_train=300, box_batch_size_per_image=128)
+  options.update(kwargs)
+  model = keypoint_rcnn.KeypointRCNN(
+      backbone, num_classes=None,
+      box_head=faster_rcnn.TwoMLPHead(fpn * 49, rep),
+      box_predictor=faster_rcnn.FastRCNNPredictor(rep, num_classes),
+      keypoint_head=keypoint_rcnn.KeypointRCNNHeads(fpn, list(keypoint_channels)),
+      keypoint_predictor=keypoint_rcnn.KeypointRCNNPredictor(keypoint_channels[-1],
+                                                             num_keypoints),
+      **options)
+  model.transform.size_divisible = 64
+  for p in model.backbone.body.parameters():
+    p.requires_grad_(False)
   return model
 
 
