@@ -7,7 +7,7 @@ Public API::
   build_eval_dataset(config, *, global_batch_size=None, process_index=None,
                      process_count=None, source=None) -> InputPipeline
   generate_shapes(out_dir, num_train=200, num_val=50, size=128, seed=0,
-                  image_format='mixed') -> dict of config.data paths
+                  image_format='mixed', keypoints=False) -> dict of config.data paths
   shapes_data_paths(out_dir) -> the same paths, for a folder already written
   train_batch_specs(config, batch_size) -> {(h, w): {key: (shape, dtype)}}, one per training
                                             input shape (config.data.buckets or image_size)
@@ -15,9 +15,10 @@ Public API::
 
 Iterating an :class:`InputPipeline` yields host batches in the format of the batch contract
 (image, gt_boxes, gt_classes, gt_masks, gt_valid, image_id, original_size, image_scale,
-valid_size, example_valid). See :mod:`mrcnn_jax.data.pipeline` for ordering, sharding and
-resume, :mod:`mrcnn_jax.data.transforms` for the geometry. Host batches become global arrays
-with ``mrcnn_jax.run.make_global_batch`` (data sits below run and never imports it).
+valid_size, example_valid; gt_keypoints with config.model.keypoint.enabled). See
+:mod:`mrcnn_jax.data.pipeline` for ordering, sharding and resume,
+:mod:`mrcnn_jax.data.transforms` for the geometry. Host batches become global arrays with
+``mrcnn_jax.run.make_global_batch`` (data sits below run and never imports it).
 """
 
 import importlib

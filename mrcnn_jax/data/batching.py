@@ -8,7 +8,7 @@ this module, so neither reaches into the other.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -18,7 +18,7 @@ from mrcnn_jax.data import coco as coco_lib
 from mrcnn_jax.data import transforms
 
 __all__ = ["InputPipeline", "dataset_options", "host_batch_size", "host_info",
-           "transform_kwargs"]
+           "num_keypoints", "transform_kwargs"]
 
 
 def host_info(process_index: Optional[int] = None, process_count: Optional[int] = None):
@@ -88,13 +88,37 @@ class InputPipeline:
       yield batch
 
 
-def transform_kwargs(config, training: bool) -> Dict[str, Any]:
-  """``transforms.transform_example``'s keyword arguments from ``config.data``."""
+def num_keypoints(config) -> int:
+  """K the batches carry (``config.model.keypoint.num_keypoints``), 0 when keypoints are off."""
+  keypoint = config.get("model", {}).get("keypoint")
+  if keypoint is None or not keypoint.get("enabled", False):
+    return 0
+  k = int(keypoint.num_keypoints)
+  if k <= 0:
+    raise ValueError(f"config.model.keypoint.num_keypoints must be positive, got {k}")
+  return k
+
+
+def transform_kwargs(config, training: bool,
+                     keypoint_names: Sequence[str] = ()) -> Dict[str, Any]:
+  """``transforms.transform_example``'s keyword arguments from ``config.data`` (and, with
+  keypoints on, ``config.model.keypoint``; ``keypoint_names``: the source's K names, which the
+  default flip pairs come from)."""
   d = config.data
-  return dict(image_size=tuple(int(v) for v in d.image_size), max_instances=int(d.max_instances),
-              mask_size=int(d.mask_size), training=training,
-              scale_range=tuple(float(v) for v in d.scale_range), random_flip=bool(d.random_flip),
-              min_size=int(d.get("min_size", 0)), max_size=int(d.get("max_size", 0)))
+  kwargs = dict(image_size=tuple(int(v) for v in d.image_size),
+                max_instances=int(d.max_instances), mask_size=int(d.mask_size),
+                training=training, scale_range=tuple(float(v) for v in d.scale_range),
+                random_flip=bool(d.random_flip), min_size=int(d.get("min_size", 0)),
+                max_size=int(d.get("max_size", 0)))
+  k = num_keypoints(config)
+  if k:
+    if len(keypoint_names) != k:
+      raise ValueError(f"config.model.keypoint.num_keypoints = {k} but the data names "
+                       f"{len(keypoint_names)} keypoints: {list(keypoint_names)}")
+    pairs = tuple(tuple(p) for p in (d.get("keypoint_flip_pairs", ()) or ()))
+    kwargs.update(num_keypoints=k,
+                  keypoint_flip=transforms.keypoint_flip_permutation(keypoint_names, pairs))
+  return kwargs
 
 
 def dataset_options() -> tf.data.Options:

@@ -27,6 +27,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
+from mrcnn_jax.data import batching
 from mrcnn_jax.data import transforms
 
 # The backbone's coarsest stride (C5): a bucket that is a multiple of it gives every feature
@@ -118,7 +119,8 @@ def train_batch_specs(config, batch_size: int) -> Dict[Shape, Dict[str, Tuple[tu
   d = config.data
   specs = {}
   for size in train_image_sizes(config):
-    signature = transforms.output_signature(size, int(d.max_instances), int(d.mask_size))
+    signature = transforms.output_signature(size, int(d.max_instances), int(d.mask_size),
+                                            batching.num_keypoints(config))
     specs[size] = {k: ((int(batch_size),) + tuple(shape), np.dtype(dtype.as_numpy_dtype))
                    for k, (shape, dtype) in signature.items()
                    if k != transforms.NUM_TRUNCATED_KEY}

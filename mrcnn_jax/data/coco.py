@@ -15,15 +15,22 @@ Target rules:
   (:class:`CategoryMap`); 0 is background/padding.
 * Boxes come from each annotation's ``bbox`` (``[x, y, w, h]``), converted to xyxy pixels.
 * Training skips images without a usable instance (``skip_empty``); evaluation keeps all.
+* Keypoints (``num_keypoints`` = K > 0, COCO person_keypoints-style JSON): the categories'
+  ``keypoints`` lists name the K points (every category that has one must give the same names,
+  and K must match, else a ``ValueError`` naming the file); each annotation's ``keypoints``
+  ``[x1, y1, v1, ...]`` becomes [K, 3] float32 (x, y, v) in original pixels, zeros when the
+  annotation has none (a category without keypoints). With K = 0 keypoints are not read.
 
 Bad input, with ``on_bad_example='skip'`` (counted in :class:`DataStats`, logged) or ``'raise'``
 (:class:`BadExampleError`): an image id listed more than once in ``images`` (all its entries and
 annotations are dropped); an annotation whose image id or category id is unknown (a category id
 must be an int or an integral float: 1.7, True or "1" are unknown), whose polygon/RLE/bbox is
 malformed (an RLE's counts must be non-negative and sum to height*width; a bbox must overlap the
-image; a polygon's bbox must agree with the polygons' bounds, see :func:`check_annotation`)
-(checked at construction); an image file that is missing, cannot be decoded or whose size
-differs from the JSON, or masks pycocotools cannot decode (checked at load). In training a bad
+image; a polygon's bbox must agree with the polygons' bounds, see :func:`check_annotation`),
+or, with keypoints on, whose ``keypoints`` are not 3K finite numbers with v in {0, 1, 2}
+(``bad_keypoints``, :func:`keypoints_problem`) (checked at construction); an image file that is
+missing, cannot be decoded or whose size differs from the JSON, or masks pycocotools cannot
+decode (checked at load). In training a bad
 annotation removes its whole image (a partly labelled image would teach "object =
 background"); in evaluation the image is kept and only the bad annotation leaves the batch
 targets and the ground truth (:meth:`CocoSource.ground_truth`), and an image that fails to load
@@ -39,7 +46,7 @@ import math
 import numbers
 import os
 import threading
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
@@ -249,6 +256,66 @@ def annotation_problem(ann: Dict[str, Any], height: int, width: int):
           f"segmentation must be a polygon list or an RLE dict, got {type(seg).__name__}")
 
 
+def keypoints_problem(ann: Dict[str, Any], num_keypoints: int) -> Optional[str]:
+  """Why ``ann``'s ``keypoints`` cannot be used with K = ``num_keypoints``, or None.
+
+  Absent (or null) keypoints are fine (the annotation has none); present ones must be 3K finite
+  numbers ``[x1, y1, v1, ...]`` with every v in {0, 1, 2} (COCO: not labelled, labelled but not
+  visible, visible).
+  """
+  kp = ann.get("keypoints")
+  if kp is None:
+    return None
+  if not isinstance(kp, (list, tuple)) or len(kp) != 3 * num_keypoints:
+    got = f"{len(kp)} values" if isinstance(kp, (list, tuple)) else type(kp).__name__
+    return f"keypoints must be a list of 3 * {num_keypoints} numbers (x, y, v), got {got}"
+  if not _finite_numbers(kp):
+    return "keypoints must be finite numbers"
+  bad = [v for v in kp[2::3] if v not in (0, 1, 2)]
+  if bad:
+    return f"keypoint visibility must be 0, 1 or 2, got {bad[:5]}"
+  return None
+
+
+def parse_keypoints(ann: Dict[str, Any], num_keypoints: int) -> np.ndarray:
+  """[K, 3] float32 (x, y, v) of an annotation that passed :func:`keypoints_problem`."""
+  kp = ann.get("keypoints")
+  if kp is None:
+    return np.zeros((num_keypoints, 3), np.float32)
+  return np.asarray(kp, np.float32).reshape(num_keypoints, 3)
+
+
+def keypoint_names(categories: Sequence[Dict[str, Any]], num_keypoints: int,
+                   annotation_file: str) -> Tuple[str, ...]:
+  """The K keypoint names the categories of ``annotation_file`` list; ``ValueError`` unless
+  they list one set of ``num_keypoints`` distinct names (categories without a list are fine)."""
+  lists = set()
+  for c in categories:
+    names = c.get("keypoints")
+    if names is None:
+      continue
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+      raise ValueError(f"{annotation_file}: category {c.get('id')!r} has 'keypoints' {names!r}; "
+                       "expected a list of keypoint names")
+    if names:
+      lists.add(tuple(names))
+  if not lists:
+    raise ValueError(f"{annotation_file}: keypoints are on (config.model.keypoint.enabled, "
+                     f"num_keypoints={num_keypoints}) but no category lists keypoint names: use "
+                     "a person_keypoints-style JSON (e.g. `python -m mrcnn_jax.data.shapes "
+                     "--keypoints`)")
+  if len(lists) > 1:
+    raise ValueError(f"{annotation_file}: the categories list different keypoint names "
+                     f"{sorted(lists)}; one keypoint head predicts one set")
+  names = lists.pop()
+  if len(set(names)) != len(names):
+    raise ValueError(f"{annotation_file}: repeated keypoint names in {list(names)}")
+  if len(names) != num_keypoints:
+    raise ValueError(f"{annotation_file}: the categories name {len(names)} keypoints "
+                     f"{list(names)} but config.model.keypoint.num_keypoints = {num_keypoints}")
+  return names
+
+
 def check_annotation(ann: Dict[str, Any], height: int, width: int) -> Optional[str]:
   """Returns why ``ann`` cannot be used (bbox / segmentation checks), or None when it is fine.
 
@@ -280,6 +347,7 @@ class ImageRecord:
   classes: List[int]  # contiguous 1..K
   segmentations: List[Any]
   num_crowd: int = 0
+  keypoints: List[np.ndarray] = dataclasses.field(default_factory=list)  # [K, 3] each; K > 0
 
 
 _GRAY16_MODES = ("I;16", "I;16B", "I;16L", "I")
@@ -350,11 +418,15 @@ def decode_image_rgb(path: str, exif_transpose: bool = False) -> np.ndarray:
   return np.asarray(img.convert("RGB"))  # L, LA, P, RGBA, CMYK (incl. Adobe inverted), YCbCr
 
 
-def placeholder_example() -> Dict[str, np.ndarray]:
-  """The example a bad or padding slot carries: a 1x1 black image, no instances, ok=False."""
-  return {"image": np.zeros((1, 1, 3), np.uint8), "boxes": np.zeros((0, 4), np.float32),
-          "classes": np.zeros((0,), np.int32), "masks": np.zeros((0, 1, 1), np.uint8),
-          "image_id": np.int32(-1), "ok": np.bool_(False)}
+def placeholder_example(num_keypoints: int = 0) -> Dict[str, np.ndarray]:
+  """The example a bad or padding slot carries: a 1x1 black image, no instances, ok=False
+  (with ``keypoints`` [0, K, 3] when ``num_keypoints`` = K > 0)."""
+  ex = {"image": np.zeros((1, 1, 3), np.uint8), "boxes": np.zeros((0, 4), np.float32),
+        "classes": np.zeros((0,), np.int32), "masks": np.zeros((0, 1, 1), np.uint8),
+        "image_id": np.int32(-1), "ok": np.bool_(False)}
+  if num_keypoints:
+    ex["keypoints"] = np.zeros((0, num_keypoints, 3), np.float32)
+  return ex
 
 
 class CocoSource:
@@ -363,11 +435,13 @@ class CocoSource:
   Attributes:
     records: the :class:`ImageRecord` s this source serves, in JSON order.
     categories: the :class:`CategoryMap`.
+    num_keypoints: K (0: keypoints are not read).
+    keypoint_names: the K names the categories list (() when K = 0).
     stats: the :class:`DataStats` counting skips (shared with the pipeline).
     dataset: the parsed JSON, as read (evaluation uses :meth:`ground_truth` instead).
     refused_annotations: reason -> how many of the JSON's annotations were left out at
-      construction (``unknown_image_id``, ``unknown_category``, ``duplicate_image_id``, and
-      :func:`annotation_problem`'s reasons).
+      construction (``unknown_image_id``, ``unknown_category``, ``duplicate_image_id``,
+      :func:`annotation_problem`'s reasons, and ``bad_keypoints``).
     dropped_images: reason -> how many ``images`` entries were left out at construction
       (``bad_image_entry``, ``duplicate_image_id``).
     load_failures: image id -> the reason its latest :meth:`load` failed (``missing_image``,
@@ -376,7 +450,7 @@ class CocoSource:
 
   def __init__(self, annotation_file: str, image_dir: str, *, training: bool,
                skip_empty: bool = True, on_bad_example: str = "skip",
-               stats: Optional[DataStats] = None):
+               stats: Optional[DataStats] = None, num_keypoints: int = 0):
     if on_bad_example not in ("skip", "raise"):
       raise ValueError(f"on_bad_example must be 'skip' or 'raise', got {on_bad_example!r}")
     if not os.path.exists(annotation_file):
@@ -388,6 +462,10 @@ class CocoSource:
     self.on_bad_example = on_bad_example
     self.stats = stats if stats is not None else DataStats()
     self.categories = CategoryMap(self.dataset.get("categories", []))
+    self.num_keypoints = int(num_keypoints)
+    self.keypoint_names: Tuple[str, ...] = (
+        keypoint_names(self.dataset.get("categories", []), self.num_keypoints, annotation_file)
+        if self.num_keypoints else ())
     self.refused_annotations: collections.Counter = collections.Counter()
     self.dropped_images: collections.Counter = collections.Counter()
     self.load_failures: Dict[int, str] = {}  # written from tf.data's threads; one dict op each
@@ -448,6 +526,12 @@ class CocoSource:
         self._bad(problem[0], f"annotation {ann_id} of image {image_id}: {problem[1]}")
         bad_images.add(image_id)
         continue
+      problem = keypoints_problem(ann, self.num_keypoints) if self.num_keypoints else None
+      if problem is not None:
+        self.refused_annotations["bad_keypoints"] += 1
+        self._bad("bad_keypoints", f"annotation {ann_id} of image {image_id}: {problem}")
+        bad_images.add(image_id)
+        continue
       anns_by_image[image_id].append(ann)
       self._accepted_annotations.append(ann)
     records = []
@@ -464,7 +548,9 @@ class CocoSource:
           image_id=image_id, path=os.path.join(self.image_dir, file_name), height=h, width=w,
           boxes_xywh=[[float(v) for v in a["bbox"]] for a in usable],
           classes=[int(c) for c in self.categories.to_contiguous([a["category_id"] for a in usable])],
-          segmentations=[a["segmentation"] for a in usable], num_crowd=len(anns) - len(usable)))
+          segmentations=[a["segmentation"] for a in usable], num_crowd=len(anns) - len(usable),
+          keypoints=[parse_keypoints(a, self.num_keypoints) for a in usable]
+          if self.num_keypoints else []))
     return records
 
   def __len__(self) -> int:
@@ -489,11 +575,12 @@ class CocoSource:
     Returns:
       ``image``: [h, w, 3] uint8 RGB; ``boxes``: [N, 4] float32 xyxy pixels; ``classes``: [N]
       int32 in 1..K; ``masks``: [N, h, w] uint8 {0, 1}; ``image_id``: int32; ``ok``: bool,
-      False for a padding slot or a skipped bad example (then it is :func:`placeholder_example`).
+      False for a padding slot or a skipped bad example (then it is :func:`placeholder_example`);
+      with keypoints on, ``keypoints``: [N, K, 3] float32 (x, y, v) original pixels.
     """
     index = int(index)
     if index < 0:
-      return placeholder_example()
+      return placeholder_example(self.num_keypoints)
     rec = self.records[index]
     try:
       image = decode_image_rgb(rec.path)
@@ -522,10 +609,14 @@ class CocoSource:
     else:
       masks = np.zeros((0, rec.height, rec.width), np.uint8)
       boxes = np.zeros((0, 4), np.float32)
-    return {"image": image, "boxes": boxes, "classes": np.asarray(rec.classes, np.int32),
-            "masks": masks, "image_id": np.int32(rec.image_id), "ok": np.bool_(True)}
+    ex = {"image": image, "boxes": boxes, "classes": np.asarray(rec.classes, np.int32),
+          "masks": masks, "image_id": np.int32(rec.image_id), "ok": np.bool_(True)}
+    if self.num_keypoints:
+      ex["keypoints"] = (np.stack(rec.keypoints) if n
+                         else np.zeros((0, self.num_keypoints, 3), np.float32))
+    return ex
 
   def _bad_load(self, rec: ImageRecord, reason: str, message: str) -> Dict[str, np.ndarray]:
     self.load_failures[rec.image_id] = reason
     self._bad(reason, message)
-    return placeholder_example()
+    return placeholder_example(self.num_keypoints)

@@ -17,6 +17,11 @@ bucket's images, and the train step is compiled once per bucket before the first
 Evaluation keeps the single ``image_size`` (one predict program; the COCO recipes pad to
 1344 x 1344 there, which holds max_size 1333 in either orientation).
 
+Keypoints: with ``config.model.keypoint.enabled`` (the 'coco' source; TFDS ``coco/2017`` has
+none) the JSON must be person_keypoints-style (categories name ``num_keypoints`` keypoints;
+``python -m mrcnn_jax.data.shapes --keypoints`` writes such a set) and batches carry
+``gt_keypoints`` [B, G, K, 3] float32 (x, y, v) in network-input pixels.
+
 Batch sizes are global (over all hosts): training uses ``config.train.batch_size``, evaluation
 ``eval_batch_size``; each host reads ``global / jax.process_count()`` examples per step.
 """
@@ -68,12 +73,18 @@ def data_config() -> ml_collections.ConfigDict:
   c.scale_range = (0.8, 1.0)
   c.random_flip = True  # horizontal, p = 0.5
   c.skip_empty_train = True  # training skips images with no usable (non-crowd) instance
+  # Keypoints (with config.model.keypoint.enabled, the 'coco' source): the (a, b) pairs of
+  # keypoint names (or 0-based indices) that swap under the horizontal flip; () derives them
+  # from the categories' keypoint names, "left<x>" <-> "right<x>" (COCO's person keypoints,
+  # the shapes set's "left" <-> "right").
+  c.keypoint_flip_pairs = ()
 
   # --- robustness ---
   # 'skip': a bad example (unreadable/missing image, image size not matching the JSON, bad
-  # polygon/RLE/bbox, unknown image or category id) is counted and logged, then dropped from
-  # training (evaluation keeps the image slot, marked example_valid=False or without the bad
-  # annotation). 'raise': the first one raises BadExampleError naming the file and the reason.
+  # polygon/RLE/bbox/keypoints, unknown image or category id) is counted and logged, then
+  # dropped from training (evaluation keeps the image slot, marked example_valid=False or
+  # without the bad annotation). 'raise': the first one raises BadExampleError naming the file
+  # and the reason.
   c.on_bad_example = "skip"
 
   # --- performance ---

@@ -25,6 +25,11 @@ batch of an epoch is dropped), host ``p`` takes the same rows as above, and augm
 are stateless in ``(seed, g)`` as above. A bad image keeps its slot, filled by the next image
 of its bucket that loads, so batches never mix buckets and resume stays exact.
 
+Keypoints (``config.model.keypoint.enabled``): the source reads each instance's keypoints
+(:class:`~mrcnn_jax.data.coco.CocoSource` with ``num_keypoints``) and every batch, training,
+bucketed or evaluation, carries ``gt_keypoints`` [B, G, K, 3] beside ``gt_boxes``
+(:mod:`mrcnn_jax.data.transforms`); with keypoints off the batches are exactly as without them.
+
 Evaluation: the n images are padded to a multiple of the global batch; host ``p`` takes the
 same rows of every global batch as in training; positions >= n are padding slots
 (``example_valid`` False, ``image_id`` -1), so every image is seen exactly once and every host
@@ -50,11 +55,20 @@ from mrcnn_jax.data.batching import dataset_options
 from mrcnn_jax.data.batching import host_batch_size
 from mrcnn_jax.data.batching import host_info
 from mrcnn_jax.data.batching import InputPipeline
+from mrcnn_jax.data.batching import num_keypoints
 from mrcnn_jax.data.batching import transform_kwargs
 
 _RAW_DTYPES = (tf.uint8, tf.float32, tf.int32, tf.uint8, tf.int32, tf.bool)
 _RAW_KEYS = ("image", "boxes", "classes", "masks", "image_id", "ok")
 _RAW_SHAPES = ((None, None, 3), (None, 4), (None,), (None, None, None), (), ())
+
+
+def _raw_fields(source: coco_lib.CocoSource):
+  """(keys, dtypes, shapes) of the raw examples ``source.load`` returns."""
+  if not source.num_keypoints:
+    return _RAW_KEYS, _RAW_DTYPES, _RAW_SHAPES
+  return (_RAW_KEYS + ("keypoints",), _RAW_DTYPES + (tf.float32,),
+          _RAW_SHAPES + ((None, source.num_keypoints, 3),))
 
 
 def _guarded_load(source: coco_lib.CocoSource, give_up_after: int = 0):
@@ -86,10 +100,12 @@ def _guarded_load(source: coco_lib.CocoSource, give_up_after: int = 0):
   return py_load
 
 
-def _raw_example(values) -> dict:
-  """The tensors of a ``tf.numpy_function`` returning ``_RAW_KEYS`` -> a raw example dict."""
+def _raw_example(values, source: coco_lib.CocoSource) -> dict:
+  """The tensors of a ``tf.numpy_function`` returning :func:`_raw_fields`' keys -> a raw
+  example dict."""
+  keys, _, shapes = _raw_fields(source)
   raw = {}
-  for key, v, shape in zip(_RAW_KEYS, values, _RAW_SHAPES):
+  for key, v, shape in zip(keys, values, shapes):
     v.set_shape(shape)
     raw[key] = v
   return raw
@@ -99,13 +115,14 @@ def _load_fn(source: coco_lib.CocoSource, give_up_after: int = 0):
   """A tf function: record index (int64, -1 = padding) -> raw example dict (see
   :func:`_guarded_load` for ``give_up_after``)."""
   py_load = _guarded_load(source, give_up_after)
+  keys, dtypes, _ = _raw_fields(source)
 
   def py_values(index):
     ex = py_load(index)
-    return tuple(ex[k] for k in _RAW_KEYS)
+    return tuple(ex[k] for k in keys)
 
   def load(index):
-    return _raw_example(tf.numpy_function(py_values, [index], _RAW_DTYPES, stateful=False))
+    return _raw_example(tf.numpy_function(py_values, [index], dtypes, stateful=False), source)
 
   return load
 
@@ -119,7 +136,22 @@ def _make_source(config, training: bool, stats) -> coco_lib.CocoSource:
     raise ValueError(f"config.data.{which}_annotations is empty: point it at a COCO instances "
                      "JSON (e.g. from `python -m mrcnn_jax.data.shapes --out DIR`)")
   return coco_lib.CocoSource(ann, images, training=training, skip_empty=bool(d.skip_empty_train),
-                             on_bad_example=str(d.on_bad_example), stats=stats)
+                             on_bad_example=str(d.on_bad_example), stats=stats,
+                             num_keypoints=num_keypoints(config))
+
+
+def _source_kwargs(config, source: coco_lib.CocoSource, training: bool):
+  """``transform_kwargs`` for ``source``, which must read the keypoints the config wants."""
+  k = num_keypoints(config)
+  if source.num_keypoints != k:
+    raise ValueError(f"config.model.keypoint wants {k} keypoints per instance (0: off) but the "
+                     f"source reads {source.num_keypoints} (CocoSource(num_keypoints=...))")
+  kwargs = transform_kwargs(config, training=training, keypoint_names=source.keypoint_names)
+  if k:
+    names, perm = source.keypoint_names, kwargs["keypoint_flip"]
+    logging.info("keypoints %s; the horizontal flip swaps %s", list(names),
+                 [(names[i], names[j]) for i, j in enumerate(perm) if i < j])
+  return kwargs
 
 
 def build_train_dataset(config, *, global_batch_size: Optional[int] = None,
@@ -157,7 +189,7 @@ def build_train_dataset(config, *, global_batch_size: Optional[int] = None,
   n = len(source)
   if n == 0:
     raise ValueError("the training source has no usable image (all skipped or empty)")
-  kwargs = transform_kwargs(config, training=True)
+  kwargs = _source_kwargs(config, source, training=True)
   if bucket_shapes:
     ds = _bucketed_examples(config, source, bucket_shapes, kwargs, p=p, gb=gb, hb=hb, seed=seed,
                             start_step=int(start_step))
@@ -204,13 +236,14 @@ def _bucketed_examples(config, source: coco_lib.CocoSource, shapes, kwargs, *, p
     log("train bucket %dx%d: %d images, %d global batches of %d per epoch%s", h, w, count,
         batches, gb, "" if batches else " (fewer images than a batch: never trained on)")
   py_load = _guarded_load(source, give_up_after=2 * len(source))
+  keys, dtypes, _ = _raw_fields(source)
 
   def py_slot(step, row):
     bucket, candidates = schedule.slot(int(step), int(row))
     for record in candidates:
       ex = py_load(record)
       if ex["ok"]:
-        return tuple(ex[k] for k in _RAW_KEYS) + (np.int32(bucket),)
+        return tuple(ex[k] for k in keys) + (np.int32(bucket),)
     h, w = shapes[bucket]
     raise coco_lib.BadExampleError(
         f"no image of train bucket {h}x{w} could be loaded (skips so far: "
@@ -218,8 +251,8 @@ def _bucketed_examples(config, source: coco_lib.CocoSource, shapes, kwargs, *, p
 
   def element(k):
     step, row = k // hb, p * hb + k % hb  # host p: rows [p*hb, (p+1)*hb) of each global batch
-    values = tf.numpy_function(py_slot, [step, row], _RAW_DTYPES + (tf.int32,), stateful=False)
-    raw, bucket = _raw_example(values[:-1]), values[-1]
+    values = tf.numpy_function(py_slot, [step, row], dtypes + (tf.int32,), stateful=False)
+    raw, bucket = _raw_example(values[:-1], source), values[-1]
     aug_seed = tf.stack([tf.cast(seed, tf.int64) + 0x5EED, step * gb + row])
     # One transform per bucket, each with its static shape; the batch's shape is its bucket's.
     branches = [lambda size=size: transforms.transform_example(raw, aug_seed,
@@ -270,7 +303,7 @@ def build_eval_dataset(config, *, global_batch_size: Optional[int] = None,
   stats = source.stats
   positions = eval_positions(len(source), gb, p, num_p)
   load = _load_fn(source)
-  kwargs = transform_kwargs(config, training=False)
+  kwargs = _source_kwargs(config, source, training=False)
   zero_seed = tf.zeros([2], tf.int64)
   ds = tf.data.Dataset.from_tensor_slices(positions)
   ds = ds.map(lambda r: transforms.transform_example(load(r), zero_seed, **kwargs),

@@ -9,10 +9,27 @@ COCO-format data takes. Features exercised on purpose:
 * segmentations as polygons (some with two parts), uncompressed RLE and compressed RLE;
 * ``iscrowd`` regions (uncompressed RLE, as COCO stores them; at least every image 3 mod 7);
 * a few images with no annotation at all (every image whose index is 5 mod 12);
-* three aspect ratios (``size x size``, ``size x 3/4 size``, ``3/4 size x size``).
+* three aspect ratios (``size x size``, ``size x 3/4 size``, ``3/4 size x size``);
+* optionally (``keypoints=True``, CLI ``--keypoints``) COCO person_keypoints-style fields, see
+  below.
 
 Every image is painted from the rasterisation pycocotools gives of its own annotation, so image
 pixels and annotations agree exactly. The output depends only on the arguments.
+
+Keypoints (``keypoints=True``). Every category gets ``keypoints`` = :data:`KEYPOINT_NAMES`
+("top", "right", "bottom", "left") and ``skeleton`` = the cycle top-right-bottom-left (1-based
+pairs, as COCO's); every non-crowd annotation gets ``keypoints`` (``[x1, y1, v1, ...]``, 12
+numbers) and ``num_keypoints`` (how many have v > 0). The points are the shape's extreme
+vertices (:func:`extreme_points`): a square's or triangle's corners (a triangle repeats one
+corner), a circle's four extreme points; a square cut into two polygon parts keeps its own
+corners. Ties (two vertices equally high, e.g. an axis-aligned square) go clockwise: top takes
+the rightmost, right the lowest, bottom the leftmost, left the highest, so an axis-aligned
+square gets its four corners, clockwise from the top-right. Visibility: v = 2 where the point's
+pixel (``floor(y), floor(x)``) lies in the instance's visible (modal) mask, v = 1 where it does
+not (occluded, or the vertex's pixel off the rasterised shape); a point outside the image is
+not labelled, (0, 0, 0), as COCO leaves such points. Crowd annotations get 12 zeros. The points
+come from the geometry alone (no random draw), so images, masks and every other field are
+exactly those of ``keypoints=False``, which writes the same files as before keypoints existed.
 
 Layout (COCO-like)::
 
@@ -22,6 +39,7 @@ Layout (COCO-like)::
 CLI::
 
   python -m mrcnn_jax.data.shapes --out DIR --num_train 200 --num_val 50 --size 128 --seed 0
+  python -m mrcnn_jax.data.shapes --out DIR --keypoints      # with keypoint annotations
 """
 
 from __future__ import annotations
@@ -41,6 +59,8 @@ CATEGORIES = (
     {"id": 7, "name": "triangle", "supercategory": "shape"},
 )
 _SPLITS = (("train", 1), ("val", 100_001))  # split name, first image id
+KEYPOINT_NAMES = ("top", "right", "bottom", "left")
+KEYPOINT_SKELETON = ((1, 2), (2, 3), (3, 4), (4, 1))  # 1-based, as COCO's
 
 
 def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> List[List[float]]:
@@ -61,6 +81,32 @@ def _split_square(part: List[float]) -> List[List[float]]:
   m01, m23 = (p[0] + p[1]) / 2, (p[2] + p[3]) / 2
   halves = [np.stack([p[0], m01, m23, p[3]]), np.stack([m01, p[1], p[2], m23])]
   return [[round(float(v), 2) for v in h.reshape(-1)] for h in halves]
+
+
+def extreme_points(part: List[float]) -> np.ndarray:
+  """[4, 2] float64 (x, y): the top, right, bottom and left vertex of polygon ``part``.
+
+  Extremes in image coordinates (y down); ties go clockwise (see the module docstring).
+  """
+  p = np.asarray(part, np.float64).reshape(-1, 2)
+  x, y = p[:, 0], p[:, 1]
+  # np.lexsort sorts by its last key first: (primary, tie-break) -> keys (tie-break, primary).
+  order = [np.lexsort((-x, y)), np.lexsort((-y, -x)), np.lexsort((x, -y)), np.lexsort((y, x))]
+  return p[[o[0] for o in order]]
+
+
+def keypoint_triplets(part: List[float], visible: np.ndarray) -> Tuple[List[float], int]:
+  """COCO ``keypoints`` ([x1, y1, v1, ...]) of the shape with outline ``part`` and modal mask
+  ``visible`` [h, w], and ``num_keypoints``."""
+  h, w = visible.shape
+  out = []
+  for x, y in extreme_points(part):
+    if not (0.0 <= x < w and 0.0 <= y < h):
+      out += [0.0, 0.0, 0]  # off the image: not labelled
+      continue
+    v = 2 if visible[int(np.floor(y)), int(np.floor(x))] else 1
+    out += [round(float(x), 2), round(float(y), 2), v]
+  return out, sum(1 for v in out[2::3] if v > 0)
 
 
 def _rasterize(polys: List[List[float]], h: int, w: int) -> np.ndarray:
@@ -91,7 +137,9 @@ def _image_size(index: int, size: int) -> Tuple[int, int]:
 
 
 def _make_image(rng: np.random.Generator, index: int, size: int):
-  """Returns (image [h, w, 3] uint8, list of (category_id, mask, iscrowd, polygon or None))."""
+  """Returns (image [h, w, 3] uint8, list of (category_id, mask, iscrowd, polygon or None,
+  outline)); ``outline`` is a non-crowd shape's own polygon (one part, before any cut), else
+  None."""
   h, w = _image_size(index, size)
   background = rng.integers(0, 90, size=3)
   image = np.empty((h, w, 3), np.uint8)
@@ -106,21 +154,22 @@ def _make_image(rng: np.random.Generator, index: int, size: int):
       for _ in range(int(rng.integers(3, 6))):
         polys += _polygon(kind, cx + rng.uniform(-0.12, 0.12) * w, cy + rng.uniform(-0.12, 0.12) * h,
                           0.04 * min(h, w) + 1.5, rng.uniform(0, np.pi))
-      objects.append((kinds[kind], _rasterize(polys, h, w), 1, None))
+      objects.append((kinds[kind], _rasterize(polys, h, w), 1, None, None))
     for _ in range(int(rng.integers(1, 6))):
       kind = str(rng.choice(list(kinds)))
       r = rng.uniform(0.1, 0.25) * min(h, w) + 2.0
       polys = _polygon(kind, rng.uniform(r * 0.6, w - r * 0.6), rng.uniform(r * 0.6, h - r * 0.6), r,
                        rng.uniform(0, np.pi))
+      outline = polys[0]
       if kind == "square" and rng.random() < 0.3:
         polys = _split_square(polys[0])
       mask = _rasterize(polys, h, w)
       # Limit occlusion so that earlier objects stay recognisable.
-      if mask.sum() < 4 or any((m & mask).sum() > 0.4 * m.sum() for _, m, _, _ in objects):
+      if mask.sum() < 4 or any((o[1] & mask).sum() > 0.4 * o[1].sum() for o in objects):
         continue
-      objects.append((kinds[kind], mask, 0, polys))
+      objects.append((kinds[kind], mask, 0, polys, outline))
   colours = {}
-  for k, (cat, mask, crowd, _) in enumerate(objects):
+  for k, (cat, mask, crowd, _, _) in enumerate(objects):
     colour = rng.integers(120, 256, size=3)
     colour[rng.integers(0, 3)] = rng.integers(0, 80)  # saturated, far from the dark background
     colours[k] = colour
@@ -128,16 +177,17 @@ def _make_image(rng: np.random.Generator, index: int, size: int):
   # Modal masks: remove what later objects cover.
   result = []
   covered = np.zeros((h, w), np.uint8)
-  for cat, mask, crowd, polys in reversed(objects):
+  for cat, mask, crowd, polys, outline in reversed(objects):
     visible = mask & (1 - covered)
     covered |= mask
     if visible.sum() == 0:
       continue
-    result.append((cat, visible, crowd, polys if (visible == mask).all() else None))
+    result.append((cat, visible, crowd, polys if (visible == mask).all() else None, outline))
   return image, result[::-1]
 
 
-def _annotation(rng, ann_id, image_id, cat, mask, crowd, polys) -> Dict[str, Any]:
+def _annotation(rng, ann_id, image_id, cat, mask, crowd, polys, outline=None,
+                keypoints=False) -> Dict[str, Any]:
   h, w = mask.shape
   if polys is not None and rng.random() < 0.6:
     seg = polys
@@ -150,14 +200,20 @@ def _annotation(rng, ann_id, image_id, cat, mask, crowd, polys) -> Dict[str, Any
     rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
   else:
     rle = mask_utils.encode(np.asfortranarray(mask))
-  return {"id": ann_id, "image_id": image_id, "category_id": int(cat), "segmentation": seg,
-          "area": float(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-          "iscrowd": int(crowd)}
+  ann = {"id": ann_id, "image_id": image_id, "category_id": int(cat), "segmentation": seg,
+         "area": float(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+         "iscrowd": int(crowd)}
+  if keypoints:
+    if crowd:
+      ann["keypoints"], ann["num_keypoints"] = [0] * (3 * len(KEYPOINT_NAMES)), 0
+    else:
+      ann["keypoints"], ann["num_keypoints"] = keypoint_triplets(outline, mask)
+  return ann
 
 
 def generate_split(out_dir: str, split: str, num_images: int, size: int, seed: int,
                    image_format: str = "mixed", first_image_id: Optional[int] = None,
-                   first_ann_id: int = 1) -> str:
+                   first_ann_id: int = 1, keypoints: bool = False) -> str:
   """Writes one split; returns the path of its instances JSON.
 
   Args:
@@ -169,6 +225,7 @@ def generate_split(out_dir: str, split: str, num_images: int, size: int, seed: i
     image_format: ``'jpeg'``, ``'png'`` or ``'mixed'`` (even indices JPEG, odd PNG).
     first_image_id: id of the first image (ids step by 2 so they are sparse).
     first_ann_id: id of the first annotation.
+    keypoints: add keypoint fields (module docstring); the images stay the same.
   """
   if image_format not in ("jpeg", "png", "mixed"):
     raise ValueError(f"image_format must be 'jpeg', 'png' or 'mixed', got {image_format!r}")
@@ -192,11 +249,16 @@ def generate_split(out_dir: str, split: str, num_images: int, size: int, seed: i
       Image.fromarray(image).save(path, format="JPEG", quality=95)
     images.append({"id": image_id, "file_name": file_name, "height": int(image.shape[0]),
                    "width": int(image.shape[1])})
-    for cat, mask, crowd, polys in objects:
-      annotations.append(_annotation(rng, ann_id, image_id, cat, mask, crowd, polys))
+    for cat, mask, crowd, polys, outline in objects:
+      annotations.append(_annotation(rng, ann_id, image_id, cat, mask, crowd, polys, outline,
+                                     keypoints))
       ann_id += 1
+  categories = [dict(c) for c in CATEGORIES]
+  if keypoints:
+    for c in categories:
+      c.update(keypoints=list(KEYPOINT_NAMES), skeleton=[list(e) for e in KEYPOINT_SKELETON])
   data = {"info": {"description": f"mrcnn_jax synthetic shapes, seed {seed}"}, "licenses": [],
-          "images": images, "annotations": annotations, "categories": [dict(c) for c in CATEGORIES]}
+          "images": images, "annotations": annotations, "categories": categories}
   json_path = os.path.join(out_dir, "annotations", f"instances_{split}.json")
   with open(json_path, "w") as f:
     json.dump(data, f)
@@ -204,15 +266,19 @@ def generate_split(out_dir: str, split: str, num_images: int, size: int, seed: i
 
 
 def generate(out_dir: str, num_train: int = 200, num_val: int = 50, size: int = 128, seed: int = 0,
-             image_format: str = "mixed") -> Dict[str, str]:
+             image_format: str = "mixed", keypoints: bool = False) -> Dict[str, str]:
   """Writes the train and val splits; returns the paths a ``config.data`` needs.
+
+  ``keypoints=True`` adds the keypoint fields (module docstring; K = 4, to train with
+  ``config.model.keypoint.num_keypoints = 4``) to the same images and annotations.
 
   Returns:
     ``{'train_annotations', 'train_images', 'eval_annotations', 'eval_images'}``, ready for
     ``config.data.update(...)``.
   """
-  generate_split(out_dir, "train", num_train, size, seed, image_format)
-  generate_split(out_dir, "val", num_val, size, seed, image_format, first_ann_id=10_000_000)
+  generate_split(out_dir, "train", num_train, size, seed, image_format, keypoints=keypoints)
+  generate_split(out_dir, "val", num_val, size, seed, image_format, first_ann_id=10_000_000,
+                 keypoints=keypoints)
   return data_paths(out_dir)
 
 
@@ -232,8 +298,11 @@ def main(argv: Optional[List[str]] = None) -> None:
   parser.add_argument("--size", type=int, default=128, help="longer image side, pixels")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--format", default="mixed", choices=("jpeg", "png", "mixed"))
+  parser.add_argument("--keypoints", action="store_true",
+                      help="add COCO keypoints: each shape's top/right/bottom/left vertex")
   args = parser.parse_args(argv)
-  paths = generate(args.out, args.num_train, args.num_val, args.size, args.seed, args.format)
+  paths = generate(args.out, args.num_train, args.num_val, args.size, args.seed, args.format,
+                   keypoints=args.keypoints)
   print(json.dumps(paths, indent=2))
 
 

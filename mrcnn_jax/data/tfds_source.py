@@ -20,6 +20,9 @@ The skip counts records, so resume is exact unless records were filtered at run 
 ``skip_empty_train`` the images without instances (known only after reading, unlike the COCO
 JSON source) shift the resumed stream slightly.
 Evaluation pads every host to the same number of batches with ``example_valid=False`` slots.
+
+Keypoints: ``coco/2017`` has none, so ``config.model.keypoint.enabled`` with this source is a
+``ValueError`` before anything is read.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ _SHUFFLE_BUFFER = 1024
 
 def _builder(config):
   d = config.data
+  if batching.num_keypoints(config):
+    raise ValueError(f"config.model.keypoint.enabled needs keypoint annotations, which the TFDS "
+                     f"source does not read ({d.tfds_name!r}; coco/2017 has none): use "
+                     "config.data.source = 'coco' with a person_keypoints JSON")
   return tfds.builder(d.tfds_name, data_dir=d.tfds_data_dir or None)
 
 

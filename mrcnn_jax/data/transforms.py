@@ -1,4 +1,4 @@
-"""Per-example TensorFlow transforms: flip, scale jitter, crop, pad, box and mask targets.
+"""Per-example TensorFlow transforms: flip, scale jitter, crop, pad, box, mask and keypoint targets.
 
 :func:`transform_example` turns a *raw* example (original pixels, full-size instance masks) into
 one element of the batch contract (all shapes static):
@@ -7,6 +7,7 @@ one element of the batch contract (all shapes static):
   gt_classes [G] int32 · gt_masks [G, S, S] uint8 · gt_valid [G] bool · image_id int32 ·
   original_size [2] int32 (h, w) · image_scale [2] float32 (sy, sx) · valid_size [2] int32 ·
   example_valid bool   (plus ``_num_truncated`` int32, popped by the pipeline)
+  and with keypoints (``num_keypoints`` = K > 0): gt_keypoints [G, K, 3] float32 (x, y, v)
 
 Geometry. The image is scaled, optionally flipped horizontally, randomly cropped to at most
 (H, W) (only when the scaled image overflows, i.e. large-scale jitter), then zero-padded at the
@@ -19,6 +20,12 @@ maps to [x1 * sx - ox, x2 * sx - ox), clipped to the valid region; boxes narrowe
 than 1 px afterwards are dropped, the rest keep their order, and more than G are truncated
 (counted).
 
+Keypoints follow the boxes' geometry: x -> (w - x if flipped) * sx - ox, y -> y * sy - oy, and
+a flip also permutes the K points by ``keypoint_flip`` (left and right swap names,
+:func:`keypoint_flip_permutation`). A point keeps its v only when v > 0 and it lies in the valid
+region [0, vw] x [0, vh] afterwards; every other point, and every padding row, is (0, 0, 0).
+Rows are those of gt_boxes.
+
 Masks. Each kept instance's mask target is sampled directly from its *original* full-size
 mask (no intermediate resize), at the centres of an S x S grid laid over its final box: cell
 (r, c) covers [x1 + c * bw / S, x1 + (c+1) * bw / S) and takes the bilinear value at its centre,
@@ -28,23 +35,70 @@ x1 > x2 as a mirrored crop), so the full-size mask is never flipped or resized.
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Sequence, Tuple, Union
 
 import tensorflow as tf
 
 NUM_TRUNCATED_KEY = "_num_truncated"
 
 
-def output_signature(image_size: Sequence[int], max_instances: int, mask_size: int):
-  """``{key: (shape, tf.DType)}`` of one transformed example (the batch contract, unbatched)."""
+def output_signature(image_size: Sequence[int], max_instances: int, mask_size: int,
+                     num_keypoints: int = 0):
+  """``{key: (shape, tf.DType)}`` of one transformed example (the batch contract, unbatched);
+  ``gt_keypoints`` only when ``num_keypoints`` > 0."""
   h, w = image_size
   g, s = max_instances, mask_size
-  return {"image": ((h, w, 3), tf.uint8), "gt_boxes": ((g, 4), tf.float32),
-          "gt_classes": ((g,), tf.int32), "gt_masks": ((g, s, s), tf.uint8),
-          "gt_valid": ((g,), tf.bool), "image_id": ((), tf.int32),
-          "original_size": ((2,), tf.int32), "image_scale": ((2,), tf.float32),
-          "valid_size": ((2,), tf.int32), "example_valid": ((), tf.bool),
-          NUM_TRUNCATED_KEY: ((), tf.int32)}
+  sig = {"image": ((h, w, 3), tf.uint8), "gt_boxes": ((g, 4), tf.float32),
+         "gt_classes": ((g,), tf.int32), "gt_masks": ((g, s, s), tf.uint8)}
+  if num_keypoints:
+    sig["gt_keypoints"] = ((g, int(num_keypoints), 3), tf.float32)
+  sig.update({"gt_valid": ((g,), tf.bool), "image_id": ((), tf.int32),
+              "original_size": ((2,), tf.int32), "image_scale": ((2,), tf.float32),
+              "valid_size": ((2,), tf.int32), "example_valid": ((), tf.bool),
+              NUM_TRUNCATED_KEY: ((), tf.int32)})
+  return sig
+
+
+def keypoint_flip_permutation(names: Sequence[str],
+                              pairs: Sequence[Sequence[Union[str, int]]] = ()) -> Tuple[int, ...]:
+  """``perm`` [K]: after a horizontal flip, keypoint k is the flipped point ``perm[k]``.
+
+  Args:
+    names: the K keypoint names.
+    pairs: (a, b) pairs that swap, each a name or a 0-based index; () derives them from the
+      names: "left<rest>" <-> "right<rest>" where both exist (COCO's "left_eye" <->
+      "right_eye", the shapes set's "left" <-> "right").
+
+  Raises:
+    ValueError: an unknown name or index, or a keypoint in two pairs (or paired with itself).
+  """
+  names = tuple(names)
+  index = {n: i for i, n in enumerate(names)}
+  if not pairs:
+    pairs = [(n, "right" + n[4:]) for n in names if n.startswith("left")
+             and "right" + n[4:] in index]
+
+  def resolve(p):
+    if isinstance(p, str):
+      if p not in index:
+        raise ValueError(f"keypoint flip pair names {p!r}, not one of the keypoints {list(names)}")
+      return index[p]
+    if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p < len(names):
+      raise ValueError(f"keypoint flip pair entry {p!r} is neither a keypoint name nor an index "
+                       f"in 0..{len(names) - 1}")
+    return p
+
+  perm = list(range(len(names)))
+  paired = set()
+  for pair in pairs:
+    if len(pair) != 2:
+      raise ValueError(f"keypoint flip pairs are (a, b) pairs, got {pair!r}")
+    i, j = resolve(pair[0]), resolve(pair[1])
+    if i == j or i in paired or j in paired:
+      raise ValueError(f"keypoint flip pair {tuple(pair)!r}: a keypoint can swap with one other")
+    paired.update((i, j))
+    perm[i], perm[j] = j, i
+  return tuple(perm)
 
 
 def check_resize(image_size: Sequence[int], min_size: int, max_size: int) -> None:
@@ -119,16 +173,33 @@ def _mask_targets(masks, idx, boxes_net, flip, h, w, sy, sx, oy, ox, mask_size):
   return tf.cast(crops[..., 0] >= 0.5, tf.uint8)
 
 
+def _keypoint_targets(keypoints, num_keypoints, keypoint_flip, flip, w, sx, sy, fox, foy, fvw,
+                      fvh):
+  """[N, K, 3] float32 keypoints of every raw instance in network pixels (module docstring)."""
+  kp = tf.reshape(tf.cast(keypoints, tf.float32), [-1, num_keypoints, 3])
+  x, y, v = tf.unstack(kp, axis=2)
+  x = tf.where(flip, w - x, x) * sx - fox  # the arithmetic of the box corners, so they agree
+  y = y * sy - foy
+  keep = (v > 0) & (x >= 0.0) & (x <= fvw) & (y >= 0.0) & (y <= fvh)
+  kp = tf.where(keep[..., None], tf.stack([x, y, v], axis=2), 0.0)
+  if keypoint_flip and tuple(keypoint_flip) != tuple(range(num_keypoints)):
+    kp = tf.cond(flip, lambda: tf.gather(kp, list(keypoint_flip), axis=1), lambda: kp)
+  return kp
+
+
 def transform_example(raw: Dict[str, tf.Tensor], seed: tf.Tensor, *, image_size: Tuple[int, int],
                       max_instances: int, mask_size: int, training: bool,
                       scale_range: Sequence[float] = (1.0, 1.0),
                       random_flip: bool = False, min_size: int = 0,
-                      max_size: int = 0, bucket: bool = False) -> Dict[str, tf.Tensor]:
+                      max_size: int = 0, bucket: bool = False, num_keypoints: int = 0,
+                      keypoint_flip: Sequence[int] = ()) -> Dict[str, tf.Tensor]:
   """One raw example -> one batch-contract example (see the module docstring).
 
   Args:
     raw: ``image`` [h, w, 3] uint8; ``boxes`` [N, 4] float32 xyxy original pixels; ``classes``
-      [N] int32 in 1..K; ``masks`` [N, h, w] uint8 {0, 1}; ``image_id`` int32; ``ok`` bool.
+      [N] int32 in 1..K; ``masks`` [N, h, w] uint8 {0, 1}; ``image_id`` int32; ``ok`` bool;
+      with ``num_keypoints`` > 0, ``keypoints`` [N, num_keypoints, 3] float32 (x, y, v)
+      original pixels.
     seed: [2] int64 stateless seed of this example's augmentation.
     image_size: (H, W) of the padded output.
     max_instances: G.
@@ -141,7 +212,13 @@ def transform_example(raw: Dict[str, tf.Tensor], seed: tf.Tensor, *, image_size:
       module docstring; :func:`check_resize`).
     bucket: ``image_size`` is an aspect bucket that ``buckets.check_buckets`` found to hold
       every image sent to it (not necessarily max_size on both sides).
+    num_keypoints: K > 0 adds ``gt_keypoints`` (module docstring); 0: no keypoints.
+    keypoint_flip: [K] permutation applied to the keypoints of a flipped example
+      (:func:`keypoint_flip_permutation`); () = none swap.
   """
+  if keypoint_flip and sorted(keypoint_flip) != list(range(num_keypoints)):
+    raise ValueError(f"keypoint_flip must be a permutation of range({num_keypoints}), got "
+                     f"{tuple(keypoint_flip)}")
   if not bucket:
     check_resize(image_size, min_size, max_size)
   image = raw["image"]
@@ -179,6 +256,12 @@ def transform_example(raw: Dict[str, tf.Tensor], seed: tf.Tensor, *, image_size:
       "gt_boxes": tf.pad(sel_boxes, [[0, pad], [0, 0]]),
       "gt_classes": tf.pad(tf.cast(sel_classes, tf.int32), [[0, pad]]),
       "gt_masks": tf.pad(sel_masks, [[0, pad], [0, 0], [0, 0]]),
+  }
+  if num_keypoints:
+    kp = _keypoint_targets(raw["keypoints"], num_keypoints, keypoint_flip, flip, w, sx, sy,
+                           fox, foy, fvw, fvh)
+    out["gt_keypoints"] = tf.pad(tf.gather(kp, idx), [[0, pad], [0, 0], [0, 0]])
+  out.update({
       "gt_valid": tf.range(max_instances) < k,
       "image_id": tf.cast(raw["image_id"], tf.int32),
       "original_size": tf.stack([shape[0], shape[1]]),
@@ -186,7 +269,8 @@ def transform_example(raw: Dict[str, tf.Tensor], seed: tf.Tensor, *, image_size:
       "valid_size": tf.stack([vh, vw]),
       "example_valid": tf.cast(raw["ok"], tf.bool),
       NUM_TRUNCATED_KEY: num_truncated,
-  }
-  for key, (static_shape, _) in output_signature(image_size, max_instances, mask_size).items():
+  })
+  for key, (static_shape, _) in output_signature(image_size, max_instances, mask_size,
+                                                 num_keypoints).items():
     out[key] = tf.ensure_shape(out[key], static_shape)
   return out

@@ -1,4 +1,4 @@
-"""Fixtures for the input-pipeline tests: one small synthetic shapes data set per session."""
+"""Fixtures for the input-pipeline tests: small synthetic shapes data sets, one each per session."""
 
 import pytest
 
@@ -10,6 +10,14 @@ from mrcnn_jax.data import shapes
 def shapes_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("shapes")
   paths = shapes.generate(str(out), num_train=24, num_val=11, size=64, seed=3)
+  return str(out), paths
+
+
+@pytest.fixture(scope="session")
+def keypoint_shapes_dir(tmp_path_factory):
+  """A small shapes set with keypoints (K = 4: top, right, bottom, left)."""
+  out = tmp_path_factory.mktemp("shapes_keypoints")
+  paths = shapes.generate(str(out), num_train=10, num_val=6, size=64, seed=3, keypoints=True)
   return str(out), paths
 
 
