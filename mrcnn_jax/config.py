@@ -31,10 +31,19 @@ def eval_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.every_steps = 0  # 0: only at the end of training
   c.at_end = True
-  c.iou_types = ("bbox", "segm")
+  c.iou_types = ("bbox", "segm")  # and/or "keypoints" (OKS AP; needs a keypoint model and GT)
   c.mask_threshold = 0.5  # pasted mask probability above which a pixel is foreground
   c.num_images_to_draw = 4  # prediction overlays written to TensorBoard and <workdir>/eval/
   c.draw_score_threshold = 0.5
+  # One OKS sigma per keypoint (pycocotools' kpt_oks_sigmas), for every category with keypoints
+  # not listed below: COCO's 17 person keypoints (nose, eyes, ears, shoulders, elbows, wrists,
+  # hips, knees, ankles), divided by 10 as pycocotools does, so they equal its own bit for bit.
+  c.keypoint_oks_sigmas = tuple(s / 10.0 for s in (
+      .26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89))
+  # Category name -> its own K sigmas (each category is scored with its own, then averaged).
+  c.keypoint_oks_sigmas_per_category = ml_collections.ConfigDict()
+  # Overlays draw a keypoint whose score (its heatmap logit) is above this: Detectron's kp_thresh.
+  c.keypoint_draw_threshold = 2.0
   return c
 
 

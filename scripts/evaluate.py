@@ -1,11 +1,12 @@
-"""Evaluates a trained run on its config's eval split (COCO bbox + segm AP).
+"""Evaluates a trained run on its config's eval split (COCO AP of ``config.eval.iou_types``:
+bbox, segm and / or keypoints).
 
   python scripts/evaluate.py --config experiments/shapes.py --workdir workdirs/shapes \
       [--checkpoint workdirs/shapes/checkpoints/1500]
 
 Takes the multi-process flags of ``train.py`` (``--distributed``, ``--coordinator_address``,
 ``--num_processes``, ``--process_id``): each process scores its share of the images.
-Prints the 12 COCO numbers per IoU type and per-category AP; writes
+Prints the COCO numbers per IoU type (12; 10 for keypoints) and per-category AP; writes
 ``<workdir>/eval/metrics_*.json`` and ``detections_*.json``.
 """
 

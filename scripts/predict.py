@@ -10,6 +10,9 @@ that of predicting it alone at that batch size. Unreadable images are skipped an
 the log and in ``<out>/results.json``); they do not stop the run, but if none can be read the
 exit status is 1. An ``--out`` folder holding another run's results is refused unless
 ``--overwrite`` (which deletes that run's ``results.json`` and overlays, nothing else).
+A keypoint model's records carry ``keypoints`` and its overlays draw the keypoints scoring above
+``config.eval.keypoint_draw_threshold`` (``--config.eval.keypoint_draw_threshold=...``), joined
+by the skeletons of the config's annotation JSON.
 """
 
 from __future__ import annotations

@@ -57,6 +57,25 @@ PyTree = Any
 PredictFn = Callable[[PyTree, jax.Array, jax.Array], Mapping[str, jax.Array]]
 
 
+def check_iou_types(config: ml_collections.ConfigDict) -> None:
+  """``config.eval.iou_types`` are known and the model predicts what they score.
+
+  Raises:
+    ValueError: an unknown iou type, ``'segm'`` without the mask branch or ``'keypoints'``
+      without the keypoint branch.
+  """
+  iou_types = tuple(config.eval.iou_types)
+  unknown = [t for t in iou_types if t not in coco_eval.IOU_TYPES]
+  if unknown:
+    raise ValueError(f"config.eval.iou_types has {unknown}; known: {coco_eval.IOU_TYPES}")
+  branches = {"segm": ("mask", True), "keypoints": ("keypoint", False)}
+  for iou_type, (branch, default) in branches.items():
+    section = config.model.get(branch) or {}
+    if iou_type in iou_types and not section.get("enabled", default):
+      raise ValueError(f"config.eval.iou_types has {iou_type!r} but config.model.{branch}."
+                       f"enabled is False: the model predicts no {branch}s to score")
+
+
 def coco_from_dataset(dataset: Mapping) -> COCO:
   """A ``pycocotools.coco.COCO`` from an already parsed instances JSON (no file re-read)."""
   coco = COCO()
@@ -100,16 +119,18 @@ class Evaluator:
   """Runs COCO evaluation of one predict function on one mesh; it compiles once.
 
   Args:
-    config: the full config (reads ``eval``).
+    config: the full config (reads ``eval``; ``model`` for which branches there are).
     predict_fn: ``predict(variables, images, valid_size) -> detections`` over global,
       batch-sharded arrays (``boxes`` [B, N, 4] xyxy network-input pixels, ``scores``,
-      ``classes``, ``masks`` [B, N, M, M], ``valid``), e.g.
-      :func:`~mrcnn_jax.inference.batch_predict.make_batch_predict`.
+      ``classes``, ``valid``; ``masks`` [B, N, M, M] with the mask branch, ``keypoints``
+      [B, N, K, 2] xy network-input pixels and ``keypoint_scores`` [B, N, K] with the keypoint
+      branch), e.g. :func:`~mrcnn_jax.inference.batch_predict.make_batch_predict`.
     mesh: the mesh whose ``'data'`` axis splits eval batches.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, predict_fn: Optional[PredictFn],
                mesh: Mesh):
+    check_iou_types(config)
     self.config = config
     self.mesh = mesh
     self._predict = predict_fn
@@ -140,9 +161,14 @@ class Evaluator:
       num_images_to_draw: also return this many overlays (first images of this host).
 
     Returns:
-      ``{'bbox': {...}, 'segm': {...}`` (12 numbers + ``per_category`` each, see
+      ``{'bbox': {...}, 'segm': {...}, 'keypoints': {...}`` (those of ``eval.iou_types``: the
+      numbers of :func:`coco_eval.stat_names` + ``per_category`` each, see
       :func:`coco_eval.evaluate_coco`), ``'data'``: what was scored (:func:`data_report`),
       ``'timing': {...}``, ``'images'``: list of [H, W, 3] uint8 overlays}``.
+
+    Raises:
+      ValueError: ``'keypoints'`` is asked for and the ground truth has no keypoints, or
+        ``eval.keypoint_oks_sigmas`` does not fit them (before anything is predicted).
     """
     if dataset.source is None:
       raise ValueError("evaluation needs a COCO-JSON eval source (config.data.source='coco')")
@@ -151,6 +177,14 @@ class Evaluator:
     class_to_category = {i + 1: cid for i, cid in enumerate(categories.category_ids)}
     iou_types = tuple(ec.iou_types)
     with_masks = "segm" in iou_types
+    with_keypoints = "keypoints" in iou_types
+    gt_categories = dataset.source.dataset.get("categories", [])
+    sigmas, keypoint_category_ids = {}, None
+    if with_keypoints:  # a ground truth without keypoints or a wrong sigma count fails now
+      sigmas = dict(keypoint_oks_sigmas=tuple(ec.keypoint_oks_sigmas),
+                    keypoint_oks_sigmas_per_category=dict(ec.keypoint_oks_sigmas_per_category))
+      keypoint_category_ids = set(coco_eval.oks_sigmas_by_category(gt_categories,
+                                                                   *sigmas.values()))
 
     records, drawn, evaluated_ids = [], [], []
     t_start = time.perf_counter()
@@ -169,7 +203,8 @@ class Evaluator:
       t1 = time.perf_counter()
       records.extend(coco_eval.detections_to_coco(
           det, host_batch, class_to_category, mask_threshold=ec.mask_threshold,
-          with_masks=with_masks))
+          with_masks=with_masks, with_keypoints=with_keypoints,
+          keypoint_category_ids=keypoint_category_ids))
       t2 = time.perf_counter()
       t_wait += t1 - t0
       t_post += t2 - t1
@@ -179,7 +214,7 @@ class Evaluator:
       if not first:
         first.update(t=time.perf_counter(), images=num_images)
       if len(drawn) < num_images_to_draw:
-        drawn.extend(self._draw(host_batch, det, categories,
+        drawn.extend(self._draw(host_batch, det, categories, gt_categories,
                                 num_images_to_draw - len(drawn)))
       if bar is not None:
         bar.update(1)
@@ -207,7 +242,8 @@ class Evaluator:
     # Images that failed to load have no predictions; scoring their ground truth would count
     # every object in them as missed.
     image_ids = [r.image_id for r in source.records if r.image_id in evaluated]
-    metrics = coco_eval.evaluate_coco(coco_gt, records, iou_types=iou_types, image_ids=image_ids)
+    metrics = coco_eval.evaluate_coco(coco_gt, records, iou_types=iou_types, image_ids=image_ids,
+                                      **sigmas)
     t_cocoeval = time.perf_counter() - t0
     data = data_report(source, evaluated, load_failures)
     total = time.perf_counter() - t_start
@@ -241,10 +277,13 @@ class Evaluator:
     metrics["images"] = drawn
     return metrics
 
-  def _draw(self, host_batch, det, categories, limit: int) -> list:
-    """Overlays of the first ``limit`` valid images of a batch, drawn on the network input."""
+  def _draw(self, host_batch, det, categories, gt_categories, limit: int) -> list:
+    """Overlays of the first ``limit`` valid images of a batch, drawn on the network input
+    (masks and keypoints when the model predicts them; skeletons from the GT categories)."""
     out = []
-    thr = float(self.config.eval.draw_score_threshold)
+    ec = self.config.eval
+    thr = float(ec.draw_score_threshold)
+    skeletons = visualize.skeletons_from_categories(gt_categories)
     for b in range(host_batch["image"].shape[0]):
       if len(out) >= limit:
         break
@@ -254,11 +293,19 @@ class Evaluator:
       image = host_batch["image"][b, :vh, :vw]
       keep = np.flatnonzero(det["valid"][b] & (det["scores"][b] >= thr))
       boxes = det["boxes"][b, keep]
-      masks = np.stack([paste_mask(det["masks"][b, d], det["boxes"][b, d], (vh, vw))
-                        for d in keep]) if keep.size else np.zeros((0, vh, vw), np.float32)
+      masks = None
+      if "masks" in det:
+        masks = np.stack([paste_mask(det["masks"][b, d], det["boxes"][b, d], (vh, vw))
+                          for d in keep]) if keep.size else np.zeros((0, vh, vw), np.float32)
+        masks = masks > 0.5
+      keypoints = {}
+      if "keypoints" in det:
+        keypoints = dict(keypoints=det["keypoints"][b, keep],
+                         keypoint_scores=det["keypoint_scores"][b, keep], skeletons=skeletons,
+                         keypoint_threshold=float(ec.keypoint_draw_threshold))
       labels = [categories.names[int(c) - 1] for c in det["classes"][b, keep]]
-      out.append(visualize.draw_instances(image, boxes, det["scores"][b, keep], labels,
-                                          masks > 0.5))
+      out.append(visualize.draw_instances(image, boxes, det["scores"][b, keep], labels, masks,
+                                          **keypoints))
     return out
 
 

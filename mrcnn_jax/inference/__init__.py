@@ -2,9 +2,10 @@
 
   predictor = Predictor.from_workdir(config, workdir)
   result = predictor(image)   # boxes, scores, classes, labels, category_ids, masks (original px)
+                              # (+ keypoints, keypoint_scores for a keypoint model)
   results = Predictor.from_workdir(config, workdir, batch_size=8).predict_batch(images)
   overlay = draw_instances(image, result["boxes"], result["scores"], result["labels"],
-                           result["masks"])
+                           result["masks"])   # or predictor.draw(image, result)
 
 Batched over a mesh (what evaluators are given): ``make_batch_predict(model, mesh)``.
 """

@@ -36,7 +36,9 @@ def make_batch_predict(model, mesh: Mesh) -> Callable[..., dict]:
   Returns:
     A jitted function of ``variables`` (replicated), ``images: [B, H, W, 3] uint8`` and
     ``valid_size: [B, 2] int32`` (both batch-sharded, ``B`` a multiple of the mesh's data axis)
-    returning ``MaskRCNN.predict``'s dict of ``[B, ...]`` arrays, batch-sharded.
+    returning ``MaskRCNN.predict``'s dict of ``[B, ...]`` arrays, batch-sharded: ``boxes``,
+    ``scores``, ``classes``, ``valid``, plus ``masks`` and/or ``keypoints`` [B, D, K, 2] and
+    ``keypoint_scores`` [B, D, K] as the model's branches are enabled.
   """
   batch_sh = sharding_lib.batch_sharding(mesh)
 

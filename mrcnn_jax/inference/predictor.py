@@ -2,13 +2,14 @@
 
 The network runs at the config's static input size, so it compiles once: each image is scaled
 (to fit ``config.data.image_size``, or by ``config.data.min_size`` / ``max_size``) with
-torchvision's float bilinear resize (:func:`preprocess`), zero-padded, predicted, and the boxes
-and 28x28 masks are mapped back to the original pixels (boxes and masks as torchvision's
-``postprocess``).
+torchvision's float bilinear resize (:func:`preprocess`), zero-padded, predicted, and the boxes,
+28x28 masks and keypoints are mapped back to the original pixels (as torchvision's
+``postprocess``: ``resize_boxes``, ``paste_masks_in_image``, ``resize_keypoints``).
 
     predictor = Predictor.from_workdir(config, "workdirs/shapes")
     result = predictor(image)                 # image: [h, w, 3] uint8 RGB
     result["boxes"], result["masks"]          # [N, 4] xyxy, [N, h, w] bool, original pixels
+    result["keypoints"]                       # [N, K, 2] xy original pixels (keypoint models)
 
 Batched (``batch_size`` images per call of the static program, the host's mask paste of one
 batch overlapped with the device's work on the next):
@@ -24,7 +25,7 @@ import glob
 import json
 import math
 import os
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Any, Collection, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import flax
@@ -162,13 +163,20 @@ class Predictor:
     mask_threshold: pasted mask probability above which a pixel is foreground.
     batch_size: images per call of the compiled program in :meth:`predict_batch` /
       :meth:`predict_iter` (:meth:`predict` always runs a batch of 1).
+    skeletons: for a keypoint model, class name -> skeleton (1-based keypoint pairs, COCO's
+      ``skeleton``) of each class with keypoints: overlays join its keypoints, and only its
+      COCO results carry ``keypoints``; None: every class has keypoints, drawn as dots only.
+    keypoint_threshold: overlays draw keypoints scoring above this (their heatmap logit);
+      default ``config.eval.keypoint_draw_threshold``.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, variables: PyTree, *,
                class_names: Optional[Sequence[str]] = None,
                category_ids: Optional[Sequence[int]] = None,
                score_threshold: float = 0.5, mask_threshold: float = 0.5,
-               batch_size: int = 1):
+               batch_size: int = 1,
+               skeletons: Optional[Mapping[str, visualize.Skeleton]] = None,
+               keypoint_threshold: Optional[float] = None):
     self.batch_size = batch_predict.check_batch_size(batch_size)
     self.config = config
     self.image_size = tuple(int(v) for v in config.data.image_size)
@@ -180,6 +188,11 @@ class Predictor:
     self.category_ids = list(category_ids) if category_ids else list(range(1, num_fg + 1))
     self.score_threshold = float(score_threshold)
     self.mask_threshold = float(mask_threshold)
+    self.skeletons = None if skeletons is None else dict(skeletons)
+    if keypoint_threshold is None:
+      keypoint_threshold = (config.get("eval") or {}).get("keypoint_draw_threshold",
+                                                          visualize.KEYPOINT_THRESHOLD)
+    self.keypoint_threshold = float(keypoint_threshold)
     model = modeling.MaskRCNN(config.model, kernels=kernels.select(config.kernels))
     # With the CPU kernels: Winograd kernel transforms computed once, XLA:CPU's Eigen dots.
     self.variables = kernels.prepare_inference(model, variables, self.image_size)
@@ -189,7 +202,8 @@ class Predictor:
   def from_workdir(cls, config: ml_collections.ConfigDict, path: str, **kwargs) -> "Predictor":
     """Loads the parameters of a run: its workdir, ``checkpoints/`` folder or one step folder.
 
-    Class names and category ids come from ``config.data.eval_annotations`` when it exists.
+    Class names, category ids and skeletons come from ``config.data.eval_annotations`` when
+    it exists.
     """
     ckpt_lib.check_checkpoint_model(config, path)  # parameters load by name, not by meaning
     flat = ckpt_lib.load_params(path)
@@ -199,10 +213,11 @@ class Predictor:
     if stats:
       variables["batch_stats"] = stats
     if "class_names" not in kwargs:
-      names, ids = _categories_from_config(config)
+      names, ids, skeletons = _categories_from_config(config)
       if names:
         kwargs.setdefault("class_names", names)
         kwargs.setdefault("category_ids", ids)
+        kwargs.setdefault("skeletons", skeletons)
     return cls(config, variables, **kwargs)
 
   def __call__(self, image: np.ndarray) -> dict:
@@ -216,8 +231,10 @@ class Predictor:
 
     Returns:
       ``boxes`` [N, 4] float32 xyxy original pixels, ``scores`` [N], ``classes`` [N] int32
-      (1..K), ``labels`` N class names, ``category_ids`` [N], ``masks`` [N, h, w] bool;
-      best first, scores >= ``score_threshold``.
+      (1..K), ``labels`` N class names, ``category_ids`` [N], ``masks`` [N, h, w] bool (with
+      the mask branch), ``keypoints`` [N, K, 2] float32 xy original pixels and
+      ``keypoint_scores`` [N, K] float32 (with the keypoint branch); best first, scores >=
+      ``score_threshold``.
     """
     pre = preprocess(image, self.image_size, *self.resize)
     # Always float32 (an unresized image exactly its pixels): one compiled program.
@@ -274,25 +291,51 @@ class Predictor:
     keep = np.flatnonzero(det["valid"][i] & (det["scores"][i] >= self.score_threshold))
     boxes = det["boxes"][i, keep] * np.array([rx, ry, rx, ry], np.float32)
     boxes = np.clip(boxes, 0.0, np.array([w, h, w, h], np.float32)).astype(np.float32)
-    masks = np.zeros((len(keep), h, w), bool)
-    for j, d in enumerate(keep):
-      masks[j] = paste_mask(det["masks"][i, d], boxes[j], (h, w)) > self.mask_threshold
     classes = det["classes"][i, keep].astype(np.int32)
-    return {"boxes": boxes, "scores": det["scores"][i, keep].astype(np.float32),
-            "classes": classes, "labels": [self.class_names[c - 1] for c in classes],
-            "category_ids": np.asarray([self.category_ids[c - 1] for c in classes], np.int64),
-            "masks": masks}
+    result = {"boxes": boxes, "scores": det["scores"][i, keep].astype(np.float32),
+              "classes": classes, "labels": [self.class_names[c - 1] for c in classes],
+              "category_ids": np.asarray([self.category_ids[c - 1] for c in classes], np.int64)}
+    if "masks" in det:
+      masks = np.zeros((len(keep), h, w), bool)
+      for j, d in enumerate(keep):
+        masks[j] = paste_mask(det["masks"][i, d], boxes[j], (h, w)) > self.mask_threshold
+      result["masks"] = masks
+    if "keypoints" in det:
+      # torchvision's resize_keypoints: the boxes' scale, not clipped.
+      result["keypoints"] = (det["keypoints"][i, keep] * np.array([rx, ry], np.float32)
+                             ).astype(np.float32)
+      result["keypoint_scores"] = det["keypoint_scores"][i, keep].astype(np.float32)
+    return result
+
+  def draw(self, image: np.ndarray, result: Mapping[str, Any]) -> np.ndarray:
+    """The overlay of one :meth:`predict` result on its image: masks and keypoints (above
+    ``keypoint_threshold``, joined by ``skeletons``) when the result has them."""
+    keypoints = {}
+    if "keypoints" in result:
+      keypoints = dict(keypoints=result["keypoints"], keypoint_scores=result["keypoint_scores"],
+                       skeletons=self.skeletons, keypoint_threshold=self.keypoint_threshold)
+    return visualize.draw_instances(image, result["boxes"], result["scores"], result["labels"],
+                                    result.get("masks"), **keypoints)
 
 
 def to_coco_results(result: Mapping[str, Any], image_id: int,
-                    file_name: Optional[str] = None) -> list[dict]:
-  """One image's :meth:`Predictor.predict` output as COCO result records (bbox xywh, RLE)."""
+                    file_name: Optional[str] = None,
+                    keypoint_labels: Optional[Collection[str]] = None) -> list[dict]:
+  """One image's :meth:`Predictor.predict` output as COCO result records (bbox xywh; RLE
+  ``segmentation`` when it has masks; ``keypoints`` [x1, y1, s1, ...] when it has keypoints,
+  s = the keypoint's score, for the classes named in ``keypoint_labels``, default all)."""
   records = []
   for i in range(len(result["scores"])):
     x0, y0, x1, y1 = (float(v) for v in result["boxes"][i])
     record = {"image_id": int(image_id), "category_id": int(result["category_ids"][i]),
-              "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(result["scores"][i]),
-              "segmentation": encode_mask(result["masks"][i])}
+              "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(result["scores"][i])}
+    if "masks" in result:
+      record["segmentation"] = encode_mask(result["masks"][i])
+    if "keypoints" in result and (keypoint_labels is None
+                                  or result["labels"][i] in keypoint_labels):
+      record["keypoints"] = np.concatenate(
+          [result["keypoints"][i], result["keypoint_scores"][i][:, None]],
+          axis=1).reshape(-1).astype(float).tolist()
     if file_name is not None:
       record["file_name"] = file_name
     records.append(record)
@@ -300,13 +343,15 @@ def to_coco_results(result: Mapping[str, Any], image_id: int,
 
 
 def _categories_from_config(config: ml_collections.ConfigDict):
-  """(names, category ids) from the eval annotations JSON, or ``(None, None)``."""
+  """(names, category ids, skeletons of the categories with keypoints or None if none has) from
+  the eval annotations JSON, or ``(None, None, None)``."""
   path = config.data.get("eval_annotations") or config.data.get("train_annotations")
   if not path or not os.path.exists(path):
-    return None, None
+    return None, None, None
   with open(path) as f:
     cats = sorted(json.load(f).get("categories", []), key=lambda c: int(c["id"]))
-  return [str(c.get("name", c["id"])) for c in cats], [int(c["id"]) for c in cats]
+  return ([str(c.get("name", c["id"])) for c in cats], [int(c["id"]) for c in cats],
+          visualize.skeletons_from_categories(cats) or None)
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -384,8 +429,8 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
   Returns:
     ``{'results': path of results.json, 'overlays': [png paths], 'failed': [(path, reason)],
     'num_instances': int}``. ``results.json`` holds the COCO result records (``image_id`` =
-    the file's index in ``paths``, plus its ``file_name``), the list of failures, and
-    ``complete`` (false while the run is under way).
+    the file's index in ``paths``, plus its ``file_name``; :func:`to_coco_results`), the list
+    of failures, and ``complete`` (false while the run is under way).
   """
   check_out_dir(out_dir, overwrite)
   for path in previous_outputs(out_dir):
@@ -403,6 +448,7 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
   # Written first: a run stopped half-way still names the overlays it wrote, for the next one.
   write_results([], [], complete=False)
   records, overlays, failed = [], [], []
+  keypoint_labels = None if predictor.skeletons is None else set(predictor.skeletons)
   readable = collections.deque()  # (index, path, image) fed to the predictor, not yet returned
 
   def images():
@@ -421,9 +467,9 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
   # Results come in the order images went in; overlays are drawn while the next batch runs.
   for result in predictor.predict_iter(images()):
     index, path, image = readable.popleft()
-    records += to_coco_results(result, index, file_name=os.path.basename(path))
-    drawn = visualize.draw_instances(image, result["boxes"], result["scores"], result["labels"],
-                                     result["masks"])
+    records += to_coco_results(result, index, file_name=os.path.basename(path),
+                               keypoint_labels=keypoint_labels)
+    drawn = predictor.draw(image, result)
     png = os.path.join(out_dir, _overlay_name(index, path))
     visualize.save_png(drawn, png)
     overlays.append(png)

@@ -1,4 +1,5 @@
-"""Prediction overlays: each instance's mask tinted in its own colour, its box, class and score.
+"""Prediction overlays: each instance's mask tinted in its own colour, its box, class and score,
+and its keypoints (dots) joined by its category's skeleton.
 
 Pure numpy + Pillow, host side. Colours come from matplotlib's ``tab20`` cycle so neighbouring
 instances stay distinguishable; the label is drawn on a filled strip in the instance's colour so
@@ -7,7 +8,8 @@ it stays readable on any background.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import math
+from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -19,6 +21,12 @@ _PALETTE = np.array([
     (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
     (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229),
 ], np.uint8)
+
+
+# A keypoint is drawn when its score (the heatmap logit at its peak) is above this: Detectron's
+# kp_thresh, on the same score.
+KEYPOINT_THRESHOLD = 2.0
+Skeleton = Sequence[Tuple[int, int]]
 
 
 def instance_colors(n: int) -> np.ndarray:
@@ -62,10 +70,21 @@ def suppress_duplicates(boxes: np.ndarray, scores: np.ndarray,
   return np.asarray(keep, np.int64)
 
 
+def skeletons_from_categories(categories: Sequence[Mapping]) -> dict:
+  """Category name -> skeleton (1-based keypoint index pairs) of each COCO category entry that
+  has keypoints (a non-empty ``keypoints`` list; ``skeleton`` may be absent: no lines)."""
+  return {str(c.get("name", c.get("id"))): [(int(a), int(b)) for a, b in c.get("skeleton") or []]
+          for c in categories if c.get("keypoints")}
+
+
 def draw_instances(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
                    labels: Sequence[str], masks: Optional[np.ndarray] = None, *,
                    alpha: float = 0.45,
-                   duplicate_iou: Optional[float] = 0.7) -> np.ndarray:
+                   duplicate_iou: Optional[float] = 0.7,
+                   keypoints: Optional[np.ndarray] = None,
+                   keypoint_scores: Optional[np.ndarray] = None,
+                   skeletons: Optional[Mapping[str, Skeleton]] = None,
+                   keypoint_threshold: float = KEYPOINT_THRESHOLD) -> np.ndarray:
   """Draws instances onto a copy of ``image``.
 
   Args:
@@ -78,6 +97,14 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
     duplicate_iou: draw one label per object: an instance overlapping a better-scored one by
       more than this (mask IoU, or box IoU without masks) is not drawn, whatever its class
       (:func:`suppress_duplicates`); None draws every instance.
+    keypoints: [N, K, 2] float xy pixels of ``image`` (pixel (i, j) covers x in [j, j + 1),
+      y in [i, i + 1)), optional: each drawn as a dot in the instance's colour, ringed in white.
+    keypoint_scores: [N, K]: only keypoints scoring above ``keypoint_threshold`` are drawn
+      (default: all).
+    skeletons: class name -> 1-based keypoint pairs joined by lines in the instance's colour
+      (COCO's ``skeleton``; :func:`skeletons_from_categories`) where both ends are drawn;
+      classes not in it get dots only.
+    keypoint_threshold: see ``keypoint_scores``; default Detectron's 2 (on the heatmap logit).
 
   Returns:
     [H, W, 3] uint8 RGB with the overlay.
@@ -94,11 +121,22 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
     if masks.shape != (n,) + image.shape[:2]:
       raise ValueError(f"masks must be [N, H, W] = {(n,) + image.shape[:2]}, got {masks.shape}")
     masks = masks > 0.5 if masks.dtype != bool else masks
+  if keypoints is not None:
+    keypoints = np.asarray(keypoints, np.float32)
+    if keypoints.ndim != 3 or keypoints.shape[0] != n or keypoints.shape[-1] != 2:
+      raise ValueError(f"keypoints must be [N, K, 2] with N = {n}, got {keypoints.shape}")
+    keypoint_scores = (np.full(keypoints.shape[:2], np.inf, np.float32)
+                       if keypoint_scores is None else np.asarray(keypoint_scores, np.float32))
+    if keypoint_scores.shape != keypoints.shape[:2]:
+      raise ValueError(f"keypoint_scores must be [N, K] = {keypoints.shape[:2]}, got "
+                       f"{keypoint_scores.shape}")
   if duplicate_iou is not None and n > 1:
     keep = np.sort(suppress_duplicates(boxes, scores, masks, duplicate_iou))
     boxes, scores = boxes[keep], np.asarray(scores)[keep]
     labels = [labels[i] for i in keep]
     masks = None if masks is None else masks[keep]
+    if keypoints is not None:
+      keypoints, keypoint_scores = keypoints[keep], keypoint_scores[keep]
     n = len(keep)
   colors = instance_colors(n)
   canvas = image.astype(np.float32)
@@ -120,7 +158,38 @@ def draw_instances(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
     ty = y0 - th - 2 if y0 - th - 2 >= 0 else y0  # above the box, or inside it at the top
     draw.rectangle([x0, ty, x0 + tw + 2, ty + th + 2], fill=color)
     draw.text((x0 + 1, ty + 1 - ty0), text, fill=(255, 255, 255), font=font)
+  if keypoints is not None:
+    _draw_keypoints(draw, image.shape[:2], keypoints, keypoint_scores > keypoint_threshold,
+                    [dict(skeletons or {}).get(label, ()) for label in labels], colors,
+                    np.asarray(scores, np.float32))
   return np.asarray(out)
+
+
+def _draw_keypoints(draw: ImageDraw.ImageDraw, hw: Tuple[int, int], keypoints: np.ndarray,
+                    shown: np.ndarray, skeletons: Sequence[Skeleton], colors: np.ndarray,
+                    scores: np.ndarray) -> None:
+  """Skeleton lines, then dots, of each instance (lowest score first: the best ends on top).
+
+  A keypoint at continuous (x, y) is in pixel (floor(y), floor(x)); dots are centred on that
+  pixel, which keeps the instance's exact colour.
+  """
+  shown = shown & np.isfinite(keypoints).all(axis=-1)
+  radius = max(1, round(min(hw) / 160))
+  width = max(1, round(min(hw) / 200))
+  for i in np.argsort(scores, kind="stable"):
+    color = tuple(int(c) for c in colors[i])
+    k = keypoints.shape[1]
+    # Far-off points (a diverged model) are clamped so Pillow gets sane integers.
+    xy = [(int(math.floor(np.clip(x, -hw[1], 2 * hw[1]))),
+           int(math.floor(np.clip(y, -hw[0], 2 * hw[0])))) for x, y in keypoints[i]]
+    for a, b in skeletons[i]:
+      if 1 <= a <= k and 1 <= b <= k and shown[i, a - 1] and shown[i, b - 1]:
+        draw.line([xy[a - 1], xy[b - 1]], fill=color, width=width)
+    for j in np.flatnonzero(shown[i]):
+      x, y = xy[j]
+      draw.ellipse([x - radius - 1, y - radius - 1, x + radius + 1, y + radius + 1],
+                   fill=(255, 255, 255))
+      draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=color)
 
 
 def upscale(image: np.ndarray, boxes: np.ndarray, masks: Optional[np.ndarray],

@@ -296,10 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info("step %d eval (%.0fs): %s\n%s", step, time.perf_counter() - t0,
                    metrics["data"]["summary"],
                    coco_eval.format_metrics({k: metrics[k] for k in config.eval.iou_types}))
-    scalars = {}
-    for iou_type in config.eval.iou_types:
-      for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
-        scalars[f"eval/{iou_type}/{name}"] = metrics[iou_type][name]
+    scalars = {f"eval/{k}": v for k, v in coco_eval.summary_scalars(metrics).items()}
     scalars["eval/images_per_second"] = metrics["timing"]["images_per_second"]
     scalars["eval/postprocess_share"] = metrics["timing"]["postprocess_share"]
     writer.scalars(step, scalars)
