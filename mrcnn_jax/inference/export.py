@@ -115,6 +115,8 @@ def predict_program(model_config: ml_collections.ConfigDict, *, paste_masks: boo
                     ) -> Callable[..., Dict[str, jax.Array]]:
   """``predict(variables, images, valid_size)``: ``MaskRCNN.predict`` with ``kernel_set``,
   plus ``image_masks`` [B, D, H, W] (each mask pasted into the input size) if ``paste_masks``."""
+  if paste_masks and not model_config.mask.get("enabled", True):
+    raise ValueError("paste_masks needs the mask branch, but config.model.mask.enabled is False")
   model = modeling.MaskRCNN(model_config, kernels=kernel_set)
 
   def predict(variables, images, valid_size):

@@ -15,7 +15,7 @@ the even indices ``0, 2, ..., 14``, ReLUs between) and ``roi_heads.keypoint_pred
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -23,31 +23,21 @@ import jax.numpy as jnp
 
 from mrcnn_jax.modeling import layers
 from mrcnn_jax.modeling.roi_heads import deconv_init
-from mrcnn_jax.modeling.roi_heads import mask_conv_init
+from mrcnn_jax.modeling.roi_heads import MaskRCNNHead
 
 
-class KeypointRCNNHeads(nn.Module):
+class KeypointRCNNHeads(MaskRCNNHead):
   """``len(channels)`` 3x3 conv + ReLU layers: [N, 14, 14, C] -> [N, 14, 14, channels[-1]].
 
-  Conv ``i`` is the module ``str(2 * i)`` (torchvision's ``Sequential`` index; its ReLUs take
-  the odd ones): ``kernel`` [3, 3, Cin, C] with kaiming-normal (fan_out, ReLU) init, zero
-  ``bias``. ``conv`` is the layer class (``KernelSet.conv``). Called like every RoI head,
-  ``(x, train, valid)``; it has no state that depends on them.
+  The mask head's layers (kaiming-normal (fan_out, ReLU) kernels, zero bias), eight of 512 by
+  default, with torchvision's names: conv ``i`` is the module ``str(2 * i)`` (its
+  ``Sequential`` index; the ReLUs take the odd ones).
   """
 
   channels: Sequence[int] = (512,) * 8
-  dtype: Any = jnp.float32
-  conv: Any = layers.Conv
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False,
-               valid: Optional[jax.Array] = None) -> jax.Array:
-    del train, valid
-    for i, c in enumerate(self.channels):
-      x = nn.relu(self.conv(c, (3, 3), padding=((1, 1), (1, 1)), kernel_init=mask_conv_init,
-                            bias_init=nn.initializers.zeros, dtype=self.dtype,
-                            param_dtype=jnp.float32, name=str(2 * i))(x))
-    return x
+  def layer_name(self, i: int) -> str:
+    return str(2 * i)
 
 
 def upsample2x_bilinear(x: jax.Array) -> jax.Array:

@@ -103,8 +103,12 @@ class MaskRCNNHead(nn.Module):
     for i, c in enumerate(self.channels):
       x = nn.relu(self.conv(c, (3, 3), padding=((1, 1), (1, 1)), kernel_init=mask_conv_init,
                             bias_init=nn.initializers.zeros, dtype=self.dtype,
-                            param_dtype=jnp.float32, name=f"mask_fcn{i + 1}")(x))
+                            param_dtype=jnp.float32, name=self.layer_name(i))(x))
     return x
+
+  def layer_name(self, i: int) -> str:
+    """The parameter name of conv ``i`` (0-based): torchvision's ``mask_fcn{i + 1}``."""
+    return f"mask_fcn{i + 1}"
 
 
 class MaskRCNNPredictor(nn.Module):

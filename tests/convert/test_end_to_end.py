@@ -78,30 +78,15 @@ def synthetic_shapes(seed: int, n: int):
   return images, targets
 
 
-def _to_torch(images):
-  return [torch.from_numpy(i).permute(2, 0, 1).float() / 255.0 for i in images]
-
-
 @pytest.fixture(scope="module")
 def trained():
   """torchvision's MaskRCNN on a random, BN-calibrated narrow body; FPN, RPN and heads get
   ``_STEPS`` SGD steps (seconds on a CPU), enough for non-trivial objectness and class scores."""
   torch.manual_seed(0)
   images, targets = synthetic_shapes(0, 2 * _STEPS)
-  mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-  std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-  calibration = (torch.stack(_to_torch(images)) - mean) / std
+  calibration = tm.normalized(images)
   model = tm.small_maskrcnn(seed=0, num_classes=_CLASSES, size=_SIZE, calibration=calibration)
-  params = [p for p in model.parameters() if p.requires_grad]
-  opt = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)
-  model.train()
-  for step in range(_STEPS):
-    losses = model(_to_torch(images[2 * step:2 * step + 2]), targets[2 * step:2 * step + 2])
-    opt.zero_grad()
-    sum(losses.values()).backward()
-    torch.nn.utils.clip_grad_norm_(params, 10.0)
-    opt.step()
-  model.eval()
+  tm.train_briefly(model, images, targets, _STEPS)
   # A few training steps leave most class scores under torchvision's 0.05: lower the threshold
   # (on both sides, below) so enough detections are compared.
   model.roi_heads.score_thresh = _SCORE_THRESHOLD
@@ -175,7 +160,7 @@ def test_convert_weights_then_predict_script_gives_torchvision_detections(traine
 def test_trained_torchvision_model_same_detections(trained, kernel_set):
   images, _ = synthetic_shapes(123, 4)
   with torch.no_grad():
-    ref = trained(_to_torch(images))
+    ref = trained(tm.to_torch(images))
   variables, config = convert.convert_torchvision_maskrcnn(trained.state_dict())
   assert config.backbone.stage_blocks == (1, 1, 1, 1) and config.num_classes == _CLASSES
   assert config.roi.score_threshold == 0.05  # torchvision's default, converted
@@ -207,7 +192,7 @@ def test_padded_images_of_other_sizes_same_detections(trained):
   sizes = [(128, 128), (96, 128), (128, 80), (64, 128)]
   crops = [im[:h, :w] for im, (h, w) in zip(images, sizes)]
   with torch.no_grad():
-    ref = trained(_to_torch(crops))
+    ref = trained(tm.to_torch(crops))
   padded = np.zeros((4, _SIZE, _SIZE, 3), np.uint8)
   for i, c in enumerate(crops):
     padded[i, :c.shape[0], :c.shape[1]] = c
@@ -247,8 +232,8 @@ def test_resized_photo_through_predictor_gives_torchvision_detections(trained):
   transform.min_size, transform.max_size = (min_size,), max_size
   try:
     with torch.no_grad():
-      ref = trained(_to_torch(photos))
-      resized = transform(_to_torch(photos))[0].image_sizes
+      ref = trained(tm.to_torch(photos))
+      resized = transform(tm.to_torch(photos))[0].image_sizes
   finally:
     transform.min_size, transform.max_size = saved
   assert resized == [(200, 241)] * 2  # torchvision did resize, by 5/3

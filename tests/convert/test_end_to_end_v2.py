@@ -71,15 +71,11 @@ def _images(seed: int, n: int) -> np.ndarray:
   return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def _to_torch(images):
-  return [torch.from_numpy(i).permute(2, 0, 1).float() / 255.0 for i in images]
-
-
 def _calibrate(model: torch.nn.Module) -> None:
   """Shifts the class and mask logit biases (see the module docstring) on one image."""
   heads = model.roi_heads
   with torch.no_grad():
-    x, _ = model.transform(_to_torch(_images(99, 1)))
+    x, _ = model.transform(tm.to_torch(_images(99, 1)))
     feats = model.backbone(x.tensors)
     proposals, _ = model.rpn(x, feats)
     rep = heads.box_head(heads.box_roi_pool(feats, proposals, x.image_sizes))
@@ -120,7 +116,7 @@ def run(v2_model, request):
              for m, k in hooks]
   try:
     with torch.no_grad():
-      detections = v2_model(_to_torch(images))
+      detections = v2_model(tm.to_torch(images))
   finally:
     for h in handles:
       h.remove()

@@ -74,31 +74,16 @@ def keypoint_scenes(seed: int, n: int):
   return images, targets
 
 
-def _to_torch(images):
-  return [torch.from_numpy(i).permute(2, 0, 1).float() / 255.0 for i in images]
-
-
 @pytest.fixture(scope="module")
 def trained():
   """torchvision's KeypointRCNN on a random, BN-calibrated narrow body; FPN, RPN and heads get
   ``_STEPS`` SGD steps."""
   torch.manual_seed(0)
   images, targets = keypoint_scenes(0, 2 * _STEPS)
-  mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-  std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-  calibration = (torch.stack(_to_torch(images)) - mean) / std
+  calibration = tm.normalized(images)
   model = tm.small_keypointrcnn(seed=0, num_classes=2, num_keypoints=_K, size=_SIZE,
                                 calibration=calibration)
-  params = [p for p in model.parameters() if p.requires_grad]
-  opt = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)
-  model.train()
-  for step in range(_STEPS):
-    losses = model(_to_torch(images[2 * step:2 * step + 2]), targets[2 * step:2 * step + 2])
-    opt.zero_grad()
-    sum(losses.values()).backward()
-    torch.nn.utils.clip_grad_norm_(params, 10.0)
-    opt.step()
-  model.eval()
+  tm.train_briefly(model, images, targets, _STEPS)
   # A few steps leave most scores under torchvision's 0.05: lower it on both sides.
   model.roi_heads.score_thresh = _SCORE_THRESHOLD
   return model
@@ -129,7 +114,7 @@ def test_keypoint_heatmaps_on_same_features_and_rois(trained, converted):
   xy = rng.uniform(0, 90, (30, 2))
   rois = np.concatenate([xy, xy + rng.uniform(4, 120, (30, 2))], 1).astype(np.float32)
   with torch.no_grad():
-    image_list, _ = trained.transform(_to_torch(images))
+    image_list, _ = trained.transform(tm.to_torch(images))
     feats = trained.backbone(image_list.tensors)
     pooled = heads.keypoint_roi_pool(feats, [torch.from_numpy(rois)], image_list.image_sizes)
     ref = heads.keypoint_predictor(heads.keypoint_head(pooled)).numpy()  # [N, K, 56, 56]
@@ -182,7 +167,7 @@ class _Worst:
 def test_trained_torchvision_model_same_detections_and_keypoints(trained, converted):
   images, _ = keypoint_scenes(123, 4)
   with torch.no_grad():
-    ref = trained(_to_torch(images))
+    ref = trained(tm.to_torch(images))
   variables, config = converted
   config = config.copy_and_resolve_references()
   config.roi.score_threshold = _SCORE_THRESHOLD

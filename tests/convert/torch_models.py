@@ -150,3 +150,32 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
   area = lambda x: np.prod(x[2:] - x[:2])  # noqa: E731
   return inter / (area(a) + area(b) - inter)
 
+
+def to_torch(images) -> list:
+  """uint8 [H, W, 3] numpy images -> torchvision's input: float [3, H, W] tensors in 0..1."""
+  return [torch.from_numpy(i).permute(2, 0, 1).float() / 255.0 for i in images]
+
+
+def normalized(images) -> torch.Tensor:
+  """[N, 3, H, W] of the images as torchvision's transform normalises them (ImageNet mean/std):
+  what ``calibration`` of the small_* builders expects."""
+  mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+  std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+  return (torch.stack(to_torch(images)) - mean) / std
+
+
+def train_briefly(model: torch.nn.Module, images, targets, steps: int,
+                  batch_size: int = 2) -> torch.nn.Module:
+  """``steps`` SGD steps (momentum 0.9, weight decay 1e-4, gradients clipped at norm 10) over
+  consecutive batches of ``images`` / ``targets``, then eval mode: scores that are not noise."""
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)
+  model.train()
+  for step in range(steps):
+    batch = slice(batch_size * step, batch_size * (step + 1))
+    losses = model(to_torch(images[batch]), targets[batch])
+    opt.zero_grad()
+    sum(losses.values()).backward()
+    torch.nn.utils.clip_grad_norm_(params, 10.0)
+    opt.step()
+  return model.eval()

@@ -1,5 +1,6 @@
 """Fixtures for the input-pipeline tests: small synthetic shapes data sets, one each per session."""
 
+from pycocotools import mask as mask_utils
 import pytest
 
 from mrcnn_jax.config import get_base_config
@@ -33,3 +34,15 @@ def small_config(paths, **data_overrides):
   c.data.eval_batch_size = 4
   c.data.update(data_overrides)
   return c
+
+
+def decode_segmentation(seg, h: int, w: int):
+  """[h, w] uint8 mask of a COCO segmentation (polygons, uncompressed or compressed RLE),
+  decoded with pycocotools directly (the oracle for what the data layer reads)."""
+  if isinstance(seg, list):
+    rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+  elif isinstance(seg["counts"], list):
+    rle = mask_utils.frPyObjects(seg, h, w)
+  else:
+    rle = dict(seg, counts=seg["counts"].encode())
+  return mask_utils.decode(rle)

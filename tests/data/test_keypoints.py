@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import numpy as np
-from pycocotools import mask as mask_utils
 import pytest
 import tensorflow as tf
 
@@ -19,6 +18,7 @@ from mrcnn_jax.data import coco as coco_lib
 from mrcnn_jax.data import shapes
 from mrcnn_jax.data import transforms
 from mrcnn_jax.data.batching import transform_kwargs
+from tests.data.conftest import decode_segmentation
 from tests.data.conftest import small_config
 
 NAMES = ("top", "right", "bottom", "left")
@@ -69,16 +69,6 @@ def test_extreme_points_and_the_tie_rule():
                                 [[30, 12], [38, 20], [30, 28], [22, 20]])
 
 
-def _segmentation_mask(seg, h, w):
-  if isinstance(seg, list):
-    rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-  elif isinstance(seg["counts"], list):
-    rle = mask_utils.frPyObjects(seg, h, w)
-  else:
-    rle = dict(seg, counts=seg["counts"].encode())
-  return mask_utils.decode(rle)
-
-
 def _check_shape(category_id, pts):
   """The four labelled points form the category's figure (the vertex-free check for RLE
   annotations): a square's 4 corners, a circle's 4 extreme points, a triangle's 3 corners."""
@@ -117,7 +107,7 @@ def test_generator_keypoints_are_the_extreme_vertices_and_v_follows_the_mask(key
       xy = kp[labelled, :2]
       assert ((xy >= 0) & (xy < [w, h])).all()
       # v = 2 exactly where the point's pixel is in the visible mask (the segmentation).
-      mask = _segmentation_mask(a["segmentation"], h, w)
+      mask = decode_segmentation(a["segmentation"], h, w)
       px = np.floor(xy).astype(int)
       np.testing.assert_array_equal(kp[labelled, 2], np.where(mask[px[:, 1], px[:, 0]], 2, 1))
       seen["v"].update(kp[labelled, 2].tolist())

@@ -12,6 +12,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from mrcnn_jax.data import shapes
+from tests.data.conftest import decode_segmentation
 
 
 def _load(path):
@@ -72,13 +73,7 @@ def test_image_pixels_match_annotations(shapes_dir):
     for a in anns:
       seg = a["segmentation"]
       h, w = img["height"], img["width"]
-      if isinstance(seg, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-      elif isinstance(seg["counts"], list):
-        rle = mask_utils.frPyObjects(seg, h, w)
-      else:
-        rle = dict(seg, counts=seg["counts"].encode())
-      m = mask_utils.decode(rle).astype(bool)
+      m = decode_segmentation(seg, h, w).astype(bool)
       colours = np.unique(pixels[m].reshape(-1, 3), axis=0)
       if not a["iscrowd"]:
         assert len(colours) == 1, "a modal mask covers one flat colour"

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from mrcnn_jax import data
+from tests.data.conftest import decode_segmentation
 from tests.data.conftest import small_config
 
 _SHAPES_JSON = {}  # split -> (json path, image dir), set by the fixture before building
@@ -48,13 +48,7 @@ class FakeCocoShapes(tfds.core.GeneratorBasedBuilder):
       objects = []
       for a in (a for a in d["annotations"] if a["image_id"] == img["id"]):
         seg = a["segmentation"]
-        if isinstance(seg, list):
-          rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-        elif isinstance(seg["counts"], list):
-          rle = mask_utils.frPyObjects(seg, h, w)
-        else:
-          rle = dict(seg, counts=seg["counts"].encode())
-        m = mask_utils.decode(rle).astype(bool)
+        m = decode_segmentation(seg, h, w).astype(bool)
         pid = a["id"]
         pan[m] = [pid % 256, (pid // 256) % 256, pid // 65536]
         x, y, bw, bh = a["bbox"]

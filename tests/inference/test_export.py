@@ -4,6 +4,7 @@ the in-process ``predict``; the loader refuses wrong inputs and weights in one l
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import os
 import pathlib
@@ -191,6 +192,10 @@ def test_bad_export_options(setup):
     export.export_predict(c, v, batch_size=1, weights="both")
   with pytest.raises(ValueError, match="already holds predict.jax"):
     export.save(setup["artifacts"]["baked"], str(setup["dirs"]["baked"]))
+  pose = copy.deepcopy(c)
+  pose.model.mask.enabled, pose.model.keypoint.enabled = False, True
+  with pytest.raises(ValueError, match="paste_masks needs the mask branch"):
+    export.export_predict(pose, v, batch_size=1, paste_masks=True)
 
 
 def test_a_platform_that_does_not_lower_is_named(setup, monkeypatch):
