@@ -3,7 +3,8 @@
 #   make test   run the test suite (torchvision is the oracle, installed as the `test` extra)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?= -n 2
+# --durations: CI's log names the slowest tests (the suite must stay well under 30 min).
+PYTEST_ARGS ?= -n 2 --durations=25
 
 .PHONY: demo test
 
