@@ -57,21 +57,16 @@ def synthetic_shapes(seed: int, n: int):
   rng = np.random.default_rng(seed)
   images, targets = [], []
   for _ in range(n):
-    img = np.empty((_SIZE, _SIZE, 3), np.float32)
-    img[:] = rng.uniform(0, 90, size=3)
-    img += rng.normal(0, 6, size=img.shape)
-    masks, labels = [], []
-    for _ in range(rng.integers(1, 4)):
+    def draw(rng):
       kind = int(rng.integers(1, _CLASSES))
-      m = _shape_mask(rng, kind, _SIZE)
-      img[m] = rng.uniform(120, 255, size=3)
-      masks = [prev & ~m for prev in masks] + [m]
-      labels.append(kind)
+      return _shape_mask(rng, kind, _SIZE), kind
+
+    img, masks, labels = tm.paint_scene(rng, _SIZE, draw)
     keep = [i for i, m in enumerate(masks) if m.sum() > 30]
     masks = np.stack([masks[i] for i in keep])
     ys, xs = [np.array([np.nonzero(m.any(axis=a))[0][[0, -1]] for m in masks]) for a in (1, 0)]
     boxes = np.stack([xs[:, 0], ys[:, 0], xs[:, 1] + 1, ys[:, 1] + 1], axis=1).astype(np.float32)
-    images.append(np.clip(img, 0, 255).astype(np.uint8))
+    images.append(img)
     targets.append(dict(boxes=torch.from_numpy(boxes),
                         labels=torch.tensor([labels[i] for i in keep], dtype=torch.int64),
                         masks=torch.from_numpy(masks.astype(np.uint8))))

@@ -53,20 +53,13 @@ def keypoint_scenes(seed: int, n: int):
   rng = np.random.default_rng(seed)
   images, targets = [], []
   for _ in range(n):
-    img = np.empty((_SIZE, _SIZE, 3), np.float32)
-    img[:] = rng.uniform(0, 90, size=3)
-    img += rng.normal(0, 6, size=img.shape)
-    masks = []
-    for _ in range(rng.integers(1, 4)):
-      m = _shape_mask(rng, _SIZE)
-      img[m] = rng.uniform(120, 255, size=3)
-      masks = [prev & ~m for prev in masks] + [m]
+    img, masks, _ = tm.paint_scene(rng, _SIZE, lambda rng: (_shape_mask(rng, _SIZE), 1))
     masks = [m for m in masks if m.sum() > 60]
     boxes = []
     for m in masks:
       ys, xs = np.nonzero(m)
       boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-    images.append(np.clip(img, 0, 255).astype(np.uint8))
+    images.append(img)
     targets.append(dict(boxes=torch.tensor(boxes, dtype=torch.float32),
                         labels=torch.ones(len(masks), dtype=torch.int64),
                         keypoints=torch.from_numpy(np.stack([_extreme_points(m)

@@ -179,3 +179,20 @@ def train_briefly(model: torch.nn.Module, images, targets, steps: int,
     torch.nn.utils.clip_grad_norm_(params, 10.0)
     opt.step()
   return model.eval()
+
+
+def paint_scene(rng: np.random.Generator, size: int, draw_shape):
+  """A noisy dark [size, size] background with 1-3 bright shapes painted in turn.
+
+  ``draw_shape(rng)`` -> ([size, size] bool mask, label). Returns (uint8 image [size, size, 3],
+  the shapes' modal masks (what later shapes leave visible), their labels)."""
+  img = np.empty((size, size, 3), np.float32)
+  img[:] = rng.uniform(0, 90, size=3)
+  img += rng.normal(0, 6, size=img.shape)
+  masks, labels = [], []
+  for _ in range(rng.integers(1, 4)):
+    m, label = draw_shape(rng)
+    img[m] = rng.uniform(120, 255, size=3)
+    masks = [prev & ~m for prev in masks] + [m]
+    labels.append(label)
+  return np.clip(img, 0, 255).astype(np.uint8), masks, labels
