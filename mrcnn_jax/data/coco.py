@@ -41,17 +41,21 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import json
 import math
 import numbers
 import os
+import posixpath
 import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
+from etils import epath
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
+from PIL import UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 
@@ -128,6 +132,13 @@ class CategoryMap:
     if c.size and (c.min() < 1 or c.max() > len(self.category_ids)):
       raise ValueError(f"contiguous class ids must lie in 1..{len(self.category_ids)}, got {c}")
     return np.asarray(self.category_ids, np.int64)[c - 1]
+
+
+def _read_annotation_file(path: str) -> bytes:
+  try:
+    return read_file_bytes(path)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"COCO annotation file not found: {path!r}") from None
 
 
 def _finite_numbers(values) -> bool:
@@ -336,6 +347,11 @@ def segmentation_to_rle(seg, height: int, width: int) -> Dict[str, Any]:
           else counts}
 
 
+def _join(folder: str, name: str) -> str:
+  """``os.path.join`` for a local folder, ``/``-joined for a URL (``gs://b/train``)."""
+  return posixpath.join(folder, name) if "://" in str(folder) else os.path.join(folder, name)
+
+
 @dataclasses.dataclass
 class ImageRecord:
   """One image and its usable (non-crowd, valid) annotations."""
@@ -380,8 +396,28 @@ def _gray16_full_scale(a: np.ndarray, significant_bits: Optional[int]) -> int:
   return 65535 if shifted else low
 
 
+def read_file_bytes(path: str) -> bytes:
+  """The bytes of the file ``path``, local or a URL (``gs://``); ``FileNotFoundError`` when it
+  is missing, whichever storage library reads it."""
+  try:
+    return epath.Path(path).read_bytes()
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # tf.errors.NotFoundError for URLs
+    if type(e).__name__ == "NotFoundError":
+      raise FileNotFoundError(f"{path}: {str(e).strip().splitlines()[0]}") from None
+    raise
+
+
 def decode_image_rgb(path: str, exif_transpose: bool = False) -> np.ndarray:
-  """[h, w, 3] uint8 RGB of any image PIL reads; raises OSError/ValueError on a bad file.
+  """[h, w, 3] uint8 RGB of the image file ``path`` (local or ``gs://``); see
+  :func:`decode_image_bytes`. Raises FileNotFoundError when it is missing."""
+  return decode_image_bytes(read_file_bytes(path), path, exif_transpose=exif_transpose)
+
+
+def decode_image_bytes(data: bytes, path: str, exif_transpose: bool = False) -> np.ndarray:
+  """[h, w, 3] uint8 RGB of any encoded image PIL reads (``path`` names it in errors); raises
+  OSError/ValueError on bad data.
 
   16-bit grayscale (PIL modes ``I;16*``, and ``I`` with values in 0..65535; other ``I`` values
   are refused) maps 0..``full`` linearly onto 0..255, rounded, with ``full`` fixed by the file,
@@ -396,8 +432,11 @@ def decode_image_rgb(path: str, exif_transpose: bool = False) -> np.ndarray:
   shows them). Off for data sets: COCO annotations refer to the stored pixels.
   """
   significant_bits = None
-  with open(path, "rb") as f:
-    img = Image.open(f)
+  with io.BytesIO(data) as f:
+    try:
+      img = Image.open(f)
+    except UnidentifiedImageError:  # PIL's message would name the BytesIO object
+      raise UnidentifiedImageError(f"cannot identify image file {path!r}") from None
     img.load()
     if img.format == "PNG" and img.mode in _GRAY16_MODES:
       significant_bits = _png_significant_bits(f)
@@ -416,6 +455,50 @@ def decode_image_rgb(path: str, exif_transpose: bool = False) -> np.ndarray:
     a = (a * 255 + full // 2) // full
     return np.repeat(a.astype(np.uint8)[..., None], 3, axis=2)
   return np.asarray(img.convert("RGB"))  # L, LA, P, RGBA, CMYK (incl. Adobe inverted), YCbCr
+
+
+def checked_image(rec: ImageRecord, data: Optional[bytes] = None):
+  """``(image [h, w, 3] uint8, None)``, or ``(None, (reason, message))`` when ``rec``'s image
+  file (or its encoded bytes ``data``, when given) is missing, cannot be decoded or is not the
+  size the JSON says (reasons ``missing_image``, ``corrupt_image``, ``image_size_mismatch``)."""
+  try:
+    image = decode_image_bytes(read_file_bytes(rec.path) if data is None else data, rec.path)
+  except FileNotFoundError:
+    return None, ("missing_image", f"image {rec.image_id}: file not found: {rec.path}")
+  except Exception as e:  # PIL raises several types for corrupt data  # pylint: disable=broad-except
+    return None, ("corrupt_image", f"image {rec.image_id}: cannot decode {rec.path}: "
+                  f"{type(e).__name__}: {e}")
+  if image.shape[:2] != (rec.height, rec.width):
+    return None, ("image_size_mismatch", f"image {rec.image_id}: {rec.path} is {image.shape[0]}x"
+                  f"{image.shape[1]} but the JSON says {rec.height}x{rec.width}; its masks would "
+                  "not line up")
+  return image, None
+
+
+def example_from(rec: ImageRecord, image: np.ndarray, num_keypoints: int = 0):
+  """``(example, None)`` for ``rec`` with its decoded ``image`` (see :meth:`CocoSource.load`),
+  or ``(None, ('bad_segmentation', message))`` when pycocotools cannot decode its masks."""
+  n = len(rec.classes)
+  if n:
+    try:
+      rles = [segmentation_to_rle(s, rec.height, rec.width) for s in rec.segmentations]
+      decoded = mask_utils.decode(rles)
+    except (ValueError, TypeError) as e:  # construction checks should leave nothing to fail here
+      return None, ("bad_segmentation", f"image {rec.image_id}: cannot decode its masks: "
+                    f"{type(e).__name__}: {e}")
+    # decode gives [h, w, N] in Fortran order; one transposing copy makes [N, h, w] C-order.
+    masks = np.ascontiguousarray(np.transpose(decoded, (2, 0, 1)))
+    xywh = np.asarray(rec.boxes_xywh, np.float32)
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+  else:
+    masks = np.zeros((0, rec.height, rec.width), np.uint8)
+    boxes = np.zeros((0, 4), np.float32)
+  ex = {"image": image, "boxes": boxes, "classes": np.asarray(rec.classes, np.int32),
+        "masks": masks, "image_id": np.int32(rec.image_id), "ok": np.bool_(True)}
+  if num_keypoints:
+    ex["keypoints"] = (np.stack(rec.keypoints) if n
+                       else np.zeros((0, num_keypoints, 3), np.float32))
+  return ex, None
 
 
 def placeholder_example(num_keypoints: int = 0) -> Dict[str, np.ndarray]:
@@ -439,6 +522,11 @@ class CocoSource:
     keypoint_names: the K names the categories list (() when K = 0).
     stats: the :class:`DataStats` counting skips (shared with the pipeline).
     dataset: the parsed JSON, as read (evaluation uses :meth:`ground_truth` instead).
+    construction_problems: ``(reason, message)`` of each bad entry found at construction, in
+      the order found (what the skip counts count; a training source's
+      ``image_with_bad_annotation`` lines are not among them).
+    images_with_bad_annotations: ids of the images with a refused annotation (training drops
+      them).
     refused_annotations: reason -> how many of the JSON's annotations were left out at
       construction (``unknown_image_id``, ``unknown_category``, ``duplicate_image_id``,
       :func:`annotation_problem`'s reasons, and ``bad_keypoints``).
@@ -453,10 +541,7 @@ class CocoSource:
                stats: Optional[DataStats] = None, num_keypoints: int = 0):
     if on_bad_example not in ("skip", "raise"):
       raise ValueError(f"on_bad_example must be 'skip' or 'raise', got {on_bad_example!r}")
-    if not os.path.exists(annotation_file):
-      raise FileNotFoundError(f"COCO annotation file not found: {annotation_file!r}")
-    with open(annotation_file) as f:
-      self.dataset = json.load(f)
+    self.dataset = json.loads(_read_annotation_file(annotation_file))
     self.image_dir = image_dir
     self.training = training
     self.on_bad_example = on_bad_example
@@ -471,9 +556,15 @@ class CocoSource:
     self.load_failures: Dict[int, str] = {}  # written from tf.data's threads; one dict op each
     self._accepted_annotations: List[Dict[str, Any]] = []
     self._image_entries: Dict[int, Dict[str, Any]] = {}  # image id -> its entry in the JSON
+    self._problems: Optional[List[Tuple[str, str]]] = []
+    self.images_with_bad_annotations: set = set()
     self.records = self._build_records(skip_empty)
+    self.construction_problems: Tuple[Tuple[str, str], ...] = tuple(self._problems)
+    self._problems = None  # load-time problems are counted in stats only
 
   def _bad(self, reason: str, message: str) -> None:
+    if self._problems is not None:
+      self._problems.append((reason, message))
     if self.on_bad_example == "raise":
       self.stats.last_error = message  # recorded as count() records a skip's message
       raise BadExampleError(message)
@@ -534,6 +625,7 @@ class CocoSource:
         continue
       anns_by_image[image_id].append(ann)
       self._accepted_annotations.append(ann)
+    self.images_with_bad_annotations = bad_images
     records = []
     for image_id, (file_name, h, w) in images.items():
       if self.training and image_id in bad_images:
@@ -545,7 +637,7 @@ class CocoSource:
       if self.training and skip_empty and not usable:
         continue  # not an error: COCO has ~1% such images
       records.append(ImageRecord(
-          image_id=image_id, path=os.path.join(self.image_dir, file_name), height=h, width=w,
+          image_id=image_id, path=_join(self.image_dir, file_name), height=h, width=w,
           boxes_xywh=[[float(v) for v in a["bbox"]] for a in usable],
           classes=[int(c) for c in self.categories.to_contiguous([a["category_id"] for a in usable])],
           segmentations=[a["segmentation"] for a in usable], num_crowd=len(anns) - len(usable),
@@ -582,38 +674,11 @@ class CocoSource:
     if index < 0:
       return placeholder_example(self.num_keypoints)
     rec = self.records[index]
-    try:
-      image = decode_image_rgb(rec.path)
-    except FileNotFoundError:
-      return self._bad_load(rec, "missing_image",
-                            f"image {rec.image_id}: file not found: {rec.path}")
-    except Exception as e:  # PIL raises several types for corrupt data  # pylint: disable=broad-except
-      return self._bad_load(rec, "corrupt_image", f"image {rec.image_id}: cannot decode "
-                            f"{rec.path}: {type(e).__name__}: {e}")
-    if image.shape[:2] != (rec.height, rec.width):
-      return self._bad_load(rec, "image_size_mismatch", f"image {rec.image_id}: {rec.path} is "
-                            f"{image.shape[0]}x{image.shape[1]} but the JSON says "
-                            f"{rec.height}x{rec.width}; its masks would not line up")
-    n = len(rec.classes)
-    if n:
-      try:
-        rles = [segmentation_to_rle(s, rec.height, rec.width) for s in rec.segmentations]
-        decoded = mask_utils.decode(rles)
-      except (ValueError, TypeError) as e:  # construction checks should leave nothing to fail here
-        return self._bad_load(rec, "bad_segmentation", f"image {rec.image_id}: cannot decode its "
-                              f"masks: {type(e).__name__}: {e}")
-      # decode gives [h, w, N] in Fortran order; one transposing copy makes [N, h, w] C-order.
-      masks = np.ascontiguousarray(np.transpose(decoded, (2, 0, 1)))
-      xywh = np.asarray(rec.boxes_xywh, np.float32)
-      boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-    else:
-      masks = np.zeros((0, rec.height, rec.width), np.uint8)
-      boxes = np.zeros((0, 4), np.float32)
-    ex = {"image": image, "boxes": boxes, "classes": np.asarray(rec.classes, np.int32),
-          "masks": masks, "image_id": np.int32(rec.image_id), "ok": np.bool_(True)}
-    if self.num_keypoints:
-      ex["keypoints"] = (np.stack(rec.keypoints) if n
-                         else np.zeros((0, self.num_keypoints, 3), np.float32))
+    image, problem = checked_image(rec)
+    if problem is None:
+      ex, problem = example_from(rec, image, self.num_keypoints)
+    if problem is not None:
+      return self._bad_load(rec, *problem)
     return ex
 
   def _bad_load(self, rec: ImageRecord, reason: str, message: str) -> Dict[str, np.ndarray]:

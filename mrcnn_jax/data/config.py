@@ -11,6 +11,11 @@ Sources (``source``):
     JSON as ground truth, so they take ``'coco'``; ``eval_split`` feeds
     ``tfds_source.build_tfds_eval_dataset`` (predictions without metrics).
 
+Records (``train_records``, ``eval_records``, with ``source = 'coco'``): TFRecord shards and
+an index written by ``scripts/make_records.py`` from a COCO JSON and its images, read by offset
+instead of one file per image (for pods reading from a bucket); see
+:mod:`mrcnn_jax.data.records`. Paths may be local or ``gs://`` throughout.
+
 Training input shape: ``image_size``, or with ``buckets`` one of several (h, w) shapes, chosen
 per image by its aspect ratio (:mod:`mrcnn_jax.data.buckets`); each global batch holds one
 bucket's images, and the train step is compiled once per bucket before the first step.
@@ -57,6 +62,11 @@ def data_config() -> ml_collections.ConfigDict:
   c.train_images = ""  # folder holding the JSON's file_name entries
   c.eval_annotations = ""
   c.eval_images = ""
+  # Record files made by scripts/make_records.py from such a JSON + folder (local or gs://):
+  # their index (PREFIX.index.json), the shards' pattern (PREFIX-*-of-*.tfrecord) or the shards
+  # comma-separated. When set, read instead of the annotations + images, with the same batches.
+  c.train_records = ""
+  c.eval_records = ""
   c.tfds_name = "coco/2017"
   c.tfds_data_dir = ""  # '' = TFDS' default data_dir
   c.train_split = "train"

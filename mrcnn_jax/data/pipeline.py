@@ -25,6 +25,11 @@ batch of an epoch is dropped), host ``p`` takes the same rows as above, and augm
 are stateless in ``(seed, g)`` as above. A bad image keeps its slot, filled by the next image
 of its bucket that loads, so batches never mix buckets and resume stays exact.
 
+Records (``config.data.train_records`` / ``eval_records``, :mod:`mrcnn_jax.data.records`): a
+:class:`~mrcnn_jax.data.records.RecordSource` stands in for the JSON source it was made from,
+with the same records in the same order, so everything above holds unchanged and the batches
+are those of the JSON source, bit for bit; each host reads only the records of its rows.
+
 Keypoints (``config.model.keypoint.enabled``): the source reads each instance's keypoints
 (:class:`~mrcnn_jax.data.coco.CocoSource` with ``num_keypoints``) and every batch, training,
 bucketed or evaluation, carries ``gt_keypoints`` [B, G, K, 3] beside ``gt_boxes``
@@ -49,6 +54,7 @@ import tensorflow as tf
 
 from mrcnn_jax.data import buckets as buckets_lib
 from mrcnn_jax.data import coco as coco_lib
+from mrcnn_jax.data import records as records_lib
 from mrcnn_jax.data import tfds_source
 from mrcnn_jax.data import transforms
 from mrcnn_jax.data.batching import dataset_options
@@ -129,12 +135,19 @@ def _load_fn(source: coco_lib.CocoSource, give_up_after: int = 0):
 
 def _make_source(config, training: bool, stats) -> coco_lib.CocoSource:
   d = config.data
+  which = "train" if training else "eval"
+  records = d.get(f"{which}_records")
+  if records:  # the same records, sizes and examples as the JSON they were made from
+    return records_lib.RecordSource(records, training=training,
+                                    skip_empty=bool(d.skip_empty_train),
+                                    on_bad_example=str(d.on_bad_example), stats=stats,
+                                    num_keypoints=num_keypoints(config))
   ann, images = ((d.train_annotations, d.train_images) if training
                  else (d.eval_annotations, d.eval_images))
   if not ann:
-    which = "train" if training else "eval"
     raise ValueError(f"config.data.{which}_annotations is empty: point it at a COCO instances "
-                     "JSON (e.g. from `python -m mrcnn_jax.data.shapes --out DIR`)")
+                     "JSON (e.g. from `python -m mrcnn_jax.data.shapes --out DIR`) or set "
+                     f"config.data.{which}_records")
   return coco_lib.CocoSource(ann, images, training=training, skip_empty=bool(d.skip_empty_train),
                              on_bad_example=str(d.on_bad_example), stats=stats,
                              num_keypoints=num_keypoints(config))
