@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up 
 from absl import logging  # noqa: E402
 
 # Errors a user can fix from the command line: printed as one line, exit status 1.
-USER_ERRORS = (FileNotFoundError, ValueError, KeyError, FloatingPointError)
+USER_ERRORS = (OSError, ValueError, KeyError, FloatingPointError)  # OSError: missing files, storage
 
 # Exit status when another process of the run is gone: EX_TEMPFAIL, a rerun may well succeed.
 EXIT_PROCESS_GONE = 75
@@ -96,9 +96,9 @@ def define_distributed_flags() -> DistributedFlags:
 def _last_checkpoint(workdir: str) -> str:
   """``'step N'``: the newest checkpoint orbax committed in ``workdir``; or ``'none'``."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from mrcnn_jax.run import checkpoint  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.run import checkpoint, paths  # pylint: disable=g-import-not-at-top
   try:
-    steps = ocp.step.checkpoint_steps(os.path.join(workdir, checkpoint.CHECKPOINT_DIR))
+    steps = ocp.step.checkpoint_steps(paths.join(workdir, checkpoint.CHECKPOINT_DIR))
   except Exception:  # pylint: disable=broad-except  # the line must come out regardless
     return "unknown"
   return f"step {max(steps)}" if steps else "none"

@@ -4,10 +4,11 @@ A checkpoint is one orbax step directory ``<workdir>/checkpoints/<step>/`` with 
 ``state`` (the whole ``TrainState``: params, optimizer state, batch stats, step, rng) and
 ``meta`` (JSON: the step, the data position, and the model config the parameters belong to).
 Orbax writes a step directory under a temporary name (``<step>.orbax-checkpoint-tmp``) and renames
-it when complete, so a run killed mid-write leaves no half checkpoint that
-:meth:`Checkpointer.latest_step` would return; the workdir's checkpointer deletes such leftovers
-when it starts (orbax keeps them otherwise, a full state each, until that very step is saved
-again).
+it when complete; in a bucket (``gs://``, no rename) it writes ``<step>/`` and marks it complete
+with a ``commit_success.txt`` last. Either way a run killed mid-write leaves no half checkpoint
+that :meth:`Checkpointer.latest_step` would return; the workdir's checkpointer deletes such
+leftovers when it starts (orbax keeps them otherwise, a full state each, until that very step is
+saved again). Every path here may be local or ``gs://`` (:mod:`mrcnn_jax.run.paths`).
 
 Where the starting state comes from (:func:`restore_or_initialize`), first match wins:
 
@@ -22,10 +23,9 @@ Where the starting state comes from (:func:`restore_or_initialize`), first match
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
-import shutil
 from typing import Any, Optional
 
 import flax
@@ -33,8 +33,10 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from mrcnn_jax.modeling.config import upgrade_model_config
+from mrcnn_jax.run import paths
 
 PyTree = Any
 
@@ -49,7 +51,8 @@ class Checkpointer:
   """A thin wrapper over ``orbax.checkpoint.CheckpointManager`` for ``TrainState``.
 
   Args:
-    directory: where step folders go (created if missing); absolute or relative.
+    directory: where step folders go (created if missing): local (absolute or relative) or
+      ``gs://``.
     every_steps: save only at multiples of this step (``save(force=True)`` ignores it).
     max_to_keep: the newest this many checkpoints are kept, older ones deleted.
     async_save: write in a background thread while training continues.
@@ -60,7 +63,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, every_steps: int = 1000, max_to_keep: int = 3,
                async_save: bool = True, cleanup_tmp: bool = False):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory)
     self.every_steps = max(int(every_steps), 1)
     if cleanup_tmp and jax.process_index() == 0:
       # Before the manager exists, synchronously: orbax's own `cleanup_tmp_directories` runs
@@ -113,20 +116,23 @@ class Checkpointer:
 
 
 def _remove_uncommitted(directory: str) -> None:
-  """Deletes the step folders under ``directory`` that orbax never committed (renamed)."""
-  if not os.path.isdir(directory):
+  """Deletes the step folders under ``directory`` that orbax never committed (renamed, or in a
+  bucket given their ``commit_success.txt``)."""
+  directory = epath.Path(directory)
+  if not directory.is_dir():
     return
-  for name in sorted(os.listdir(directory)):
-    path = os.path.join(directory, name)
-    if _TMP_MARK in name and os.path.isdir(path):
+  for path in sorted(directory.iterdir()):
+    uncommitted = _TMP_MARK in path.name or (
+        paths.is_url(directory) and path.name.isdigit() and not ocp.step.is_path_finalized(path))
+    if uncommitted and path.is_dir():
       logging.warning("removing an uncommitted checkpoint left by an interrupted run: %s", path)
-      shutil.rmtree(path, ignore_errors=True)
+      path.rmtree(missing_ok=True)
 
 
 def make_checkpointer(config: ml_collections.ConfigDict, workdir: str) -> Checkpointer:
   """The workdir's checkpointer, from ``config.checkpoint``; it owns the folder (cleans up)."""
   c = config.checkpoint
-  return Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), every_steps=c.every_steps,
+  return Checkpointer(paths.join(workdir, CHECKPOINT_DIR), every_steps=c.every_steps,
                       max_to_keep=c.max_to_keep, async_save=c.async_save, cleanup_tmp=True)
 
 
@@ -169,15 +175,17 @@ def _diff(a: Any, b: Any, prefix: str = "model") -> list[str]:
 
 def _resolve_checkpoint(path: str) -> tuple[Checkpointer, int]:
   """A workdir, its ``checkpoints/`` folder, or one step folder -> (checkpointer, step)."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"checkpoint not found: {path}")
-  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
-    path = os.path.join(path, CHECKPOINT_DIR)
-  name = os.path.basename(path.rstrip("/"))
-  if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
-    ckpt = Checkpointer(os.path.dirname(path), async_save=False)
-    return ckpt, int(name)
+  path = paths.resolve(path)
+  with paths.one_line_errors("checkpoint", path):
+    folder = epath.Path(path)
+    if not folder.is_dir():
+      paths.check_exists("checkpoint", path)  # a missing bucket or no permission, by name
+      raise FileNotFoundError(f"checkpoint not found: {path}")
+    if (folder / CHECKPOINT_DIR).is_dir():
+      folder = folder / CHECKPOINT_DIR
+    if folder.name.isdigit() and (folder / "state").is_dir():
+      return Checkpointer(str(folder.parent), async_save=False), int(folder.name)
+    path = str(folder)
   ckpt = Checkpointer(path, async_save=False)
   step = ckpt.latest_step()
   if step is None:
@@ -225,7 +233,7 @@ def check_checkpoint_model(config: ml_collections.ConfigDict, path: str) -> None
   For inference and evaluation, which load parameters by name: a changed anchor size, pixel
   mean or RoIAlign alignment would otherwise give wrong detections without any error.
   """
-  if os.path.isfile(os.path.expanduser(path)):
+  if _is_file(path):
     return
   ckpt, step = _resolve_checkpoint(path)
   try:
@@ -260,16 +268,26 @@ def load_params(path: str) -> dict[str, np.ndarray]:
       tree, or a variables dict with ``'params'``), or a checkpoint (workdir, its
       ``checkpoints/`` folder or a step folder).
   """
-  path = os.path.expanduser(path)
-  if os.path.isfile(path) and path.endswith(".npz"):
-    with np.load(path) as f:
+  path = paths.resolve(path)
+  if _is_file(path) and path.endswith(".npz"):
+    with paths.one_line_errors("weights file", path):
+      data = epath.Path(path).read_bytes()
+    with np.load(io.BytesIO(data)) as f:
       return {k: f[k] for k in f.files}
-  if os.path.isfile(path) and path.endswith(".msgpack"):
-    with open(path, "rb") as f:
-      tree = flax.serialization.msgpack_restore(f.read())
+  if _is_file(path) and path.endswith(".msgpack"):
+    with paths.one_line_errors("weights file", path):
+      data = epath.Path(path).read_bytes()
+    tree = flax.serialization.msgpack_restore(data)
     tree = tree.get("params", tree)
     return _flatten(tree)
   return _flatten(_restore_raw(path)["params"])
+
+
+def _is_file(path: str) -> bool:
+  """A file (not a folder) at ``path``, local or in a bucket."""
+  path = paths.resolve(path)
+  with paths.one_line_errors("checkpoint", path):
+    return epath.Path(path).is_file()
 
 
 def load_variables(path: str) -> tuple[dict, Optional[int]]:
@@ -277,8 +295,7 @@ def load_variables(path: str) -> tuple[dict, Optional[int]]:
 
   ``path`` is anything :func:`load_params` takes; weights files have no step (``None``).
   """
-  path = os.path.expanduser(path)
-  if os.path.isfile(path):
+  if _is_file(path):
     params = flax.traverse_util.unflatten_dict(load_params(path), sep="/")
     return {"params": params}, None
   raw = _restore_raw(path)
@@ -291,8 +308,7 @@ def load_variables(path: str) -> tuple[dict, Optional[int]]:
 
 def load_collection(path: str, name: str) -> PyTree:
   """A checkpoint's other variable collection (e.g. ``'batch_stats'``), ``{}`` if none."""
-  path = os.path.expanduser(path)
-  if os.path.isfile(path):
+  if _is_file(path):
     return {}
   return _restore_raw(path).get(name) or {}
 

@@ -1,27 +1,18 @@
 """Checks on paths and config that training and evaluation run before any device work.
 
 Each fails at start-up with one line naming the field, instead of a traceback from deep inside
-the input pipeline or after the last training step.
+the input pipeline or after the last training step. Paths may be local or ``gs://``: a missing
+bucket, a missing object and a refused permission each get their own line
+(:mod:`mrcnn_jax.run.paths`).
 """
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
-__all__ = ["check_data_paths", "check_local_path", "check_num_classes"]
+from mrcnn_jax.run import paths
 
-
-def check_local_path(name: str, path: str) -> None:
-  """Refuses a URL (``gs://...``): checkpoints, summaries and data are read as files.
-
-  Multi-host runs need a path that every host sees: an NFS / Filestore mount, or a bucket
-  mounted with Cloud Storage FUSE at the same place on every host.
-  """
-  if "://" in str(path):
-    raise ValueError(f"{name} {path!r} is a URL; use a filesystem path that every host sees "
-                     "(an NFS/Filestore mount, or the bucket mounted with gcsfuse)")
+__all__ = ["check_data_paths", "check_num_classes", "check_weight_paths"]
 
 
 def check_data_paths(config: ml_collections.ConfigDict, *, train: bool = True,
@@ -30,6 +21,8 @@ def check_data_paths(config: ml_collections.ConfigDict, *, train: bool = True,
   and ``ValueError`` when evaluation is asked of a source that cannot give COCO metrics (before
   any training step, not after the last)."""
   d = config.data
+  if d.source == "tfds" and d.get("tfds_data_dir"):
+    paths.check_exists("config.data.tfds_data_dir", d.tfds_data_dir)
   if d.source != "coco":
     if evaluate:
       raise ValueError(
@@ -43,9 +36,14 @@ def check_data_paths(config: ml_collections.ConfigDict, *, train: bool = True,
     path = d.get(key)
     if not path:
       raise FileNotFoundError(f"config.data.{key} is not set")
-    check_local_path(f"config.data.{key}", path)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"config.data.{key} not found: {path}")
+    paths.check_exists(f"config.data.{key}", path)
+
+
+def check_weight_paths(config: ml_collections.ConfigDict) -> None:
+  """``config.resume`` and ``config.init_weights``, where set, must exist and be readable."""
+  for key in ("resume", "init_weights"):
+    if config.get(key):
+      paths.check_exists(f"config.{key}", config.get(key))
 
 
 def check_num_classes(config: ml_collections.ConfigDict, categories) -> None:

@@ -24,12 +24,12 @@ otherwise save NaN parameters).
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from typing import Any, Optional
 
 from absl import logging
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -46,6 +46,7 @@ from mrcnn_jax.inference import batch_predict
 from mrcnn_jax.run import checkpoint as ckpt_lib
 from mrcnn_jax.run import checks
 from mrcnn_jax.run import distributed as distributed_lib
+from mrcnn_jax.run import paths
 from mrcnn_jax.run import sharding as sharding_lib
 from mrcnn_jax.training import train_state as train_state_lib
 from mrcnn_jax.training import train_step as train_step_lib
@@ -135,7 +136,7 @@ class _Writer:
           name: summary_pb2.SummaryMetadata(
               plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=name))
           for name in ("scalars", "images")}
-      self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      self._writer = tf.summary.create_file_writer(paths.join(workdir, "tensorboard"))
 
   def scalars(self, step: int, values: dict) -> None:
     if self._writer is None:
@@ -247,15 +248,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     (without images) or None, 'source': where the starting state came from,
     'stopped_by_sigterm': bool}``.
   """
-  checks.check_local_path("workdir", workdir)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = paths.resolve(workdir)
   is_main = jax.process_index() == 0
   want_eval = bool(config.eval.every_steps) or bool(config.eval.at_end)
   checks.check_data_paths(config, train=True, evaluate=want_eval)
+  checks.check_weight_paths(config)
   if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    paths.check_writable_dir("workdir", workdir)
+    with paths.one_line_errors("workdir", workdir):
+      (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   mesh = sharding_lib.make_run_mesh(config)
   sharding_lib.check_batch_size(int(config.train.batch_size), mesh)

@@ -1,4 +1,4 @@
-"""Start-up checks: a missing or URL data path and a source that cannot be evaluated fail in one
+"""Start-up checks: a missing data or weights path and a source that cannot be evaluated fail in one
 line, before any device work."""
 
 from __future__ import annotations
@@ -26,10 +26,16 @@ def test_tfds_source_with_evaluation_is_refused_before_training():
   checks.check_data_paths(config, train=True, evaluate=False)  # training alone is fine
 
 
-def test_url_path_is_refused():
-  with pytest.raises(ValueError, match="URL; use a filesystem path that every host sees"):
-    checks.check_local_path("workdir", "gs://bucket/run")
-  checks.check_local_path("workdir", "/mnt/bucket/run")
+def test_missing_weights_name_the_field(tmp_path):
+  c = config_lib.get_base_config()
+  c.init_weights = str(tmp_path / "weights.npz")
+  with pytest.raises(FileNotFoundError, match=r"config.init_weights not found: .*weights.npz"):
+    checks.check_weight_paths(c)
+  c.init_weights, c.resume = "", str(tmp_path / "other_run")
+  with pytest.raises(FileNotFoundError, match=r"config.resume not found: .*other_run"):
+    checks.check_weight_paths(c)
+  (tmp_path / "other_run").mkdir()
+  checks.check_weight_paths(c)
 
 
 def test_num_classes_must_match_the_data_set():

@@ -1,0 +1,92 @@
+"""The ``gcs`` fixture: a Cloud Storage emulator on 127.0.0.1 that every library in the project
+is pointed at, for this test session (see :mod:`tests.storage.gcs_server`).
+
+Every variable that could lead a library elsewhere is set or removed: TensorFlow's curl goes
+through the loopback proxy, TensorStore to the emulator with a fixed test token, Google's auth
+libraries find no credentials file, no gcloud configuration and a metadata server address on
+127.0.0.1, so a user's real credentials in the environment are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+import uuid
+
+import pytest
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Read by the Google auth libraries, gcloud and TensorFlow when looking for credentials.
+_CREDENTIAL_VARS = ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_OAUTH_ACCESS_TOKEN",
+                    "CLOUDSDK_AUTH_ACCESS_TOKEN_FILE", "GOOGLE_API_KEY")
+
+
+class Gcs:
+  """The running emulator: ``env`` for subprocesses, ``new_bucket()`` for a fresh bucket."""
+
+  def __init__(self, emulator_port: int, proxy_port: int, ca: str, state_dir: str):
+    self.emulator_url = f"http://127.0.0.1:{emulator_port}"
+    self.refused_log = os.path.join(state_dir, "refused.log")
+    proxy = f"http://127.0.0.1:{proxy_port}"
+    no_gce = "127.0.0.1:1"  # nothing listens on port 1: a metadata probe fails at once
+    self.env = {
+        "https_proxy": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "HTTP_PROXY": proxy,
+        "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost",
+        "CURL_CA_BUNDLE": ca,
+        "TENSORSTORE_GCS_HTTP_URL": self.emulator_url,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test-token",
+        "STORAGE_EMULATOR_HOST": self.emulator_url,
+        "NO_GCE_CHECK": "true", "GCE_METADATA_HOST": no_gce, "GCE_METADATA_IP": no_gce,
+        "GCE_METADATA_ROOT": no_gce,
+        "CLOUDSDK_CONFIG": os.path.join(state_dir, "no-gcloud-config"),
+        "GOOGLE_CLOUD_PROJECT": "test-project",
+    }
+
+  def new_bucket(self, prefix: str = "bucket") -> str:
+    """Creates an empty bucket; returns ``gs://name``."""
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    request = urllib.request.Request(
+        f"{self.emulator_url}/storage/v1/b?project=test-project", method="POST",
+        data=json.dumps({"name": name}).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30):
+      pass
+    return f"gs://{name}"
+
+  def refused(self) -> list[str]:
+    """Requests the proxy refused (tunnels to a host other than the storage API)."""
+    if not os.path.exists(self.refused_log):
+      return []
+    with open(self.refused_log) as f:
+      return f.read().splitlines()
+
+  def subprocess_env(self) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in _CREDENTIAL_VARS}
+    env.update(self.env)
+    return env
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """The emulator for this session (one per xdist worker); this process's environment points
+  every storage library at it from here on (TensorFlow's GCS filesystem reads it once)."""
+  state_dir = str(tmp_path_factory.mktemp("gcs"))
+  proc = subprocess.Popen([sys.executable, "-m", "tests.storage.gcs_server", state_dir],
+                          cwd=_REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  info = json.loads(proc.stdout.readline())
+  server = Gcs(info["emulator_port"], info["proxy_port"], info["ca"], state_dir)
+  saved = {k: os.environ.get(k) for k in (*server.env, *_CREDENTIAL_VARS)}
+  for k in _CREDENTIAL_VARS:
+    os.environ.pop(k, None)
+  os.environ.update(server.env)
+  yield server
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  proc.stdin.close()
+  proc.wait(timeout=30)
+  assert not server.refused(), f"requests to hosts other than the storage API: {server.refused()}"
