@@ -110,8 +110,8 @@ def test_train_batches_and_skips_equal_the_json_source(converted):
   assert [r.image_id for r in from_records.source.records] == [
       r.image_id for r in from_json.source.records]
   assert_same_batches(_take(from_json, 5), _take(from_records, 5))
-  assert from_records.stats.as_dict() == from_json.stats.as_dict()
-  assert from_json.stats.as_dict()["missing_image"] >= 1
+  # (How many skips training counts depends on how far tf.data has read ahead.)
+  assert from_json.stats.as_dict()["missing_image"] and from_records.stats.as_dict()["missing_image"]
 
 
 def test_bucketed_train_and_resume_equal_the_json_source(converted):
@@ -123,11 +123,17 @@ def test_bucketed_train_and_resume_equal_the_json_source(converted):
   assert_same_batches(from_json[3:], _take(data.build_train_dataset(config, start_step=3), 2))
 
 
-def test_eval_batches_equal_the_json_source(converted):
+@pytest.mark.parametrize("split", ["eval", "train"])
+def test_eval_batches_skips_and_ground_truth_equal_the_json_source(converted, split):
   paths, reports = converted
-  from_json = data.build_eval_dataset(small_config(paths))
-  from_records = data.build_eval_dataset(small_config(paths, eval_records=reports["eval"].index))
+  json_paths = dict(paths, eval_annotations=paths[f"{split}_annotations"],
+                    eval_images=paths[f"{split}_images"])
+  from_json = data.build_eval_dataset(small_config(json_paths))
+  from_records = data.build_eval_dataset(small_config(paths, eval_records=reports[split].index))
   assert_same_batches(list(from_json), list(from_records))
+  # Every image read once: the same skips, counted the same (none in the eval split).
+  assert from_records.stats.as_dict() == from_json.stats.as_dict() == reports[split].counts
+  assert from_records.source.load_failures == from_json.source.load_failures
   assert from_records.source.ground_truth() == from_json.source.ground_truth()
   assert from_records.source.dataset["categories"] == from_json.source.dataset["categories"]
 
@@ -203,9 +209,5 @@ def test_make_records_script(converted, tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert os.path.exists(out + ".index.json")
   assert "missing_image" in proc.stdout and "train-00001-of-00002.tfrecord" in proc.stdout
-  missing = subprocess.run(
-      [sys.executable, os.path.join(_ROOT, "scripts", "make_records.py"),
-       f"--annotations={tmp_path}/none.json", f"--images={paths['train_images']}",
-       f"--output={out}"], capture_output=True, text=True, timeout=120, cwd=_ROOT)
-  assert missing.returncode == 1
-  assert missing.stderr.strip().splitlines()[-1].startswith("error: COCO annotation file not found")
+  with pytest.raises(FileNotFoundError, match="COCO annotation file not found"):
+    records.write_records(str(tmp_path / "none.json"), paths["train_images"], out, 2)
