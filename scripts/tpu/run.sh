@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Starts the same command on every worker, detached, each appending to $LOG_DIR/train.log.
 # Usage: scripts/tpu/run.sh -- python scripts/train.py --config experiments/coco_r50_fpn_1x.py \
-#            --workdir /mnt/shared/r50_1x --config.data.train_images=...
+#            --workdir gs://my-bucket/r50_1x --config.data.train_images=gs://my-bucket/coco/...
 #
 # JAX finds the other workers by itself on a TPU slice (jax.distributed is initialised from the
-# TPU metadata), so no rank flags are needed. The workdir must be a folder every worker sees at
-# the same path (a Filestore/NFS mount, or a bucket mounted with Cloud Storage FUSE; gs:// URLs
-# themselves are refused): all hosts write one checkpoint together. Re-running
-# the same command after a preemption or a stop resumes from the last checkpoint.
+# TPU metadata), so no rank flags are needed. The workdir must be one place every worker sees:
+# a gs:// bucket (read and written directly), or a folder at the same path on every worker (a
+# Filestore/NFS mount): all hosts write one checkpoint together. Re-running the same command
+# after a preemption or a stop resumes from the last checkpoint.
 source "$(dirname "$0")/common.sh"
 if [[ "${1:-}" == "--" ]]; then shift; fi
 if [[ $# -eq 0 ]]; then

@@ -9,6 +9,7 @@ libraries find no credentials file, no gcloud configuration and a metadata serve
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ import uuid
 import pytest
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_NETGUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "netguard")
 # Read by the Google auth libraries, gcloud and TensorFlow when looking for credentials.
 _CREDENTIAL_VARS = ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_OAUTH_ACCESS_TOKEN",
                     "CLOUDSDK_AUTH_ACCESS_TOKEN_FILE", "GOOGLE_API_KEY")
@@ -30,6 +32,7 @@ class Gcs:
   def __init__(self, emulator_port: int, proxy_port: int, ca: str, state_dir: str):
     self.emulator_url = f"http://127.0.0.1:{emulator_port}"
     self.refused_log = os.path.join(state_dir, "refused.log")
+    self.netguard_log = os.path.join(state_dir, "netguard.log")
     proxy = f"http://127.0.0.1:{proxy_port}"
     no_gce = "127.0.0.1:1"  # nothing listens on port 1: a metadata probe fails at once
     self.env = {
@@ -43,6 +46,10 @@ class Gcs:
         "GCE_METADATA_ROOT": no_gce,
         "CLOUDSDK_CONFIG": os.path.join(state_dir, "no-gcloud-config"),
         "GOOGLE_CLOUD_PROJECT": "test-project",
+        # Child processes log any non-loopback attempt (netguard/sitecustomize.py).
+        "MRCNN_TEST_NETGUARD_LOG": self.netguard_log,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (_NETGUARD, os.environ.get("PYTHONPATH", "")) if p),
     }
 
   def new_bucket(self, prefix: str = "bucket") -> str:
@@ -56,16 +63,29 @@ class Gcs:
     return f"gs://{name}"
 
   def refused(self) -> list[str]:
-    """Requests the proxy refused (tunnels to a host other than the storage API)."""
-    if not os.path.exists(self.refused_log):
-      return []
-    with open(self.refused_log) as f:
-      return f.read().splitlines()
+    """Requests the proxy refused (tunnels to a host other than the storage API), and any
+    Python-level attempt, in this process or a child, to reach a non-loopback address."""
+    lines = []
+    for path in (self.refused_log, self.netguard_log):
+      if os.path.exists(path):
+        with open(path) as f:
+          lines += f.read().splitlines()
+    return lines
 
   def subprocess_env(self) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in _CREDENTIAL_VARS}
     env.update(self.env)
     return env
+
+
+def _guard_this_process() -> None:
+  """The same audit hook as the children's, in this test process (once; hooks stay)."""
+  if getattr(_guard_this_process, "done", False):
+    return
+  spec = importlib.util.spec_from_file_location(
+      "_netguard", os.path.join(_NETGUARD, "sitecustomize.py"))
+  spec.loader.exec_module(importlib.util.module_from_spec(spec))
+  _guard_this_process.done = True
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +101,7 @@ def gcs(tmp_path_factory):
   for k in _CREDENTIAL_VARS:
     os.environ.pop(k, None)
   os.environ.update(server.env)
+  _guard_this_process()
   yield server
   for k, v in saved.items():
     if v is None:
