@@ -26,7 +26,8 @@ Files (``PREFIX`` = the output prefix):
   categories, keypoint names, shard names and sizes, and every bad entry found (reason,
   message), as the JSON source counts them.
 * ``PREFIX.ground_truth.json``: the JSON as an evaluation source accepts it
-  (:meth:`CocoSource.ground_truth`), which COCO evaluation reads.
+  (:meth:`CocoSource.ground_truth`), which COCO evaluation reads, and the JSON's ``images``
+  list as listed (evaluation's report counts them).
 
 Design. The training stream is a pure function of ``(seed, step)`` that picks record indices
 (:mod:`mrcnn_jax.data.pipeline`; with aspect-ratio buckets every host must agree on each
@@ -276,7 +277,8 @@ def write_records(annotation_file: str, image_dir: str, output_prefix: str, num_
   }
   index_file = output_prefix + INDEX_SUFFIX
   with tf.io.gfile.GFile(output_prefix + GROUND_TRUTH_SUFFIX, "w") as f:
-    json.dump(source.ground_truth(), f)
+    json.dump({"ground_truth": source.ground_truth(),
+               "listed_images": source.dataset.get("images", [])}, f)
   with tf.io.gfile.GFile(index_file, "w") as f:  # last: its presence means a finished conversion
     json.dump(index, f)
   return ConversionReport(index=index_file, shards=paths, num_images=n,
@@ -361,7 +363,7 @@ class RecordSource:
     self.refused_annotations = collections.Counter(index["refused_annotations"])
     self.dropped_images = collections.Counter(index["dropped_images"])
     self.load_failures: Dict[int, str] = {}
-    self._dataset = None
+    self._gt = None
     for reason, message in index["construction_problems"]:  # as CocoSource counted them
       if on_bad_example == "raise":
         self.stats.last_error = message
@@ -403,17 +405,23 @@ class RecordSource:
   def __len__(self) -> int:
     return len(self.records)
 
+  def _ground_truth_file(self) -> Tuple[Dict[str, Any], List[Any]]:
+    if self._gt is None:
+      content = _read_json(self.index_file[:-len(INDEX_SUFFIX)] + GROUND_TRUTH_SUFFIX,
+                           "ground truth")
+      self._gt = (content["ground_truth"], content["listed_images"])
+    return self._gt
+
   @property
   def dataset(self) -> Dict[str, Any]:
-    """The evaluation ground truth JSON the conversion wrote (read on first use)."""
-    if self._dataset is None:
-      self._dataset = _read_json(self.index_file[:-len(INDEX_SUFFIX)] + GROUND_TRUTH_SUFFIX,
-                                 "ground truth")
-    return self._dataset
+    """As ``CocoSource.dataset``, for reports: the JSON's top-level keys and ``images`` list as
+    the conversion read them, its accepted annotations (read on first use)."""
+    gt, listed = self._ground_truth_file()
+    return dict(gt, images=listed)
 
   def ground_truth(self) -> Dict[str, Any]:
     """As :meth:`CocoSource.ground_truth`: the served images and their accepted annotations."""
-    gt = self.dataset
+    gt, _ = self._ground_truth_file()
     served = {r.image_id for r in self.records}
     return dict(gt, images=[e for e in gt["images"] if e["id"] in served],
                 annotations=[a for a in gt["annotations"] if a.get("image_id") in served])

@@ -35,7 +35,7 @@ def assert_same_batches(a, b):
 
 def make_flawed_copy(src_root: str, dst_root: str) -> dict:
   """A copy of a shapes set with one missing and one corrupt training image and one bad
-  training annotation (a bbox outside its image); returns its config.data paths."""
+  training annotation (a bbox outside its image) and one bad image entry; returns its config.data paths."""
   shutil.copytree(src_root, dst_root)
   paths = data.shapes_data_paths(dst_root)
   with open(paths["train_annotations"]) as f:
@@ -47,6 +47,7 @@ def make_flawed_copy(src_root: str, dst_root: str) -> dict:
     f.write(b"not an image")
   bad = next(a for a in js["annotations"] if a["image_id"] == annotated[2])
   bad["bbox"] = [1000.0, 1000.0, 5.0, 5.0]
+  js["images"].append({"id": 999999, "height": 64})  # no file_name, no width
   with open(paths["train_annotations"], "w") as f:
     json.dump(js, f)
   return paths
@@ -73,11 +74,11 @@ def test_conversion_counts_and_lists_what_the_json_source_skips(converted):
   for i in range(len(source)):
     source.load(i)
   assert rep.counts == source.stats.as_dict() == {
-      "bad_annotation": 1, "missing_image": 1, "corrupt_image": 1}
+      "bad_annotation": 1, "bad_image_entry": 1, "missing_image": 1, "corrupt_image": 1}
   assert rep.num_images == len(source) and rep.num_records == len(source) - 2
   with open(rep.index) as f:
     index = json.load(f)
-  assert [r for r, _ in index["construction_problems"]] == ["bad_annotation"]
+  assert [r for r, _ in index["construction_problems"]] == ["bad_image_entry", "bad_annotation"]
   assert sorted(r for r, _ in index["load_failures"].values()) == ["corrupt_image",
                                                                    "missing_image"]
   assert index["images"]["id"] == [r.image_id for r in source.records]
@@ -135,7 +136,8 @@ def test_eval_batches_skips_and_ground_truth_equal_the_json_source(converted, sp
   assert from_records.stats.as_dict() == from_json.stats.as_dict() == reports[split].counts
   assert from_records.source.load_failures == from_json.source.load_failures
   assert from_records.source.ground_truth() == from_json.source.ground_truth()
-  assert from_records.source.dataset["categories"] == from_json.source.dataset["categories"]
+  for key in ("categories", "images"):
+    assert from_records.source.dataset[key] == from_json.source.dataset[key]
 
 
 def test_two_hosts_each_read_only_their_share(converted):
