@@ -9,6 +9,7 @@ bucket, a missing object and a refused permission each get their own line
 from __future__ import annotations
 
 import ml_collections
+import tensorflow as tf
 
 from mrcnn_jax.run import paths
 
@@ -30,13 +31,30 @@ def check_data_paths(config: ml_collections.ConfigDict, *, train: bool = True,
           f" not source={d.source!r}: set config.eval.every_steps=0 and config.eval.at_end=False"
           " to train from it, and evaluate on a COCO JSON (config.data.eval_annotations)")
     return
-  keys = (["train_annotations", "train_images"] if train else []) + (
-      ["eval_annotations", "eval_images"] if evaluate else [])
-  for key in keys:
-    path = d.get(key)
-    if not path:
-      raise FileNotFoundError(f"config.data.{key} is not set")
-    paths.check_exists(f"config.data.{key}", path)
+  for split, wanted in (("train", train), ("eval", evaluate)):
+    if not wanted:
+      continue
+    if d.get(f"{split}_records"):  # read instead of the JSON and the images
+      _check_records(f"config.data.{split}_records", d.get(f"{split}_records"))
+      continue
+    for key in (f"{split}_annotations", f"{split}_images"):
+      path = d.get(key)
+      if not path:
+        raise FileNotFoundError(f"config.data.{key} is not set")
+      paths.check_exists(f"config.data.{key}", path)
+
+
+def _check_records(name: str, spec: str) -> None:
+  """Record files: an index, a shard pattern, or shards comma-separated."""
+  for part in (p.strip() for p in str(spec).split(",") if p.strip()):
+    if any(c in part for c in "*?["):
+      directory = part.rsplit("/", 1)[0]
+      paths.check_exists(name, directory)
+      with paths.one_line_errors(name, part):
+        if not tf.io.gfile.glob(paths.resolve(part)):
+          raise FileNotFoundError(f"{name}: no file matches {part}")
+    else:
+      paths.check_exists(name, part)
 
 
 def check_weight_paths(config: ml_collections.ConfigDict) -> None:

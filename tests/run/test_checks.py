@@ -26,6 +26,18 @@ def test_tfds_source_with_evaluation_is_refused_before_training():
   checks.check_data_paths(config, train=True, evaluate=False)  # training alone is fine
 
 
+def test_record_paths_replace_the_json_and_images(tmp_path):
+  c = config_lib.get_base_config()
+  c.data.train_records = str(tmp_path / "train-*-of-*.tfrecord")
+  with pytest.raises(FileNotFoundError, match=r"config.data.train_records: no file matches"):
+    checks.check_data_paths(c, evaluate=False)
+  (tmp_path / "train-00000-of-00001.tfrecord").write_bytes(b"")
+  checks.check_data_paths(c, evaluate=False)  # no train_annotations / train_images needed
+  c.data.eval_records = str(tmp_path / "val.index.json")
+  with pytest.raises(FileNotFoundError, match=r"config.data.eval_records not found: .*val"):
+    checks.check_data_paths(c)
+
+
 def test_missing_weights_name_the_field(tmp_path):
   c = config_lib.get_base_config()
   c.init_weights = str(tmp_path / "weights.npz")
