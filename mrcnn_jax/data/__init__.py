@@ -1,4 +1,4 @@
-"""mrcnn_jax.data: the tf.data input pipeline (COCO JSON / TFDS / synthetic shapes).
+"""mrcnn_jax.data: the tf.data input pipeline (COCO JSON / record files / TFDS / synthetic shapes).
 
 Public API::
 
@@ -11,7 +11,9 @@ Public API::
   shapes_data_paths(out_dir) -> the same paths, for a folder already written
   train_batch_specs(config, batch_size) -> {(h, w): {key: (shape, dtype)}}, one per training
                                             input shape (config.data.buckets or image_size)
-  CocoSource, CategoryMap, DataStats, BadExampleError, data_config
+  write_records(annotation_file, image_dir, output_prefix, num_shards, *, num_workers=8)
+      -> ConversionReport: TFRecord shards + index for pod input (config.data.train_records)
+  CocoSource, RecordSource, CategoryMap, DataStats, BadExampleError, data_config
 
 Iterating an :class:`InputPipeline` yields host batches in the format of the batch contract
 (image, gt_boxes, gt_classes, gt_masks, gt_valid, image_id, original_size, image_scale,
@@ -30,6 +32,7 @@ _EXPORTS = {
     "data_config": "config", "build_eval_dataset": "pipeline", "build_train_dataset": "pipeline",
     "InputPipeline": "batching", "train_batch_specs": "buckets",
     "generate_shapes": "shapes", "shapes_data_paths": "shapes",
+    "RecordSource": "records", "write_records": "records",
 }
 __all__ = sorted(_EXPORTS)
 

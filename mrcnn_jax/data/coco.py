@@ -347,7 +347,7 @@ def segmentation_to_rle(seg, height: int, width: int) -> Dict[str, Any]:
           else counts}
 
 
-def _join(folder: str, name: str) -> str:
+def join_path(folder: str, name: str) -> str:
   """``os.path.join`` for a local folder, ``/``-joined for a URL (``gs://b/train``)."""
   return posixpath.join(folder, name) if "://" in str(folder) else os.path.join(folder, name)
 
@@ -637,7 +637,7 @@ class CocoSource:
       if self.training and skip_empty and not usable:
         continue  # not an error: COCO has ~1% such images
       records.append(ImageRecord(
-          image_id=image_id, path=_join(self.image_dir, file_name), height=h, width=w,
+          image_id=image_id, path=join_path(self.image_dir, file_name), height=h, width=w,
           boxes_xywh=[[float(v) for v in a["bbox"]] for a in usable],
           classes=[int(c) for c in self.categories.to_contiguous([a["category_id"] for a in usable])],
           segmentations=[a["segmentation"] for a in usable], num_crowd=len(anns) - len(usable),
@@ -647,6 +647,10 @@ class CocoSource:
 
   def __len__(self) -> int:
     return len(self.records)
+
+  def image_entry(self, image_id: int) -> Dict[str, Any]:
+    """The JSON's ``images`` entry of ``image_id`` (one of :attr:`records`)."""
+    return self._image_entries[image_id]
 
   def ground_truth(self) -> Dict[str, Any]:
     """The JSON as this source accepted it, for pycocotools (``COCO().dataset``).

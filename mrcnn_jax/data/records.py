@@ -93,10 +93,6 @@ def _dirname(path: str) -> str:
   return posixpath.dirname(path) if "://" in path else os.path.dirname(path)
 
 
-def _join(folder: str, name: str) -> str:
-  return coco_lib._join(folder, name)  # pylint: disable=protected-access
-
-
 def shard_paths(prefix: str, num_shards: int) -> List[str]:
   """``PREFIX-00000-of-0000N.tfrecord`` ... for ``num_shards`` shards."""
   return [f"{prefix}-{i:05d}-of-{num_shards:05d}.tfrecord" for i in range(num_shards)]
@@ -155,8 +151,7 @@ def _example(entry: Dict[str, Any], data: bytes, anns: Sequence[Dict[str, Any]],
       "image/filename": _bytes([str(entry["file_name"]).encode()]),
       "image/object/id": _ints([int(a.get("id") or 0) for a in anns]),
       "image/object/bbox": _floats([float(v) for a in anns for v in a["bbox"]]),
-      "image/object/category_id": _ints([int(coco_lib._as_int(a["category_id"]))  # pylint: disable=protected-access
-                                         for a in anns]),
+      "image/object/category_id": _ints([int(a["category_id"]) for a in anns]),  # integral
       "image/object/is_crowd": _ints([int(bool(a.get("iscrowd", 0))) for a in anns]),
       "image/object/area": _floats([float(a.get("area") or 0.0) for a in anns]),
       "image/object/segmentation": _bytes([json.dumps(a["segmentation"]).encode()
@@ -216,7 +211,7 @@ def write_records(annotation_file: str, image_dir: str, output_prefix: str, num_
   records = source.records
   anns_by_image = collections.defaultdict(list)
   for a in source.ground_truth()["annotations"]:
-    anns_by_image[coco_lib._as_int(a["image_id"])].append(a)  # pylint: disable=protected-access
+    anns_by_image[int(a["image_id"])].append(a)  # accepted: an id of an image entry
   n = len(records)
   num_shards = min(num_shards, max(n, 1))
   bounds = np.linspace(0, n, num_shards + 1).round().astype(int)
@@ -236,7 +231,7 @@ def write_records(annotation_file: str, image_dir: str, output_prefix: str, num_
         if problem is not None:
           rows.append((-1, 0, 0, problem))
           continue
-        payload = _example(source._image_entries[rec.image_id], data,  # pylint: disable=protected-access
+        payload = _example(source.image_entry(rec.image_id), data,
                            anns_by_image.get(rec.image_id, []), k)
         writer.write(payload)
         rows.append((s, pos + _HEADER_BYTES, len(payload), None))
@@ -263,7 +258,7 @@ def write_records(annotation_file: str, image_dir: str, output_prefix: str, num_
       "construction_problems": [list(p) for p in source.construction_problems],
       "images": {
           "id": [r.image_id for r in records],
-          "file_name": [source._image_entries[r.image_id]["file_name"] for r in records],  # pylint: disable=protected-access
+          "file_name": [source.image_entry(r.image_id)["file_name"] for r in records],
           "height": [r.height for r in records],
           "width": [r.width for r in records],
           "shard": [r[0] for r in rows],
@@ -348,7 +343,7 @@ class RecordSource:
     self.on_bad_example = on_bad_example
     self.stats = stats if stats is not None else coco_lib.DataStats()
     folder = _dirname(self.index_file)
-    self._reader = _ShardReader([_join(folder, s) for s in index["shards"]])
+    self._reader = _ShardReader([coco_lib.join_path(folder, s) for s in index["shards"]])
     self._check_shards(index["shard_bytes"])
     self.image_dir = index["image_dir"]
     categories = index["categories"]
@@ -372,12 +367,18 @@ class RecordSource:
     self._build_records(index, skip_empty)
 
   def _check_shards(self, sizes: Sequence[int]) -> None:
-    for path, size in zip(self._reader.paths, sizes):
+    def length(path):
       try:
-        actual = tf.io.gfile.stat(path).length
+        return tf.io.gfile.stat(path).length
       except tf.errors.NotFoundError:
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # one metadata request per shard
+      lengths = list(pool.map(length, self._reader.paths))
+    for path, size, actual in zip(self._reader.paths, sizes, lengths):
+      if actual is None:
         raise FileNotFoundError(f"records: shard not found: {path} (listed in "
-                                f"{self.index_file})") from None
+                                f"{self.index_file})")
       if actual != size:
         raise ValueError(f"records: {path} has {actual} bytes, its index says {size} (a shard "
                          "from another conversion?)")
@@ -395,7 +396,7 @@ class RecordSource:
       if self.training and skip_empty and not cols["num_usable"][i]:
         continue
       self.records.append(coco_lib.ImageRecord(
-          image_id=image_id, path=_join(self.image_dir, cols["file_name"][i]),
+          image_id=image_id, path=coco_lib.join_path(self.image_dir, cols["file_name"][i]),
           height=cols["height"][i], width=cols["width"][i], boxes_xywh=[], classes=[],
           segmentations=[]))
       failure = failures.get(str(i))

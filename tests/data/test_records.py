@@ -35,7 +35,8 @@ def assert_same_batches(a, b):
 
 def make_flawed_copy(src_root: str, dst_root: str) -> dict:
   """A copy of a shapes set with one missing and one corrupt training image and one bad
-  training annotation (a bbox outside its image) and one bad image entry; returns its config.data paths."""
+  training annotation (a bbox outside its image) and one bad image entry; returns its
+  config.data paths."""
   shutil.copytree(src_root, dst_root)
   paths = data.shapes_data_paths(dst_root)
   with open(paths["train_annotations"]) as f:
@@ -112,7 +113,8 @@ def test_train_batches_and_skips_equal_the_json_source(converted):
       r.image_id for r in from_json.source.records]
   assert_same_batches(_take(from_json, 5), _take(from_records, 5))
   # (How many skips training counts depends on how far tf.data has read ahead.)
-  assert from_json.stats.as_dict()["missing_image"] and from_records.stats.as_dict()["missing_image"]
+  assert from_json.stats.as_dict()["missing_image"]
+  assert from_records.stats.as_dict()["missing_image"]
 
 
 def test_bucketed_train_and_resume_equal_the_json_source(converted):

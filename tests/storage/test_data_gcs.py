@@ -69,7 +69,9 @@ def test_json_and_images_in_a_bucket_give_the_local_batches(shapes_here_and_ther
   _assert_same(_take(here, 4), _take(there, 4))
   assert here.stats.as_dict()["missing_image"] and there.stats.as_dict()["missing_image"]
   # Evaluation reads every image once: the same skips, counted the same.
-  on_train = lambda p: dict(eval_annotations=p["train_annotations"], eval_images=p["train_images"])  # noqa: E731
+  def on_train(p):
+    return dict(eval_annotations=p["train_annotations"], eval_images=p["train_images"])
+
   here = data.build_eval_dataset(_config(local, **on_train(local)))
   there = data.build_eval_dataset(_config(remote, **on_train(remote)))
   _assert_same(list(here), list(there))
@@ -100,3 +102,18 @@ def test_missing_records_are_one_line(shapes_here_and_there, gcs):
     records.index_path(bucket + "/nothing/train-*-of-*.tfrecord")
   with pytest.raises(FileNotFoundError, match="COCO annotation file not found"):
     data.CocoSource(bucket + "/nothing/instances.json", bucket, training=True)
+
+
+def test_tfds_data_dir_in_a_bucket(shapes_here_and_there, tmp_path):
+  """TFDS reads a prepared data set from a gs:// data_dir (passed through as given)."""
+  from tests.data import test_tfds_source  # pylint: disable=g-import-not-at-top  # its builder
+  local, _, bucket = shapes_here_and_there
+  val = (local["eval_annotations"], local["eval_images"])  # (train misses an image)
+  test_tfds_source._SHAPES_JSON.update(train=val, val=val)  # pylint: disable=protected-access
+  test_tfds_source.FakeCocoShapes(data_dir=str(tmp_path)).download_and_prepare()
+  _upload(str(tmp_path), bucket + "/tfds")
+  kw = dict(source="tfds", tfds_name="fake_coco_shapes", tfds_masks="panoptic")
+  here = list(data.build_eval_dataset(_config(local, tfds_data_dir=str(tmp_path), **kw)))
+  there = list(data.build_eval_dataset(_config(local, tfds_data_dir=bucket + "/tfds", **kw)))
+  assert len(there) == 2
+  _assert_same(here, there)
