@@ -7,7 +7,8 @@ bbox, segm and / or keypoints).
 Takes the multi-process flags of ``train.py`` (``--distributed``, ``--coordinator_address``,
 ``--num_processes``, ``--process_id``): each process scores its share of the images.
 Prints the COCO numbers per IoU type (12; 10 for keypoints) and per-category AP; writes
-``<workdir>/eval/metrics_*.json`` and ``detections_*.json``.
+``<workdir>/eval/metrics_*.json`` and ``detections_*.json``. The workdir and the checkpoint may
+be local or ``gs://``.
 """
 
 from __future__ import annotations

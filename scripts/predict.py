@@ -3,13 +3,16 @@
   python scripts/predict.py --config experiments/shapes.py --workdir workdirs/shapes \
       --images 'data_cache/shapes/val/*.png' --out predictions/
 
-``--checkpoint`` picks one step folder instead of the workdir's latest. ``--batch_size N`` runs
-N images per call of the compiled program (the last batch padded), the host's mask pasting and
-overlays of one batch overlapped with the next batch's network work; each image's result is
-that of predicting it alone at that batch size. Unreadable images are skipped and listed (in
-the log and in ``<out>/results.json``); they do not stop the run, but if none can be read the
-exit status is 1. An ``--out`` folder holding another run's results is refused unless
-``--overwrite`` (which deletes that run's ``results.json`` and overlays, nothing else).
+Every path may be local or ``gs://`` (``--images 'gs://bucket/photos/*.jpg' --out
+gs://bucket/predictions``); a missing bucket or a refused permission is one line, before the
+model loads. ``--checkpoint`` picks one step folder instead of the workdir's latest.
+``--batch_size N`` runs N images per call of the compiled program (the last batch padded), the
+host's mask pasting and overlays of one batch overlapped with the next batch's network work;
+each image's result is that of predicting it alone at that batch size. Unreadable images are
+skipped and listed (in the log and in ``<out>/results.json``); they do not stop the run, but if
+none can be read the exit status is 1. An ``--out`` folder holding another run's results is
+refused unless ``--overwrite`` (which deletes that run's ``results.json`` and overlays, nothing
+else).
 A keypoint model's records carry ``keypoints`` and its overlays draw the keypoints scoring above
 ``config.eval.keypoint_draw_threshold`` (``--config.eval.keypoint_draw_threshold=...``), joined
 by the skeletons of the config's annotation JSON.
@@ -26,8 +29,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "the run whose latest checkpoint to use")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a checkpoint (overrides --workdir)")
-_IMAGES = flags.DEFINE_string("images", None, "an image file, a folder or a glob pattern")
-_OUT = flags.DEFINE_string("out", None, "output folder for results.json and overlays")
+_IMAGES = flags.DEFINE_string("images", None,
+                              "an image file, a folder or a glob pattern (local or gs://)")
+_OUT = flags.DEFINE_string("out", None, "output folder for results.json and overlays (local or "
+                           "gs://)")
 _SCORE = flags.DEFINE_float("score_threshold", 0.5, "drop detections below this score")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 1, "images per call of the compiled program")
 _OVERWRITE = flags.DEFINE_bool(

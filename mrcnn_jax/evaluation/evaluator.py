@@ -26,12 +26,12 @@ import collections
 import contextlib
 import io
 import json
-import os
 import pickle
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 from absl import logging
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -50,6 +50,7 @@ from mrcnn_jax.inference.masks import paste_mask
 from mrcnn_jax.run import checkpoint as ckpt_lib
 from mrcnn_jax.run import checks
 from mrcnn_jax.run import distributed
+from mrcnn_jax.run import paths
 from mrcnn_jax.run import sharding as sharding_lib
 
 PyTree = Any
@@ -312,8 +313,15 @@ class Evaluator:
 def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
                         workdir: Optional[str] = None, *, progress: bool = True) -> dict:
   """Loads a checkpoint (workdir, ``checkpoints/`` folder, step folder or weights file) and
-  evaluates it on ``config.data``'s eval split; results JSON go to ``<workdir>/eval``."""
+  evaluates it on ``config.data``'s eval split; results JSON go to ``<workdir>/eval``.
+
+  Paths may be local or ``gs://``; a missing one, a missing bucket or a refused permission is
+  one line before anything compiles.
+  """
   checks.check_data_paths(config, train=False, evaluate=True)
+  paths.check_exists("checkpoint", checkpoint)
+  if workdir is not None and jax.process_index() == 0:
+    paths.check_writable_dir("workdir", workdir)
   ckpt_lib.check_checkpoint_model(config, checkpoint)
   variables, step = ckpt_lib.load_variables(checkpoint)
   mesh = sharding_lib.make_run_mesh(config)
@@ -362,16 +370,16 @@ def data_report(source, evaluated: set, load_failures: Mapping[int, str]) -> dic
 
 def save_results(workdir: str, metrics: Mapping, records: Iterable[dict],
                  step: Optional[int]) -> str:
-  """Writes ``<workdir>/eval/metrics_<step>.json`` and ``detections_<step>.json``; returns the
-  metrics path."""
-  out_dir = os.path.join(workdir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
+  """Writes ``<workdir>/eval/metrics_<step>.json`` and ``detections_<step>.json`` (local or
+  ``gs://``); returns the metrics path."""
+  out_dir = paths.join(workdir, "eval")
   tag = "final" if step is None else f"{int(step):08d}"
   serialisable = {k: v for k, v in metrics.items() if k != "images"}
   serialisable["step"] = None if step is None else int(step)
-  path = os.path.join(out_dir, f"metrics_{tag}.json")
-  with open(path, "w") as f:
-    json.dump(serialisable, f, indent=2)
-  with open(os.path.join(out_dir, f"detections_{tag}.json"), "w") as f:
-    json.dump(list(records), f)
+  path = paths.join(out_dir, f"metrics_{tag}.json")
+  with paths.one_line_errors("eval results folder", out_dir):
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+    epath.Path(path).write_text(json.dumps(serialisable, indent=2))
+    epath.Path(paths.join(out_dir, f"detections_{tag}.json")).write_text(
+        json.dumps(list(records)))
   return path

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
 import json
 import shutil
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
@@ -39,6 +40,7 @@ from mrcnn_jax import modeling
 from mrcnn_jax.inference import exported as exported_lib
 from mrcnn_jax.inference import predictor as predictor_lib
 from mrcnn_jax.ops import masks as masks_ops
+from mrcnn_jax.run import paths as paths_lib
 
 PyTree = Any
 
@@ -105,8 +107,9 @@ def save_weights(variables: Mapping[str, Any], path: str) -> str:
   """Writes ``variables`` (nested or already flat) as the ``.npz`` an argument-weights artifact
   takes; returns ``path``."""
   flat = flatten_variables(variables)
-  with epath.Path(path).open("wb") as f:
-    np.savez(f, **flat)
+  buffer = io.BytesIO()  # zipfile seeks back and reads: a bucket's files are written once
+  np.savez(buffer, **flat)
+  epath.Path(path).write_bytes(buffer.getvalue())
   return path
 
 
@@ -153,8 +156,12 @@ def check_options(*, batch_size: int, platforms: Sequence[str]) -> Tuple[str, ..
 
 
 def check_out_dir(out_dir: str, overwrite: bool = False) -> None:
-  """``ValueError`` if ``out_dir`` already holds an artifact and ``overwrite`` is off."""
-  if (epath.Path(out_dir) / exported_lib.ARTIFACT_FILE).exists() and not overwrite:
+  """``ValueError`` if ``out_dir`` already holds an artifact and ``overwrite`` is off;
+  ``FileNotFoundError`` / ``PermissionError`` if its bucket is missing or refuses access."""
+  with paths_lib.one_line_errors("--out", out_dir):
+    predictor_lib.check_bucket("--out", out_dir)
+    exists = (epath.Path(out_dir) / exported_lib.ARTIFACT_FILE).exists()
+  if exists and not overwrite:
     raise ValueError(f"{out_dir} already holds {exported_lib.ARTIFACT_FILE}; pick another "
                      "folder or pass --overwrite")
 

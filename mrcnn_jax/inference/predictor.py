@@ -21,19 +21,20 @@ batch overlapped with the device's work on the next):
 from __future__ import annotations
 
 import collections
-import glob
 import json
 import math
 import os
 from typing import Any, Collection, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
+from etils import epath
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
+import tensorflow as tf
 
 from mrcnn_jax import kernels
 from mrcnn_jax import modeling
@@ -44,6 +45,7 @@ from mrcnn_jax.inference import visualize
 from mrcnn_jax.inference.masks import encode_mask
 from mrcnn_jax.inference.masks import paste_mask
 from mrcnn_jax.run import checkpoint as ckpt_lib
+from mrcnn_jax.run import paths as paths_lib
 
 PyTree = Any
 
@@ -344,12 +346,16 @@ def to_coco_results(result: Mapping[str, Any], image_id: int,
 
 def _categories_from_config(config: ml_collections.ConfigDict):
   """(names, category ids, skeletons of the categories with keypoints or None if none has) from
-  the eval annotations JSON, or ``(None, None, None)``."""
-  path = config.data.get("eval_annotations") or config.data.get("train_annotations")
-  if not path or not os.path.exists(path):
+  the eval annotations JSON (local or ``gs://``), or ``(None, None, None)``."""
+  key = "eval_annotations" if config.data.get("eval_annotations") else "train_annotations"
+  path = config.data.get(key)
+  if not path:
     return None, None, None
-  with open(path) as f:
-    cats = sorted(json.load(f).get("categories", []), key=lambda c: int(c["id"]))
+  with paths_lib.one_line_errors(f"config.data.{key}", path):
+    if not epath.Path(path).exists():
+      return None, None, None
+    cats = json.loads(epath.Path(path).read_text()).get("categories", [])
+  cats = sorted(cats, key=lambda c: int(c["id"]))
   return ([str(c.get("name", c["id"])) for c in cats], [int(c["id"]) for c in cats],
           visualize.skeletons_from_categories(cats) or None)
 
@@ -357,20 +363,50 @@ def _categories_from_config(config: ml_collections.ConfigDict):
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
+def _is_image_name(name: str) -> bool:
+  return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def check_bucket(name: str, path: str) -> None:
+  """``FileNotFoundError`` naming the bucket of the URL ``path`` when it does not exist (a
+  listing in it would only say "not found"; writing to it, a 404 mid-run); local: nothing."""
+  if paths_lib.is_url(path):
+    scheme, rest = path.split("://", 1)
+    bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+    if not tf.io.gfile.exists(bucket):
+      raise FileNotFoundError(f"{name}: bucket {bucket} does not exist ({path})")
+
+
+def _is_file(path: str) -> bool:
+  """A glob match that is a file. In a bucket a match named like an image is taken as one
+  without asking (one request per image otherwise); folders there are object-name prefixes."""
+  if paths_lib.is_url(path):
+    return _is_image_name(path) or not tf.io.gfile.isdir(path)
+  return epath.Path(path).is_file()
+
+
 def expand_image_paths(spec: str) -> list[str]:
-  """A file, a folder (its image files, sorted) or a glob pattern -> sorted list of paths.
+  """A file, a folder (its image files, sorted) or a glob pattern -> sorted list of paths,
+  local or ``gs://`` (``gs://bucket/photos/*.jpg``).
 
   Raises:
-    FileNotFoundError: nothing matches.
+    FileNotFoundError: nothing matches, or the bucket does not exist.
+    PermissionError: the bucket refuses access.
   """
-  spec = os.path.expanduser(spec)
-  if os.path.isdir(spec):
-    paths = [os.path.join(spec, n) for n in sorted(os.listdir(spec))
-             if n.lower().endswith(IMAGE_EXTENSIONS)]
-  elif os.path.isfile(spec):
-    paths = [spec]
-  else:
-    paths = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
+  spec = str(spec) if paths_lib.is_url(spec) else os.path.expanduser(spec)
+  with paths_lib.one_line_errors("--images", spec):
+    check_bucket("--images", spec)
+    if epath.Path(spec).is_dir():
+      # A bucket lists its sub-folders as "name/": never taken for an image.
+      paths = [paths_lib.join(spec, n) for n in sorted(tf.io.gfile.listdir(spec))
+               if _is_image_name(n)]
+    elif epath.Path(spec).is_file():
+      paths = [spec]
+    else:
+      # As the shell (and Python's glob): a pattern not starting with "." skips hidden files.
+      hidden_ok = epath.Path(spec).name.startswith(".")
+      paths = sorted(p for p in tf.io.gfile.glob(spec)
+                     if (hidden_ok or not epath.Path(p).name.startswith(".")) and _is_file(p))
   if not paths:
     raise FileNotFoundError(f"no image found at {spec!r}")
   return paths
@@ -380,35 +416,38 @@ RESULTS_FILE = "results.json"
 
 
 def _overlay_name(index: int, file_name: str) -> str:
-  return f"{index:04d}_{os.path.splitext(os.path.basename(file_name))[0]}.png"
+  return f"{index:04d}_{epath.Path(file_name).stem}.png"
 
 
 def previous_outputs(out_dir: str) -> list[str]:
   """The files a previous :func:`predict_files` run left in ``out_dir``: its ``results.json``
   (written first, so even an interrupted run has one) and the overlays it names. Nothing else
   in the folder is listed."""
-  results = os.path.join(out_dir, RESULTS_FILE)
-  if not os.path.isfile(results):
+  results = paths_lib.join(out_dir, RESULTS_FILE)
+  if not epath.Path(results).is_file():
     return []
   try:
-    with open(results) as f:
-      names = json.load(f).get("images", [])
+    names = json.loads(epath.Path(results).read_text()).get("images", [])
   except (OSError, ValueError, AttributeError):  # not a results file of ours: overlays unknown
     names = []
-  overlays = [os.path.join(out_dir, _overlay_name(i, n)) for i, n in enumerate(names)
+  overlays = [paths_lib.join(out_dir, _overlay_name(i, n)) for i, n in enumerate(names)
               if isinstance(n, str)]
-  return [results] + [p for p in overlays if os.path.isfile(p)]
+  return [results] + [p for p in overlays if epath.Path(p).is_file()]
 
 
 def check_out_dir(out_dir: str, overwrite: bool = False) -> None:
-  """Refuses an output folder holding another run's results, unless ``overwrite``.
+  """Refuses an output folder (local or ``gs://``) holding another run's results, unless
+  ``overwrite``.
 
   Raises:
     ValueError: ``out_dir`` is a file, or holds a ``results.json`` and ``overwrite`` is off.
+    FileNotFoundError, PermissionError: its bucket does not exist or refuses access.
   """
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise ValueError(f"--out {out_dir!r} is a file, not a folder")
-  previous = previous_outputs(out_dir)
+  with paths_lib.one_line_errors("--out", out_dir):
+    check_bucket("--out", out_dir)
+    if epath.Path(out_dir).exists() and not epath.Path(out_dir).is_dir():
+      raise ValueError(f"--out {out_dir!r} is a file, not a folder")
+    previous = previous_outputs(out_dir)
   if previous and not overwrite:
     n = len(previous) - 1
     raise ValueError(
@@ -433,20 +472,20 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
     of failures, and ``complete`` (false while the run is under way).
   """
   check_out_dir(out_dir, overwrite)
-  for path in previous_outputs(out_dir):
-    os.remove(path)
-  os.makedirs(out_dir, exist_ok=True)
-  results_path = os.path.join(out_dir, RESULTS_FILE)
-  names = [os.path.basename(p) for p in paths]
+  results_path = paths_lib.join(out_dir, RESULTS_FILE)
+  names = [epath.Path(p).name for p in paths]
 
   def write_results(records, failed, complete):
-    with open(results_path, "w") as f:
-      json.dump({"detections": records, "images": names,
-                 "failed": [{"path": p, "reason": r} for p, r in failed],
-                 "complete": complete}, f)
+    epath.Path(results_path).write_text(json.dumps(
+        {"detections": records, "images": names,
+         "failed": [{"path": p, "reason": r} for p, r in failed], "complete": complete}))
 
-  # Written first: a run stopped half-way still names the overlays it wrote, for the next one.
-  write_results([], [], complete=False)
+  with paths_lib.one_line_errors("--out", out_dir):  # a read-only bucket fails here, not later
+    for path in previous_outputs(out_dir):
+      epath.Path(path).unlink()
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+    # Written first: a run stopped half-way still names the overlays it wrote, for the next one.
+    write_results([], [], complete=False)
   records, overlays, failed = [], [], []
   keypoint_labels = None if predictor.skeletons is None else set(predictor.skeletons)
   readable = collections.deque()  # (index, path, image) fed to the predictor, not yet returned
@@ -456,7 +495,8 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
       try:
         image = load_image(path)
       # Pillow refuses images over ~179 M pixels with DecompressionBombError, not an OSError.
-      except (OSError, ValueError, Image.DecompressionBombError) as e:
+      # A bucket's read errors are TensorFlow's (tf.errors), not OSErrors.
+      except (OSError, ValueError, Image.DecompressionBombError, tf.errors.OpError) as e:
         reason = f"{type(e).__name__}: {e}".splitlines()[0]
         logging.warning("skipping unreadable image %s (%s)", path, reason)
         failed.append((path, reason))
@@ -467,10 +507,10 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
   # Results come in the order images went in; overlays are drawn while the next batch runs.
   for result in predictor.predict_iter(images()):
     index, path, image = readable.popleft()
-    records += to_coco_results(result, index, file_name=os.path.basename(path),
+    records += to_coco_results(result, index, file_name=names[index],
                                keypoint_labels=keypoint_labels)
     drawn = predictor.draw(image, result)
-    png = os.path.join(out_dir, _overlay_name(index, path))
+    png = paths_lib.join(out_dir, _overlay_name(index, path))
     visualize.save_png(drawn, png)
     overlays.append(png)
   write_results(records, failed, complete=True)

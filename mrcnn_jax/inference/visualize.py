@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Optional, Sequence, Tuple
 
+from etils import epath
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -219,5 +220,6 @@ def make_grid(images: Sequence[np.ndarray], cols: int = 4, pad: int = 4) -> np.n
 
 
 def save_png(image: np.ndarray, path: str) -> None:
-  """Writes [H, W, 3] uint8 RGB as a PNG."""
-  Image.fromarray(np.asarray(image, np.uint8)).save(path, format="PNG")
+  """Writes [H, W, 3] uint8 RGB as a PNG (``path`` local or ``gs://``)."""
+  with epath.Path(path).open("wb") as f:
+    Image.fromarray(np.asarray(image, np.uint8)).save(f, format="PNG")
