@@ -78,36 +78,51 @@ class Gcs:
     return env
 
 
+_guarded = []
+
+
 def _guard_this_process() -> None:
-  """The same audit hook as the children's, in this test process (once; hooks stay)."""
-  if getattr(_guard_this_process, "done", False):
+  """The children's audit hook in this test process too (once: hooks cannot be removed; it
+  records only while ``MRCNN_TEST_NETGUARD_LOG`` is set)."""
+  if _guarded:
     return
   spec = importlib.util.spec_from_file_location(
       "_netguard", os.path.join(_NETGUARD, "sitecustomize.py"))
-  spec.loader.exec_module(importlib.util.module_from_spec(spec))
-  _guard_this_process.done = True
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  module.install()
+  _guarded.append(module)
 
 
 @pytest.fixture(scope="session")
-def gcs(tmp_path_factory):
-  """The emulator for this session (one per xdist worker); this process's environment points
-  every storage library at it from here on (TensorFlow's GCS filesystem reads it once)."""
+def _gcs_server(tmp_path_factory):
+  """The emulator process, one per session (per xdist worker): its ports and CA stay the same
+  for the session, as TensorFlow's GCS filesystem, once used, expects."""
   state_dir = str(tmp_path_factory.mktemp("gcs"))
   proc = subprocess.Popen([sys.executable, "-m", "tests.storage.gcs_server", state_dir],
                           cwd=_REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
   info = json.loads(proc.stdout.readline())
   server = Gcs(info["emulator_port"], info["proxy_port"], info["ca"], state_dir)
+  yield server
+  proc.stdin.close()
+  proc.wait(timeout=30)
+  assert not server.refused(), f"requests to hosts other than the storage API: {server.refused()}"
+
+
+@pytest.fixture(scope="package")
+def gcs(_gcs_server):
+  """The emulator, with this process's environment pointing every storage library at it while
+  the tests of this folder run (restored after them: other tests never see it)."""
+  server = _gcs_server
   saved = {k: os.environ.get(k) for k in (*server.env, *_CREDENTIAL_VARS)}
+  _guard_this_process()  # before the variable is set, so that importing it installs nothing
   for k in _CREDENTIAL_VARS:
     os.environ.pop(k, None)
   os.environ.update(server.env)
-  _guard_this_process()
   yield server
   for k, v in saved.items():
     if v is None:
       os.environ.pop(k, None)
     else:
       os.environ[k] = v
-  proc.stdin.close()
-  proc.wait(timeout=30)
   assert not server.refused(), f"requests to hosts other than the storage API: {server.refused()}"

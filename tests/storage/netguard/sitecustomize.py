@@ -9,7 +9,7 @@ import os
 import socket
 import sys
 
-_LOG = os.environ.get("MRCNN_TEST_NETGUARD_LOG")
+_LOG_VAR = "MRCNN_TEST_NETGUARD_LOG"
 _LOCAL_NAMES = {None, "", "localhost", "localhost.localdomain", "ip6-localhost"}
 
 
@@ -25,7 +25,10 @@ def _is_loopback(host) -> bool:
 
 
 def _record(what: str) -> None:
-  with open(_LOG, "a") as f:
+  log = os.environ.get(_LOG_VAR)  # read each time: the test process unsets it when done
+  if not log:
+    return
+  with open(log, "a") as f:
     f.write(f"pid {os.getpid()} {' '.join(sys.argv[:2])}: {what}\n")
 
 
@@ -38,5 +41,9 @@ def _hook(event, args):
     _record(f"getaddrinfo {args[0]!r}")
 
 
-if _LOG:
+def install() -> None:
   sys.addaudithook(_hook)
+
+
+if os.environ.get(_LOG_VAR):
+  install()
