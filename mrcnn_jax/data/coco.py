@@ -6,7 +6,9 @@ and then loads one example at a time by index with :meth:`CocoSource.load`: the 
 by PIL (JPEG/PNG/...; grayscale, palette, RGBA, CMYK and 16-bit converted to RGB) and each
 instance's full-size binary mask decoded by pycocotools exactly as ``COCO.annToMask`` does.
 The tf.data pipeline (:mod:`mrcnn_jax.data.pipeline`) calls ``load`` through
-``tf.numpy_function``; the geometric transforms then run in TensorFlow.
+``tf.numpy_function``; the geometric transforms then run in TensorFlow. The JSON and the images
+are read through etils ``epath`` (``tf.io.gfile`` for URLs), so either may be a local path or a
+``gs://`` URL; a missing image is a ``missing_image`` skip on both.
 
 Target rules:
 

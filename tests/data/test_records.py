@@ -140,6 +140,11 @@ def test_eval_batches_skips_and_ground_truth_equal_the_json_source(converted, sp
   assert from_records.source.ground_truth() == from_json.source.ground_truth()
   for key in ("categories", "images"):
     assert from_records.source.dataset[key] == from_json.source.dataset[key]
+  # Evaluation's report (images listed / evaluated / skipped, annotations refused) alike.
+  from mrcnn_jax.evaluation.evaluator import data_report  # pylint: disable=g-import-not-at-top
+  evaluated = {r.image_id for r in from_json.source.records} - set(from_json.source.load_failures)
+  assert data_report(from_records.source, evaluated, from_records.source.load_failures) == \
+      data_report(from_json.source, evaluated, from_json.source.load_failures)
 
 
 def test_two_hosts_each_read_only_their_share(converted):
@@ -215,3 +220,13 @@ def test_make_records_script(converted, tmp_path):
   assert "missing_image" in proc.stdout and "train-00001-of-00002.tfrecord" in proc.stdout
   with pytest.raises(FileNotFoundError, match="COCO annotation file not found"):
     records.write_records(str(tmp_path / "none.json"), paths["train_images"], out, 2)
+
+
+def test_raise_mode_raises_what_the_json_source_raises(converted):
+  paths, reports = converted
+  with pytest.raises(coco_lib.BadExampleError) as from_json:
+    coco_lib.CocoSource(paths["train_annotations"], paths["train_images"], training=True,
+                        on_bad_example="raise")
+  with pytest.raises(coco_lib.BadExampleError) as from_records:
+    records.RecordSource(reports["train"].index, training=True, on_bad_example="raise")
+  assert str(from_records.value) == str(from_json.value)
