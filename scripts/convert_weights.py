@@ -4,7 +4,9 @@ Writes ``OUTPUT/checkpoints/0`` (orbax, the trainer's checkpoint items),
 ``OUTPUT/model_config.json`` (the model config the weights belong to) and ``OUTPUT/config.py``
 (an experiment config with that model, for ``--config OUTPUT/config.py[:H,W]`` of
 ``predict.py`` / ``evaluate.py``; ``H,W`` is the static input size). ``OUTPUT`` is what
-``config.init_weights`` and the scripts' ``--checkpoint`` take.
+``config.init_weights`` and the scripts' ``--checkpoint`` take. ``OUTPUT`` may be a
+``gs://`` folder: its ``config.py`` then names that folder, so a local copy of it works as
+``--config``.
 
 Usage::
 
@@ -34,11 +36,12 @@ from absl import flags
 
 from mrcnn_jax.convert import common
 from mrcnn_jax.convert import sources
+from mrcnn_jax.run import paths
 import _cli  # scripts/_cli.py
 
 _SOURCE = flags.DEFINE_enum("source", None, sources.SOURCES, "Kind of weight file.")
-_INPUT = flags.DEFINE_string("input", None, "Weight file (.pth or .pkl).")
-_OUTPUT = flags.DEFINE_string("output", None, "Output directory.")
+_INPUT = flags.DEFINE_string("input", None, "Weight file (.pth or .pkl), local or gs://.")
+_OUTPUT = flags.DEFINE_string("output", None, "Output directory (local or gs://).")
 _NUM_CLASSES = flags.DEFINE_integer(
     "num_classes", None, "Classes including background, to fine-tune on another label set.")
 _INPUT_FORMAT = flags.DEFINE_enum("d2_input_format", "BGR", ["BGR", "RGB"],
@@ -49,6 +52,9 @@ flags.mark_flags_as_required(["source", "input", "output"])
 
 
 def _convert(_):
+  # Before reading a large weight file: a missing input, bucket or permission is one line.
+  paths.check_exists("--input", _INPUT.value)
+  paths.check_writable_dir("--output", _OUTPUT.value)
   variables, config = sources.convert_file(
       _SOURCE.value, _INPUT.value, num_classes=_NUM_CLASSES.value,
       input_format=_INPUT_FORMAT.value, stride_in_1x1=_STRIDE_IN_1X1.value)

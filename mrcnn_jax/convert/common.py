@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
@@ -22,10 +21,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from mrcnn_jax import modeling
 from mrcnn_jax.modeling.config import upgrade_model_config
 from mrcnn_jax.modeling import roi_heads
+from mrcnn_jax.run import paths
 from mrcnn_jax.run.checkpoint import CHECKPOINT_DIR
 
 Path = Tuple[str, ...]
@@ -240,6 +241,28 @@ def get_config(arg=None):
   return common.experiment_config(os.path.dirname(os.path.abspath(__file__)), arg)
 '''
 
+# The same for an output folder in a bucket: scripts load --config from a local file, so this
+# one names its folder instead of its own location and works wherever it is copied to.
+_URL_EXPERIMENT_TEMPLATE = '''"""Experiment config of converted weights (written by convert_weights.py): {dir}.
+
+``--config`` reads a local file: copy this one anywhere (it reads the model config and the
+weights from {dir}), then
+
+  python scripts/predict.py --config converted_config.py:1344,1344 --checkpoint {dir} \\
+      --config.data.min_size=800 --config.data.max_size=1333 \\
+      --images 'photos/*.jpg' --out predictions/
+
+The optional argument ``H,W`` is ``config.data.image_size`` (default 1024,1024); see
+``mrcnn_jax.convert.common.experiment_config``.
+"""
+
+from mrcnn_jax.convert import common
+
+
+def get_config(arg=None):
+  return common.experiment_config({dir!r}, arg)
+'''
+
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
   return config.to_json_best_effort(indent=2, sort_keys=True)
@@ -263,21 +286,21 @@ def save_converted(variables: Mapping[str, Any], config: ml_collections.ConfigDi
   Returns:
     the checkpoint step directory.
   """
-  output_dir = os.path.abspath(output_dir)
-  os.makedirs(output_dir, exist_ok=True)
+  output_dir = paths.check_writable_dir("output folder", output_dir)
   state = {k: jax.tree.map(np.asarray, flax.core.unfreeze(v)) for k, v in variables.items()}
   meta = {"step": 0, "data_position": 0, "model_config": json.loads(config_to_json(config))}
-  manager = ocp.CheckpointManager(os.path.join(output_dir, CHECKPOINT_DIR),
-                                  options=ocp.CheckpointManagerOptions(create=True))
-  manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          meta=ocp.args.JsonSave(meta)), force=True)
-  manager.wait_until_finished()
-  manager.close()
-  with open(os.path.join(output_dir, CONFIG_FILE), "w") as f:
-    f.write(config_to_json(config))
-  with open(os.path.join(output_dir, EXPERIMENT_FILE), "w") as f:
-    f.write(_EXPERIMENT_TEMPLATE.format(dir=output_dir))
-  return os.path.join(output_dir, CHECKPOINT_DIR, "0")
+  with paths.one_line_errors("output folder", output_dir):
+    manager = ocp.CheckpointManager(paths.join(output_dir, CHECKPOINT_DIR),
+                                    options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            meta=ocp.args.JsonSave(meta)), force=True)
+    manager.wait_until_finished()
+    manager.close()
+    epath.Path(paths.join(output_dir, CONFIG_FILE)).write_text(config_to_json(config))
+    template = _URL_EXPERIMENT_TEMPLATE if paths.is_url(output_dir) else _EXPERIMENT_TEMPLATE
+    epath.Path(paths.join(output_dir, EXPERIMENT_FILE)).write_text(
+        template.format(dir=output_dir))
+  return paths.join(output_dir, CHECKPOINT_DIR, "0")
 
 
 def experiment_config(output_dir: str, image_size: Optional[str] = None
@@ -299,11 +322,11 @@ def experiment_config(output_dir: str, image_size: Optional[str] = None
   # weights does not need.
   from mrcnn_jax.config import get_base_config  # pylint: disable=g-import-not-at-top
 
-  with open(os.path.join(output_dir, CONFIG_FILE)) as f:
-    model = config_from_json(f.read())
+  output_dir = paths.resolve(output_dir)
+  model = config_from_json(_read_config_file(output_dir))
   config = get_base_config()
   config.model = model
-  config.init_weights = os.path.abspath(output_dir)
+  config.init_weights = output_dir
   if image_size:
     try:
       h, w = (int(v) for v in str(image_size).split(","))
@@ -314,14 +337,23 @@ def experiment_config(output_dir: str, image_size: Optional[str] = None
 
 
 def load_converted(output_dir: str) -> Tuple[Dict[str, Any], ml_collections.ConfigDict]:
-  """Reads what :func:`save_converted` wrote: ``(variables, model config)``."""
-  output_dir = os.path.abspath(output_dir)
-  with open(os.path.join(output_dir, CONFIG_FILE)) as f:
-    config = config_from_json(f.read())
-  manager = ocp.CheckpointManager(os.path.join(output_dir, CHECKPOINT_DIR))
-  restored = manager.restore(0, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
+  """Reads what :func:`save_converted` wrote (local or ``gs://``): ``(variables, model
+  config)``."""
+  output_dir = paths.resolve(output_dir)
+  config = config_from_json(_read_config_file(output_dir))
+  with paths.one_line_errors("converted weights", output_dir):
+    manager = ocp.CheckpointManager(paths.join(output_dir, CHECKPOINT_DIR))
+    restored = manager.restore(0, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
   return dict(restored.state), config
+
+
+def _read_config_file(output_dir: str) -> str:
+  """``output_dir/model_config.json``; a missing folder, bucket or file is one line."""
+  path = paths.join(output_dir, CONFIG_FILE)
+  paths.check_exists("converted model config", path)
+  with paths.one_line_errors("converted model config", path):
+    return epath.Path(path).read_text()
 
 
 def apply_table(table: Sequence[Tuple[Path, str, Callable[[np.ndarray], np.ndarray]]],

@@ -29,12 +29,14 @@ import pickle
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
 
 from mrcnn_jax.convert import common
 from mrcnn_jax.modeling.config import model_config
+from mrcnn_jax.run import paths
 
 _BODY = "backbone.bottom_up."
 _DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101}
@@ -53,9 +55,10 @@ _NON_PARAMETERS = (r".*\.num_batches_tracked", r"proposal_generator\.anchor_gene
 
 
 def load_detectron2_pkl(path: str) -> Dict[str, np.ndarray]:
-  """Reads a Detectron2 ``.pkl`` checkpoint: ``{name: float32 array}``."""
-  with open(path, "rb") as f:
-    obj = pickle.load(f, encoding="latin1")
+  """Reads a Detectron2 ``.pkl`` checkpoint, local or ``gs://``: ``{name: float32 array}``."""
+  with paths.one_line_errors("weight file", path):
+    data = epath.Path(path).read_bytes()
+  obj = pickle.loads(data, encoding="latin1")
   if isinstance(obj, Mapping) and "blobs" in obj:
     raise NotImplementedError(
         f"{path} is a Caffe2/Detectron(1) blob file (keys like res2_0_branch2a_w); convert it "

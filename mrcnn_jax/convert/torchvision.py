@@ -22,10 +22,12 @@ Torch is imported only by :func:`load_torch_state_dict`, never at import time.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,6 +36,7 @@ import numpy as np
 from mrcnn_jax.convert import common
 from mrcnn_jax.modeling import roi_heads
 from mrcnn_jax.modeling.config import model_config
+from mrcnn_jax.run import paths
 
 _BODY = "backbone.body."
 _DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101}
@@ -49,9 +52,13 @@ _LEGACY_RENAMES = (
 
 
 def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
-  """Reads a ``.pth`` file (a state dict, or a training checkpoint with a ``model`` entry)."""
+  """Reads a ``.pth`` file, local or ``gs://`` (a state dict, or a training checkpoint with a
+  ``model`` entry)."""
   import torch  # pylint: disable=g-import-not-at-top
 
+  if paths.is_url(path):  # torch reads local files or seekable buffers
+    with paths.one_line_errors("weight file", path):
+      path = io.BytesIO(epath.Path(path).read_bytes())
   obj = torch.load(path, map_location="cpu", weights_only=True)
   if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
     obj = obj["model"]
