@@ -62,6 +62,16 @@ class Gcs:
       pass
     return f"gs://{name}"
 
+  @staticmethod
+  def upload(local_dir: str, url: str) -> None:
+    """Copies the files under ``local_dir`` to ``url`` (``gs://bucket/prefix``)."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  # not for every test module
+    for folder, _, files in os.walk(local_dir):
+      rel = os.path.relpath(folder, local_dir)
+      for name in files:
+        dst = "/".join([url] + ([] if rel == "." else rel.split(os.sep)) + [name])
+        tf.io.gfile.copy(os.path.join(folder, name), dst, overwrite=True)
+
   def refused(self) -> list[str]:
     """Requests the proxy refused (tunnels to a host other than the storage API), and any
     Python-level attempt, in this process or a child, to reach a non-loopback address."""

@@ -4,46 +4,13 @@ missing image counted as a skip on both)."""
 
 import os
 
-import numpy as np
 import pytest
 import tensorflow as tf
 
 from mrcnn_jax import data
-from mrcnn_jax.config import get_base_config
 from mrcnn_jax.data import records
-
-
-def _config(paths, **overrides):
-  c = get_base_config()
-  c.data.update(paths)
-  c.data.image_size = (64, 64)
-  c.data.mask_size = 14
-  c.data.max_instances = 8
-  c.data.num_parallel_calls = 2
-  c.train.batch_size = 4
-  c.data.eval_batch_size = 4
-  c.data.update(overrides)
-  return c
-
-
-def _take(pipeline, n):
-  return [b for b, _ in zip(pipeline, range(n))]
-
-
-def _assert_same(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert sorted(x) == sorted(y)
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-
-
-def _upload(local_root: str, bucket: str) -> None:
-  for folder, _, files in os.walk(local_root):
-    rel = os.path.relpath(folder, local_root)
-    for name in files:
-      dst = bucket + ("" if rel == "." else "/" + rel.replace(os.sep, "/")) + "/" + name
-      tf.io.gfile.copy(os.path.join(folder, name), dst)
+from tests.data.conftest import small_config
+from tests.data.test_records import _take, assert_same_batches
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +22,7 @@ def shapes_here_and_there(gcs, tmp_path_factory):
   source = data.CocoSource(local["train_annotations"], local["train_images"], training=True)
   os.remove(source.records[1].path)
   bucket = gcs.new_bucket("data")
-  _upload(root, bucket + "/shapes")
+  gcs.upload(root, bucket + "/shapes")
   remote = {k: bucket + "/shapes/" + os.path.relpath(v, root).replace(os.sep, "/")
             for k, v in local.items()}
   return local, remote, bucket
@@ -64,20 +31,20 @@ def shapes_here_and_there(gcs, tmp_path_factory):
 def test_json_and_images_in_a_bucket_give_the_local_batches(shapes_here_and_there):
   local, remote, _ = shapes_here_and_there
   assert remote["train_images"].startswith("gs://")
-  here = data.build_train_dataset(_config(local))
-  there = data.build_train_dataset(_config(remote))
-  _assert_same(_take(here, 4), _take(there, 4))
+  here = data.build_train_dataset(small_config(local))
+  there = data.build_train_dataset(small_config(remote))
+  assert_same_batches(_take(here, 4), _take(there, 4))
   assert here.stats.as_dict()["missing_image"] and there.stats.as_dict()["missing_image"]
   # Evaluation reads every image once: the same skips, counted the same.
   def on_train(p):
     return dict(eval_annotations=p["train_annotations"], eval_images=p["train_images"])
 
-  here = data.build_eval_dataset(_config(local, **on_train(local)))
-  there = data.build_eval_dataset(_config(remote, **on_train(remote)))
-  _assert_same(list(here), list(there))
+  here = data.build_eval_dataset(small_config(local, **on_train(local)))
+  there = data.build_eval_dataset(small_config(remote, **on_train(remote)))
+  assert_same_batches(list(here), list(there))
   assert here.stats.as_dict() == there.stats.as_dict() == {"missing_image": 1}
-  _assert_same(list(data.build_eval_dataset(_config(local))),
-               list(data.build_eval_dataset(_config(remote))))
+  assert_same_batches(list(data.build_eval_dataset(small_config(local))),
+               list(data.build_eval_dataset(small_config(remote))))
 
 
 def test_records_made_from_and_into_a_bucket(shapes_here_and_there):
@@ -86,12 +53,12 @@ def test_records_made_from_and_into_a_bucket(shapes_here_and_there):
                               bucket + "/records/train", num_shards=2)
   assert rep.counts == {"missing_image": 1} and tf.io.gfile.exists(rep.shards[1])
   kw = dict(buckets=((64, 96), (96, 64)), min_size=48, max_size=64)
-  here = _take(data.build_train_dataset(_config(local, **kw)), 4)
+  here = _take(data.build_train_dataset(small_config(local, **kw)), 4)
   pattern = bucket + "/records/train-*-of-*.tfrecord"
-  _assert_same(here, _take(data.build_train_dataset(_config(remote, train_records=pattern,
+  assert_same_batches(here, _take(data.build_train_dataset(small_config(remote, train_records=pattern,
                                                             **kw)), 4))
-  _assert_same(here[2:], _take(data.build_train_dataset(
-      _config(remote, train_records=rep.index, **kw), start_step=2), 2))
+  assert_same_batches(here[2:], _take(data.build_train_dataset(
+      small_config(remote, train_records=rep.index, **kw), start_step=2), 2))
 
 
 def test_missing_records_are_one_line(shapes_here_and_there, gcs):
@@ -104,16 +71,16 @@ def test_missing_records_are_one_line(shapes_here_and_there, gcs):
     data.CocoSource(bucket + "/nothing/instances.json", bucket, training=True)
 
 
-def test_tfds_data_dir_in_a_bucket(shapes_here_and_there, tmp_path):
+def test_tfds_data_dir_in_a_bucket(gcs, shapes_here_and_there, tmp_path):
   """TFDS reads a prepared data set from a gs:// data_dir (passed through as given)."""
   from tests.data import test_tfds_source  # pylint: disable=g-import-not-at-top  # its builder
   local, _, bucket = shapes_here_and_there
   val = (local["eval_annotations"], local["eval_images"])  # (train misses an image)
   test_tfds_source._SHAPES_JSON.update(train=val, val=val)  # pylint: disable=protected-access
   test_tfds_source.FakeCocoShapes(data_dir=str(tmp_path)).download_and_prepare()
-  _upload(str(tmp_path), bucket + "/tfds")
+  gcs.upload(str(tmp_path), bucket + "/tfds")
   kw = dict(source="tfds", tfds_name="fake_coco_shapes", tfds_masks="panoptic")
-  here = list(data.build_eval_dataset(_config(local, tfds_data_dir=str(tmp_path), **kw)))
-  there = list(data.build_eval_dataset(_config(local, tfds_data_dir=bucket + "/tfds", **kw)))
+  here = list(data.build_eval_dataset(small_config(local, tfds_data_dir=str(tmp_path), **kw)))
+  there = list(data.build_eval_dataset(small_config(local, tfds_data_dir=bucket + "/tfds", **kw)))
   assert len(there) == 2
-  _assert_same(here, there)
+  assert_same_batches(here, there)

@@ -29,18 +29,11 @@ from tests.training.test_faults import reference, setup  # noqa: F401  (fixtures
 pytestmark = pytest.mark.slow
 
 
-def _upload(local_dir: str, url: str) -> None:
-  for root, _, files in os.walk(local_dir):
-    for name in files:
-      src = os.path.join(root, name)
-      tf.io.gfile.copy(src, url + "/" + os.path.relpath(src, local_dir), overwrite=True)
-
-
 @pytest.fixture(scope="module")
 def bucket_setup(gcs, setup):  # noqa: F811
   """test_faults' setup with the data set in a bucket and the emulator's environment."""
   bucket = gcs.new_bucket("train")
-  _upload(str(setup["shared"] / "shapes"), f"{bucket}/shapes")
+  gcs.upload(str(setup["shared"] / "shapes"), f"{bucket}/shapes")
   config = str(setup["base"] / "gcs_config.py")
   with open(setup["config"]) as f:
     text = f.read()
