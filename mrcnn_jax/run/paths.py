@@ -21,7 +21,8 @@ from typing import Iterator
 import tensorflow as tf
 from etils import epath
 
-__all__ = ["check_exists", "check_writable_dir", "is_url", "join", "one_line_errors", "resolve"]
+__all__ = ["check_bucket", "check_exists", "check_writable_dir", "is_url", "join",
+           "one_line_errors", "resolve"]
 
 
 def is_url(path) -> bool:
@@ -69,12 +70,20 @@ def _first_line(e: BaseException) -> str:
   return text.strip().splitlines()[0]
 
 
+def check_bucket(name: str, path: str) -> None:
+  """``FileNotFoundError`` naming the bucket of the URL ``path`` when it does not exist (a
+  listing in it would only say "not found"; a write, fail mid-run); local paths pass."""
+  if is_url(path):
+    with one_line_errors(name, path):
+      if not tf.io.gfile.exists(_bucket(path)):
+        raise FileNotFoundError(f"{name}: bucket {_bucket(path)} does not exist ({path})")
+
+
 def check_exists(name: str, path: str) -> None:
   """Raises one clear line unless ``path`` (a file or a folder) exists and can be read."""
   path = resolve(path)
+  check_bucket(name, path)
   with one_line_errors(name, path):
-    if is_url(path) and not tf.io.gfile.exists(_bucket(path)):
-      raise FileNotFoundError(f"{name}: bucket {_bucket(path)} does not exist ({path})")
     if not epath.Path(path).exists():
       raise FileNotFoundError(f"{name} not found: {path}")
 
@@ -83,9 +92,8 @@ def check_writable_dir(name: str, path: str) -> str:
   """Creates the folder ``path`` if needed (a bucket's prefix needs no creating, but is
   written to once so that a refused permission shows now); returns it resolved."""
   path = resolve(path)
+  check_bucket(name, path)
   with one_line_errors(name, path):
-    if is_url(path) and not tf.io.gfile.exists(_bucket(path)):
-      raise FileNotFoundError(f"{name}: bucket {_bucket(path)} does not exist ({path})")
     if epath.Path(path).exists() and not epath.Path(path).is_dir():
       raise ValueError(f"{name} {path} is a file, not a folder")
     epath.Path(path).mkdir(parents=True, exist_ok=True)
