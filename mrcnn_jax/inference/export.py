@@ -159,7 +159,7 @@ def check_out_dir(out_dir: str, overwrite: bool = False) -> None:
   """``ValueError`` if ``out_dir`` already holds an artifact and ``overwrite`` is off;
   ``FileNotFoundError`` / ``PermissionError`` if its bucket is missing or refuses access."""
   with paths_lib.one_line_errors("--out", out_dir):
-    predictor_lib.check_bucket("--out", out_dir)
+    paths_lib.check_bucket("--out", out_dir)
     exists = (epath.Path(out_dir) / exported_lib.ARTIFACT_FILE).exists()
   if exists and not overwrite:
     raise ValueError(f"{out_dir} already holds {exported_lib.ARTIFACT_FILE}; pick another "

@@ -367,16 +367,6 @@ def _is_image_name(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def check_bucket(name: str, path: str) -> None:
-  """``FileNotFoundError`` naming the bucket of the URL ``path`` when it does not exist (a
-  listing in it would only say "not found"; writing to it, a 404 mid-run); local: nothing."""
-  if paths_lib.is_url(path):
-    scheme, rest = path.split("://", 1)
-    bucket = f"{scheme}://{rest.split('/', 1)[0]}"
-    if not tf.io.gfile.exists(bucket):
-      raise FileNotFoundError(f"{name}: bucket {bucket} does not exist ({path})")
-
-
 def _is_file(path: str) -> bool:
   """A glob match that is a file. In a bucket a match named like an image is taken as one
   without asking (one request per image otherwise); folders there are object-name prefixes."""
@@ -395,7 +385,7 @@ def expand_image_paths(spec: str) -> list[str]:
   """
   spec = str(spec) if paths_lib.is_url(spec) else os.path.expanduser(spec)
   with paths_lib.one_line_errors("--images", spec):
-    check_bucket("--images", spec)
+    paths_lib.check_bucket("--images", spec)
     if epath.Path(spec).is_dir():
       # A bucket lists its sub-folders as "name/": never taken for an image.
       paths = [paths_lib.join(spec, n) for n in sorted(tf.io.gfile.listdir(spec))
@@ -444,7 +434,7 @@ def check_out_dir(out_dir: str, overwrite: bool = False) -> None:
     FileNotFoundError, PermissionError: its bucket does not exist or refuses access.
   """
   with paths_lib.one_line_errors("--out", out_dir):
-    check_bucket("--out", out_dir)
+    paths_lib.check_bucket("--out", out_dir)
     if epath.Path(out_dir).exists() and not epath.Path(out_dir).is_dir():
       raise ValueError(f"--out {out_dir!r} is a file, not a folder")
     previous = previous_outputs(out_dir)

@@ -40,7 +40,6 @@ from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo
 from tensorflow.compiler.tf2xla.python import xla as tfxla
 
 from mrcnn_jax.inference import export
-from mrcnn_jax.inference import predictor as predictor_lib
 from mrcnn_jax.run import paths as paths_lib
 
 PyTree = Any
@@ -208,7 +207,7 @@ def check_out_dir(out_dir: str, overwrite: bool = False) -> None:
   """``ValueError`` if ``out_dir`` already holds a SavedModel and ``overwrite`` is off;
   ``FileNotFoundError`` / ``PermissionError`` if its bucket is missing or refuses access."""
   with paths_lib.one_line_errors("--out", out_dir):
-    predictor_lib.check_bucket("--out", out_dir)
+    paths_lib.check_bucket("--out", out_dir)
     exists = (epath.Path(out_dir) / MODEL_FILE).exists()
   if exists and not overwrite:
     raise ValueError(f"{out_dir} already holds {MODEL_FILE}; pick another folder (TF Serving "
