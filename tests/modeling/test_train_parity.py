@@ -99,8 +99,14 @@ def v2():
   return _Run("v2", case.SIZES)
 
 
-def test_v1_step_equals_torchvision(v1):
-  losses, grads, stats, _ = case.our_step(v1.variables, v1.config, v1.batch)
+@pytest.fixture(scope="module")
+def v1_step(v1):
+  """Our 1-device step on v1's batch, compiled and run once for the two tests that check it."""
+  return case.our_step(v1.variables, v1.config, v1.batch)
+
+
+def test_v1_step_equals_torchvision(v1, v1_step):
+  losses, grads, stats, _ = v1_step
   ours, theirs = v1.check(losses, grads, stats, "v1")
   print(f"v1: worst gradient error vs float64 {ours:.2e} (torchvision float32 {theirs:.2e})")
 
@@ -115,13 +121,13 @@ def test_v2_step_and_running_statistics_equal_torchvision(v2):
     assert np.max(np.abs(value - v2.running[path])) <= 1e-4 * np.max(np.abs(moved)), path
 
 
-def test_eight_devices_equal_one_device_and_torchvision(v1):
+def test_eight_devices_equal_one_device_and_torchvision(v1, v1_step):
   mesh = sharding_lib.make_mesh(jax.devices()[:8])
   batch = sharding_lib.make_global_batch(v1.batch, mesh)
   variables = jax.device_put(v1.variables, sharding_lib.replicated(mesh))
   losses8, grads8, stats8, _ = case.our_step(variables, v1.config, batch, mesh=mesh)
   v1.check(losses8, grads8, stats8, "8 devices")
-  losses1, grads1, _, _ = case.our_step(v1.variables, v1.config, v1.batch)
+  losses1, grads1, _, _ = v1_step
   for name in losses1:
     assert losses8[name] == pytest.approx(losses1[name], rel=1e-5), name
   flat8 = _flat(grads8)
