@@ -20,7 +20,7 @@ from mrcnn_jax.training import train_step as train_step_lib
 from tests.training import synthetic
 
 IMAGE_SIZE = (64, 64)
-NUM_STEPS = 300
+NUM_STEPS = 200  # the loss falls ~28x by then (10x needed), every IoU >= 0.95
 
 
 def _iou(a, b):
@@ -41,7 +41,7 @@ def test_overfits_two_images_and_predict_recovers_them():
   config.data.mask_size = 28
   config.train.batch_size = 2
   config.train.base_learning_rate = 0.02 * 8  # 0.02 at batch 2
-  config.train.warmup_steps = 20
+  config.train.warmup_steps = NUM_STEPS // 15
   config.train.decay_steps = (NUM_STEPS * 3 // 4,)
   config.train.grad_clip_norm = 10.0
   model = modeling.MaskRCNN(config.model)
