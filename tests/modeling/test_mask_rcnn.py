@@ -56,6 +56,24 @@ def tiny():
   return cfg, model, variables
 
 
+def _loss_and_grads_fn(model):
+  """jit(params, batch, key) -> ((total loss, (losses, stats)), gradients)."""
+  @jax.jit
+  def step(params, batch, key):
+    def loss_fn(p):
+      losses, stats = model.apply({"params": p}, batch, method=MaskRCNN.losses,
+                                  rngs={"sampling": key})
+      return sum(losses.values()), (losses, stats)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return step
+
+
+@pytest.fixture(scope="module")
+def loss_and_grads(tiny):
+  """The tiny model's jitted losses and gradients, shared by the tests (one compilation)."""
+  return _loss_and_grads_fn(tiny[1])
+
+
 @pytest.fixture(scope="module")
 def predict(tiny):
   """One jitted inference function shared by the tests (one compilation)."""
@@ -86,20 +104,11 @@ def _leaves(tree):
   return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def test_losses_stats_and_gradients(tiny):
+def test_losses_stats_and_gradients(tiny, loss_and_grads):
   cfg, model, variables = tiny
   assert set(variables) == {"params"}
   batch = make_batch()
-
-  @jax.jit
-  def step(params, batch, key):
-    def loss_fn(p):
-      losses, stats = model.apply({"params": p}, batch, method=MaskRCNN.losses,
-                                  rngs={"sampling": key})
-      return sum(losses.values()), (losses, stats)
-    return jax.value_and_grad(loss_fn, has_aux=True)(params)
-
-  (total, (losses, stats)), grads = step(variables["params"], batch, jax.random.key(1))
+  (total, (losses, stats)), grads = loss_and_grads(variables["params"], batch, jax.random.key(1))
   assert set(losses) == LOSS_KEYS
   for k, v in losses.items():
     assert v.shape == () and v.dtype == jnp.float32, k
@@ -472,22 +481,17 @@ def test_init_variables_same_tree_and_shapes_under_plain_and_cpu_kernels():
   assert "params/mask_predictor/conv5_mask/kernel" in flat[0]
 
 
-def test_plain_and_cpu_kernels_agree(tiny):
+def test_plain_and_cpu_kernels_agree(tiny, loss_and_grads, predict):
   """The plain layers (what TPUs and GPUs run) against the CPU kernels, same variables: losses,
-  gradients and detections agree to float32 rounding of the two algorithms."""
-  cfg, cpu_model, variables = tiny
+  gradients and detections agree to float32 rounding of the two algorithms. The CPU side runs
+  the module's shared jitted functions (compiled once for the other tests too)."""
+  cfg, _, variables = tiny
   plain_model = MaskRCNN(cfg)
   batch = make_batch(seed=6, num_valid=(3, 2))
+  args = (variables["params"], batch, jax.random.key(3))
 
-  def loss_and_grads(model):
-    def f(params):
-      losses, _ = model.apply(dict(variables, params=params), batch, method=MaskRCNN.losses,
-                              rngs={"sampling": jax.random.key(3)})
-      return sum(losses.values()), losses
-    return jax.jit(jax.value_and_grad(f, has_aux=True))(variables["params"])
-
-  (_, losses_p), grads_p = loss_and_grads(plain_model)
-  (_, losses_c), grads_c = loss_and_grads(cpu_model)
+  (_, (losses_p, _)), grads_p = _loss_and_grads_fn(plain_model)(*args)
+  (_, (losses_c, _)), grads_c = loss_and_grads(*args)
   for k in losses_p:
     np.testing.assert_allclose(losses_c[k], losses_p[k], rtol=1e-4, atol=1e-6, err_msg=k)
   flat_p = flax.traverse_util.flatten_dict(grads_p, sep="/")
@@ -496,9 +500,9 @@ def test_plain_and_cpu_kernels_agree(tiny):
   for k in flat_p:
     scale = float(jnp.abs(flat_p[k]).max()) + 1e-6
     np.testing.assert_allclose(flat_c[k] / scale, flat_p[k] / scale, atol=2e-3, err_msg=k)
-  predict = lambda m: jax.jit(lambda v, x, s: m.apply(v, x, s, method=MaskRCNN.predict))(
-      variables, batch["image"], batch["valid_size"])
-  out_p, out_c = predict(plain_model), predict(cpu_model)
+  plain_predict = jax.jit(lambda v, x, s: plain_model.apply(v, x, s, method=MaskRCNN.predict))
+  out_p = plain_predict(variables, batch["image"], batch["valid_size"])
+  out_c = predict(variables, batch["image"], batch["valid_size"])
   assert int(out_p["valid"].sum()) > 0
   np.testing.assert_array_equal(out_c["valid"], out_p["valid"])
   np.testing.assert_allclose(out_c["scores"], out_p["scores"], rtol=1e-4, atol=1e-5)
