@@ -45,7 +45,9 @@ TMP_MARK = ".orbax-checkpoint-tmp"
 _LOG_IDS = itertools.count()
 _ALL_RUNS: list = []
 
-pytestmark = pytest.mark.slow
+# One worker runs these and tests/storage/test_train_gcs.py (make test: --dist loadgroup): both
+# wait on the reference run otherwise.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults")]
 
 CONFIG = '''
 from mrcnn_jax import config as config_lib

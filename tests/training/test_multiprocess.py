@@ -31,6 +31,9 @@ import pytest
 
 from mrcnn_jax.run import distributed
 
+# One worker runs the whole module (make test: --dist loadgroup): its module fixtures compile once.
+pytestmark = pytest.mark.xdist_group("multiprocess")
+
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "training" / "multiprocess_worker.py"
 JOB_TIMEOUT = 300  # seconds per job; CI fails rather than hangs
