@@ -9,7 +9,6 @@ nothing. Two processes share one ``gs://`` workdir. Bad paths fail in one line b
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
