@@ -17,10 +17,7 @@ under pytest-xdist the workers share the data, the cache and the reference run (
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import itertools
-import json
 import os
 import re
 import shutil
@@ -35,6 +32,7 @@ import pytest
 
 from mrcnn_jax import data as data_lib
 from mrcnn_jax.run import checkpoint as ckpt_lib
+from tests import run_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(ROOT, "scripts", "train.py")
@@ -153,37 +151,11 @@ def assert_same_params(reference: str, workdir: str) -> None:
     np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
 
-@contextlib.contextmanager
-def _locked(path: str):
-  with open(path + ".lock", "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _once(shared, name: str, produce) -> dict:
-  """``produce()`` (a JSON-able dict), computed once per session even under pytest-xdist:
-  workers share ``shared`` and take turns on a file lock, the first one computes."""
-  path = str(shared / f"{name}.json")
-  with _locked(path):
-    if os.path.exists(path):
-      with open(path) as f:
-        return json.load(f)
-    result = produce()
-    with open(path, "w") as f:
-      json.dump(result, f)
-    return result
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   # Under xdist the workers' temporary folders share a parent: one data set, one compilation
   # cache and one reference run for all of them.
-  root = tmp_path_factory.getbasetemp()
-  shared = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "faults_shared"
-  shared.mkdir(exist_ok=True)
+  shared = run_once.shared_dir(tmp_path_factory, "faults_shared")
 
   def make_data():
     data = str(shared / "shapes")
@@ -193,7 +165,7 @@ def setup(tmp_path_factory):
       f.write(CONFIG.format(data=data, num_steps=NUM_STEPS))
     return {"config": config}
 
-  config = _once(shared, "data", make_data)["config"]
+  config = run_once.once(shared, "data", make_data)["config"]
   env = dict(os.environ)
   env.update(XLA_FLAGS="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
              JAX_COMPILATION_CACHE_DIR=str(shared / "jax_cache"),
@@ -215,7 +187,7 @@ def reference(setup):
     assert step_dirs(workdir) == ([4, 6, 8], [])
     return {"workdir": workdir}
 
-  return _once(setup["shared"], "reference", produce)["workdir"]
+  return run_once.once(setup["shared"], "reference", produce)["workdir"]
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +214,7 @@ def side_runs(setup, reference):
     out["changed_model"]["before"] = before
     return out
 
-  return _once(setup["shared"], "side_runs", produce)
+  return run_once.once(setup["shared"], "side_runs", produce)
 
 
 def test_sigterm_kill9_and_kill9_mid_checkpoint_write_each_resume_exactly(setup, reference):

@@ -18,7 +18,6 @@ from mrcnn_jax import config as config_lib
 from mrcnn_jax import data as data_lib
 from mrcnn_jax.modeling.config import tiny_model_config
 from mrcnn_jax.run import checkpoint as ckpt_lib
-from mrcnn_jax.run import checks
 from mrcnn_jax.training import loop
 from mrcnn_jax.training.train_state import TrainState
 
@@ -214,14 +213,3 @@ def test_stop_signal_on_one_process_is_the_sigterm_flag():
     os.kill(os.getpid(), signal.SIGTERM)
     assert stop.should_stop(1)
   assert signal.getsignal(signal.SIGTERM) == before
-
-
-def test_url_workdir_and_data_paths_are_refused():
-  from mrcnn_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.get_base_config()
-  with pytest.raises(ValueError, match="URL; use a filesystem path that every host sees"):
-    loop.train_and_evaluate(config, "gs://bucket/run")
-  config.data.source = "coco"
-  config.data.train_annotations = "gs://bucket/instances_train2017.json"
-  with pytest.raises(ValueError, match="config.data.train_annotations 'gs://"):
-    checks.check_data_paths(config, train=True, evaluate=False)

@@ -30,8 +30,10 @@ import numpy as np
 import pytest
 
 from mrcnn_jax.run import distributed
+from tests import run_once
 
-# One worker runs the whole module (make test: --dist loadgroup): its module fixtures compile once.
+# One worker runs the whole module (make test: --dist loadgroup); the jobs run once per session
+# in any case (tests.run_once).
 pytestmark = pytest.mark.xdist_group("multiprocess")
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,9 +158,16 @@ class Job:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
+  """The data set and every job's folders, shared by the xdist workers: the jobs run once per
+  session (:mod:`tests.run_once`), whichever worker asks first."""
   from mrcnn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  out = tmp_path_factory.mktemp("multiprocess")
-  data_lib.generate_shapes(str(out / "shapes"), num_train=16, num_val=NUM_VAL, size=64, seed=1)
+  out = run_once.shared_dir(tmp_path_factory, "multiprocess_shared")
+
+  def make_data() -> dict:
+    data_lib.generate_shapes(str(out / "shapes"), num_train=16, num_val=NUM_VAL, size=64, seed=1)
+    return {}
+
+  run_once.once(out, "data", make_data)
   return out
 
 
@@ -169,6 +178,10 @@ def _train_args(root: Path, workdir: str, *extra) -> list:
 @pytest.fixture(scope="module")
 def phase1(root):
   """Jobs A (1 x 4 devices, + eval) and B (2 x 2 devices), run side by side."""
+  return run_once.once(root, "phase1", lambda: _phase1(root))
+
+
+def _phase1(root: Path) -> dict:
   cache = root / "jax_cache"
   jobs = []
   try:
@@ -190,6 +203,10 @@ def phase1(root):
 def phase2(root, phase1):
   """Job C (evaluate B's checkpoint in 2 processes) alongside D (SIGTERM) and then E (restart)."""
   del phase1  # B's checkpoint and the compilation cache
+  return run_once.once(root, "phase2", lambda: _phase2(root))
+
+
+def _phase2(root: Path) -> dict:
   cache = root / "jax_cache"
   sigterm_args = _train_args(root, "D", "--config.train.num_steps=8",
                              "--config.eval.at_end=False")
