@@ -12,7 +12,8 @@ one to one onto ours (``backbone.bottom_up.res2.0.conv1.norm.running_mean`` ->
   ours puts it first (torchvision's layout). Its ``bbox_pred`` and mask ``predictor`` have no
   background slot (or one class-agnostic slot); ours have ``K + 1``: the background slot gets
   zeros (never read at inference), a class-agnostic slot is repeated for every class.
-* RoIAlign is ``ROIAlignV2`` (``aligned=True``).
+* RoIAlign is ``ROIAlignV2`` (``aligned=True``), and masks are pasted as Detectron2 pastes them,
+  half-pixel exactly at the float box (``mask.aligned = True``), not as torchvision does.
 
 The published R50/R101-FPN models put the ResNet stride in the first 1x1 conv
 (``RESNETS.STRIDE_IN_1X1: True``, the default here: ``config.backbone.stride_in_1x1``) and use
@@ -111,6 +112,7 @@ def detectron2_config(state: Optional[Mapping[str, Any]] = None,
     raise ValueError(f"input_format must be 'BGR' or 'RGB', got {input_format!r}")
   c.pixel_mean, c.pixel_std = tuple(mean), tuple(std)
   c.roi.aligned = True  # ROIAlignV2
+  c.mask.aligned = True  # its paste_masks_in_image (grid_sample) and its aligned mask targets
   c.backbone.stride_in_1x1 = bool(stride_in_1x1)
   c.anchors.round = False  # DefaultAnchorGenerator keeps fractional cell anchors
   # Detectron2 keeps boxes of any positive size (RPN MIN_SIZE 0, no filter after the heads).

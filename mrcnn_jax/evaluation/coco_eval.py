@@ -109,6 +109,7 @@ def detections_to_coco(
     class_to_category: Mapping[int, int],
     *,
     mask_threshold: float = 0.5,
+    mask_aligned: bool = False,
     with_masks: bool = True,
     with_keypoints: bool = False,
     keypoint_category_ids: Optional[Collection[int]] = None,
@@ -126,6 +127,8 @@ def detections_to_coco(
       last eval batch are skipped).
     class_to_category: contiguous class id (1..K) -> COCO category id.
     mask_threshold: probability above which a pasted mask pixel is foreground.
+    mask_aligned: the model's ``mask.aligned``: paste half-pixel exactly at the float box
+      (``paste_mask(aligned=True)``) instead of torchvision's way.
     with_masks: also emit ``segmentation`` (RLE).
     with_keypoints: also emit ``keypoints`` [x1, y1, s1, ..., xK, yK, sK]: original-image
       pixels, scaled back as the boxes are (not clipped, as torchvision's ``resize_keypoints``),
@@ -177,7 +180,8 @@ def detections_to_coco(
           "score": float(scores[b, d]),
       }
       if with_masks:
-        pasted = paste_mask(detections["masks"][b, d], box, (orig_h, orig_w))
+        pasted = paste_mask(detections["masks"][b, d], box, (orig_h, orig_w),
+                            aligned=mask_aligned)
         record["segmentation"] = encode_mask(pasted > mask_threshold)
       if with_keypoints and (keypoint_category_ids is None
                              or record["category_id"] in keypoint_category_ids):

@@ -204,7 +204,8 @@ class Evaluator:
       t1 = time.perf_counter()
       records.extend(coco_eval.detections_to_coco(
           det, host_batch, class_to_category, mask_threshold=ec.mask_threshold,
-          with_masks=with_masks, with_keypoints=with_keypoints,
+          mask_aligned=bool(self.config.model.mask.aligned), with_masks=with_masks,
+          with_keypoints=with_keypoints,
           keypoint_category_ids=keypoint_category_ids))
       t2 = time.perf_counter()
       t_wait += t1 - t0
@@ -296,8 +297,9 @@ class Evaluator:
       boxes = det["boxes"][b, keep]
       masks = None
       if "masks" in det:
-        masks = np.stack([paste_mask(det["masks"][b, d], det["boxes"][b, d], (vh, vw))
-                          for d in keep]) if keep.size else np.zeros((0, vh, vw), np.float32)
+        aligned = self.config.model.mask.aligned
+        masks = np.stack([paste_mask(det["masks"][b, d], det["boxes"][b, d], (vh, vw),
+                                     aligned=aligned) for d in keep]) if keep.size else np.zeros((0, vh, vw), np.float32)
         masks = masks > 0.5
       keypoints = {}
       if "keypoints" in det:

@@ -126,8 +126,10 @@ def predict_program(model_config: ml_collections.ConfigDict, *, paste_masks: boo
     out = model.apply(variables, images, valid_size, method=modeling.MaskRCNN.predict)
     if paste_masks:
       size = images.shape[1:3]
-      out["image_masks"] = jax.vmap(lambda m, b: masks_ops.paste_masks(m, b, size))(
-          out["masks"], out["boxes"])
+      aligned = bool(model_config.mask.aligned)
+      out["image_masks"] = jax.vmap(
+          lambda m, b: masks_ops.paste_masks(m, b, size, aligned=aligned))(
+              out["masks"], out["boxes"])
     return out
 
   return predict

@@ -3,7 +3,8 @@
 A predicted 28x28 mask probability map lives in its box's frame; images come in any size, so the
 pasting runs on the host in numpy, per detection (inside ``jit`` it would compile once per
 original image size), exactly as torchvision's ``paste_masks_in_image`` (1-pixel zero padding,
-box expanded to match, bilinear resize with ``align_corners=False`` onto the integer box).
+box expanded to match, bilinear resize with ``align_corners=False`` onto the integer box), or,
+for models with ``mask.aligned``, half-pixel exactly at the float box (``ops.masks``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Sequence
 import numpy as np
 from pycocotools import mask as mask_util
 
-__all__ = ["encode_mask", "paste_mask"]
+__all__ = ["encode_mask", "paste_mask", "paste_mask_aligned"]
 
 
 # torch's CPU bilinear kernel takes its channels-last loop (four products summed in one
@@ -63,7 +64,8 @@ def _linear_taps(in_size: int, out_size: int, start: int, stop: int):
   return i0, i1, np.float32(1.0) - l1, l1
 
 
-def paste_mask(mask: np.ndarray, box_xyxy: np.ndarray, image_size: Sequence[int]) -> np.ndarray:
+def paste_mask(mask: np.ndarray, box_xyxy: np.ndarray, image_size: Sequence[int], *,
+               aligned: bool = False) -> np.ndarray:
   """Pastes one mask probability map into an image, as torchvision's ``paste_masks_in_image``.
 
   Bit for bit torchvision's float32 arithmetic on the CPU: the box grown by ``(M + 2) / M``
@@ -77,10 +79,13 @@ def paste_mask(mask: np.ndarray, box_xyxy: np.ndarray, image_size: Sequence[int]
     mask: [M, M] float, probabilities in the box's frame.
     box_xyxy: [4] float, the box in pixels of the target image.
     image_size: (height, width) of the target image.
+    aligned: paste as :func:`paste_mask_aligned` instead (the model's ``mask.aligned``).
 
   Returns:
     [height, width] float32 probabilities, zero outside the (expanded) box.
   """
+  if aligned:
+    return paste_mask_aligned(mask, box_xyxy, image_size)
   mask = np.asarray(mask, np.float32)
   if mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
     raise ValueError(f"mask must be square [M, M], got shape {mask.shape}")
@@ -121,6 +126,56 @@ def paste_mask(mask: np.ndarray, box_xyxy: np.ndarray, image_size: Sequence[int]
     cols = _fma32(padded[:, xi0], xl0, padded[:, xi1] * xl1)  # [M + 2, visible width]
     pasted = _fma32(cols[yi0], yl0, cols[yi1] * yl1)
   out[cy0:cy1, cx0:cx1] = pasted
+  return out
+
+
+def _cell_taps(lo: float, hi: float, m: int, out_len: int):
+  """The pixels ``start..stop-1`` of one axis that read a mask cell, and their [n, m] weights.
+
+  Pixel ``x`` reads cell ``u = (x + 0.5 - lo) / (hi - lo) * m - 0.5`` bilinearly, zeros beyond
+  the mask; it reads something where ``-1 < u < m``.
+  """
+  length = hi - lo
+  half_cell = length / (2 * m)
+  start = max(int(np.floor(lo - half_cell - 0.5)), 0)
+  stop = min(int(np.ceil(hi + half_cell + 0.5)), out_len)
+  centres = np.arange(start, stop, dtype=np.float32) + np.float32(0.5)
+  u = (centres - np.float32(lo)) * np.float32(m / length) - np.float32(0.5)
+  weights = np.maximum(np.float32(1.0) - np.abs(u[:, None] - np.arange(m, dtype=np.float32)),
+                       np.float32(0.0))
+  return start, stop, weights
+
+
+def paste_mask_aligned(mask: np.ndarray, box_xyxy: np.ndarray,
+                       image_size: Sequence[int]) -> np.ndarray:
+  """Pastes one mask probability map half-pixel exactly at its float box (Detectron2's paste).
+
+  Each image pixel centre ``(x + 0.5, y + 0.5)`` inside the box reads the ``M x M`` mask
+  bilinearly at cell ``u = (x + 0.5 - x1) / (x2 - x1) * M - 0.5`` (and likewise ``v``), zeros
+  beyond the mask: ``grid_sample(align_corners=False)``. The host twin of
+  ``ops.masks.paste_masks(aligned=True)``.
+
+  Args:
+    mask: [M, M] float, probabilities in the box's frame.
+    box_xyxy: [4] float, the box in pixels of the target image.
+    image_size: (height, width) of the target image.
+
+  Returns:
+    [height, width] float32 probabilities, zero outside the box (and an empty box).
+  """
+  mask = np.asarray(mask, np.float32)
+  if mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
+    raise ValueError(f"mask must be square [M, M], got shape {mask.shape}")
+  im_h, im_w = int(image_size[0]), int(image_size[1])
+  x1, y1, x2, y2 = (float(v) for v in np.asarray(box_xyxy, np.float32))
+  out = np.zeros((im_h, im_w), np.float32)
+  if not (x2 > x1 and y2 > y1):
+    return out
+  m = mask.shape[0]
+  cx0, cx1, wx = _cell_taps(x1, x2, m, im_w)
+  cy0, cy1, wy = _cell_taps(y1, y2, m, im_h)
+  if cx0 < cx1 and cy0 < cy1:
+    out[cy0:cy1, cx0:cx1] = wy @ mask @ wx.T
   return out
 
 

@@ -300,7 +300,8 @@ class Predictor:
     if "masks" in det:
       masks = np.zeros((len(keep), h, w), bool)
       for j, d in enumerate(keep):
-        masks[j] = paste_mask(det["masks"][i, d], boxes[j], (h, w)) > self.mask_threshold
+        masks[j] = paste_mask(det["masks"][i, d], boxes[j], (h, w),
+                              aligned=self.config.model.mask.aligned) > self.mask_threshold
       result["masks"] = masks
     if "keypoints" in det:
       # torchvision's resize_keypoints: the boxes' scale, not clipped.

@@ -123,6 +123,11 @@ def model_config() -> ml_collections.ConfigDict:
   # i.e. more for RoIs longer than 56 px; a static cap keeps shapes fixed (``ops.masks``).
   # Raise it to the longest RoI side / 28 for exact torchvision targets.
   c.mask.target_sampling_ratio = 2
+  # Where a 28x28 mask sits in its box (``ops.masks``): False is torchvision's pair (targets
+  # read half a pixel off, pasted onto the box grown to whole pixels: a perfect mask comes back
+  # up to a pixel shifted and too large), True the half-pixel-exact pair, as Detectron2's.
+  # Pair it with roi.aligned = True (RoIAlign's own half-pixel fix).
+  c.mask.aligned = False
   # The mask head runs in chunks of slots per image whose sizes double from this one
   # (8, 8, 16, 32, 64 for 128 slots); chunks with no positive (no valid detection at
   # inference) are skipped. Same results; 0 runs all slots at once.

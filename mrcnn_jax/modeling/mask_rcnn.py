@@ -401,7 +401,8 @@ class MaskRCNN(nn.Module):
     logits = self._mask_branch(feats, boxes, labels, train=True, valid=valid)
     targets = batch_parallel.vmap(functools.partial(
         mask_targets, size=logits.shape[-1],
-        sampling_ratio=self.config.mask.target_sampling_ratio),
+        sampling_ratio=self.config.mask.target_sampling_ratio,
+        aligned=self.config.mask.aligned),
         mesh=self.mesh)(gt.masks, gt.boxes, boxes, matched)
     return dict(roi_mask=loss_lib.mask_loss(logits, jax.lax.stop_gradient(targets), valid))
 

@@ -108,6 +108,7 @@ def test_pkl_round_trip_equals_torchvision_conversion(tmp_path, d2_state, v1_con
   np.testing.assert_allclose(config.pixel_mean, tv_config.pixel_mean, rtol=1e-6)
   np.testing.assert_allclose(config.pixel_std, tv_config.pixel_std, rtol=1e-6)
   assert config.roi.aligned is True and tv_config.roi.aligned is False
+  assert config.mask.aligned is True and tv_config.mask.aligned is False
   assert config.num_classes == 91 and config.backbone.depth == 50
 
 

@@ -145,6 +145,26 @@ def test_detections_to_coco_maps_back_to_original_pixels():
   assert {r["image_id"] for r in coco_eval.detections_to_coco(detections, batch, {1: 3, 2: 7})} == {10}
 
 
+def test_detections_to_coco_mask_aligned_pastes_at_the_float_box():
+  """``mask_aligned`` (the model's ``mask.aligned``) pastes half-pixel exactly: a full mask at
+  a box with integer corners becomes exactly the box's pixels; torchvision's paste grows it."""
+  coco = _toy_coco()
+  boxes = np.zeros((1, 2, 4), np.float32)
+  boxes[0, 0] = [10, 12, 30, 40]
+  detections = {"boxes": boxes, "scores": np.full((1, 2), 0.8, np.float32),
+                "classes": np.ones((1, 2), np.int32), "masks": np.ones((1, 2, 28, 28), np.float32),
+                "valid": np.array([[True, False]])}
+  batch = {"image_id": np.array([10]), "original_size": np.array([[60, 80]]),
+           "image_scale": np.ones((1, 2), np.float32)}
+  box_pixels = np.zeros((60, 80), bool)
+  box_pixels[12:40, 10:30] = True
+  for aligned, exact in ((True, True), (False, False)):
+    (record,) = coco_eval.detections_to_coco(detections, batch, {1: 3}, mask_aligned=aligned)
+    pasted = mask_util.decode(record["segmentation"]).astype(bool)
+    assert np.array_equal(pasted, box_pixels) == exact
+    assert pasted[box_pixels].all()
+
+
 def test_bad_shapes_raise():
   with pytest.raises(ValueError):
     masks_lib.paste_mask(np.zeros((28, 14)), np.zeros(4), (10, 10))

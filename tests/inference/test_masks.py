@@ -127,3 +127,38 @@ def test_outside_the_image_is_empty():
   for box in ([-50, -50, -10, -10], [300, 10, 320, 30], [10, 100, 30, 120]):
     out = masks_lib.paste_mask(mask, np.array(box, np.float32), (64, 90))
     assert out.shape == (64, 90) and not out.any()
+
+
+def _grid_sample(masks, boxes, im_h, im_w):
+  """Detectron2's paste with torch's grid_sample (align_corners=False) at the float boxes."""
+  b = torch.from_numpy(np.asarray(boxes, np.float32))
+  gx = (torch.arange(im_w) + 0.5 - b[:, 0:1]) / (b[:, 2:3] - b[:, 0:1]) * 2 - 1
+  gy = (torch.arange(im_h) + 0.5 - b[:, 1:2]) / (b[:, 3:4] - b[:, 1:2]) * 2 - 1
+  grid = torch.stack([gx[:, None, :].expand(-1, im_h, -1), gy[:, :, None].expand(-1, -1, im_w)],
+                     -1)
+  return torch.nn.functional.grid_sample(torch.from_numpy(np.asarray(masks, np.float32))[:, None],
+                                         grid, align_corners=False)[:, 0].numpy()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_paste_mask_aligned_matches_grid_sample_and_the_op(seed):
+  import jax  # pylint: disable=g-import-not-at-top
+  from mrcnn_jax.ops import masks as ops_masks  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  n, m, im_h, im_w = 40, 28, 61, 83
+  masks = rng.random((n, m, m)).astype(np.float32)
+  xy = rng.uniform(-20, 80, (n, 2))
+  boxes = np.concatenate([xy, xy + rng.uniform(0.3, 70, (n, 2))], 1).astype(np.float32)
+  expected = _grid_sample(masks, boxes, im_h, im_w)
+  op = np.asarray(jax.jit(ops_masks.paste_masks, static_argnums=2, static_argnames="aligned")(
+      masks, boxes, (im_h, im_w), aligned=True))
+  for i in range(n):
+    got = masks_lib.paste_mask(masks[i], boxes[i], (im_h, im_w), aligned=True)
+    assert got.dtype == np.float32 and got.shape == (im_h, im_w)
+    np.testing.assert_allclose(got, expected[i], atol=1e-5, rtol=0, err_msg=f"case {i}")
+    np.testing.assert_allclose(got, op[i], atol=1e-5, rtol=0, err_msg=f"case {i}")
+  assert np.count_nonzero(expected) > 0.05 * expected.size
+  # An empty box or a box off the image pastes nothing.
+  for box in ([5, 5, 5, 20], [-30, 4, -10, 20], [3, 70, 20, 90]):
+    assert not masks_lib.paste_mask(masks[0], np.array(box, np.float32), (im_h, im_w),
+                                    aligned=True).any()

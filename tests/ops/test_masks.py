@@ -38,7 +38,7 @@ def _random_rois(rng, r, lo=0.5, hi=60.0):
   return np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
 
 
-def _tv_targets(full, rois, idx, size, sampling_ratio):
+def _tv_targets(full, rois, idx, size, sampling_ratio, aligned=False):
   """torchvision's roi_align of the matched full-image masks on mask_targets' grid.
 
   That grid has ``n = clip(ceil(side / size), 1, sampling_ratio)`` samples per bin on each
@@ -48,15 +48,17 @@ def _tv_targets(full, rois, idx, size, sampling_ratio):
   """
   out = []
   for roi, i in zip(rois, np.maximum(idx, 0)):
-    side = np.maximum(roi[2:] - roi[:2], np.float32(1.0))  # aligned=False: >= 1 pixel
+    side = roi[2:] - roi[:2]
+    if not aligned:
+      side = np.maximum(side, np.float32(1.0))  # aligned=False: >= 1 pixel
     n_x, n_y = np.clip(np.ceil(side / np.float32(size)), 1, sampling_ratio).astype(int)
     fine = roi_align(torch.from_numpy(full[i:i + 1])[:, None], [torch.from_numpy(roi[None])],
-                     (size * n_y, size * n_x), 1.0, 1, False)[0, 0].numpy()
+                     (size * n_y, size * n_x), 1.0, 1, aligned)[0, 0].numpy()
     out.append(fine.reshape(size, n_y, size, n_x).mean(axis=(1, 3)))
   return np.where((idx >= 0)[:, None, None], np.stack(out), 0.0)
 
 
-_targets_jit = jax.jit(mask_targets, static_argnames=("size", "sampling_ratio"))
+_targets_jit = jax.jit(mask_targets, static_argnames=("size", "sampling_ratio", "aligned"))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -73,6 +75,23 @@ def test_mask_targets_exact_crop_matches_roi_align(seed):
     out = _targets_jit(crops, gt_boxes, rois, idx, size=size, sampling_ratio=sr)
     assert out.shape == (r, size, size) and out.dtype == jnp.float32
     np.testing.assert_allclose(out, _tv_targets(full, rois, idx, size, sr), atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mask_targets_aligned_matches_roi_align_aligned(seed):
+  rng = np.random.default_rng(10 + seed)
+  g, s, r = 4, 20, 48
+  full, crops, gt_boxes = _exact_scene(rng, g, s)
+  rois = _random_rois(rng, r)
+  rois[:g] = gt_boxes + rng.uniform(-3, 3, (g, 4)).astype(np.float32)
+  idx = rng.integers(-1, g, r).astype(np.int32)
+  idx[:g] = np.arange(g)
+  for size, sr in ((28, 2), (14, 3)):
+    out = _targets_jit(crops, gt_boxes, rois, idx, size=size, sampling_ratio=sr, aligned=True)
+    ref = _tv_targets(full, rois, idx, size, sr, aligned=True)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    # The conventions differ by half a pixel: the comparison can tell them apart.
+    assert np.abs(ref - _tv_targets(full, rois, idx, size, sr)).max() > 0.1
 
 
 @pytest.mark.parametrize("lo,hi", [(0.5, 4.0), (4.0, 28.0), (28.5, 55.5), (0.5, 55.5)])
@@ -205,6 +224,67 @@ def test_paste_masks_matches_torchvision(seed, m, h, w):
   assert out.shape == (n, h, w) and out.dtype == jnp.float32
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
   assert np.count_nonzero(ref) > 0.05 * ref.size  # the comparison is not vacuous
+
+
+def _grid_sample_paste(masks, boxes, h, w):
+  """Detectron2's paste written with torch's grid_sample: each pixel centre, normalised to the
+  float box as ``(x + 0.5 - x1) / (x2 - x1) * 2 - 1``, sampled with align_corners=False."""
+  m = torch.from_numpy(masks)[:, None]
+  b = torch.from_numpy(boxes)
+  gx = (torch.arange(w) + 0.5 - b[:, 0:1]) / (b[:, 2:3] - b[:, 0:1]) * 2 - 1  # [N, w]
+  gy = (torch.arange(h) + 0.5 - b[:, 1:2]) / (b[:, 3:4] - b[:, 1:2]) * 2 - 1  # [N, h]
+  grid = torch.stack([gx[:, None, :].expand(-1, h, -1), gy[:, :, None].expand(-1, -1, w)], -1)
+  return torch.nn.functional.grid_sample(m, grid, align_corners=False)[:, 0].numpy()
+
+
+@pytest.mark.parametrize("seed,m,h,w", [(0, 28, 50, 70), (1, 14, 37, 23)])
+def test_paste_masks_aligned_matches_grid_sample(seed, m, h, w):
+  rng = np.random.default_rng(seed)
+  n = 24
+  masks = rng.random((n, m, m)).astype(np.float32)
+  boxes = _paste_boxes(rng, n, h, w)
+  boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 0.05)  # grid_sample divides by the size
+  ref = _grid_sample_paste(masks, boxes, h, w)
+  paste = jax.jit(paste_masks, static_argnums=2, static_argnames="aligned")
+  out = paste(masks, boxes, (h, w), aligned=True)
+  assert out.shape == (n, h, w) and out.dtype == jnp.float32
+  np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+  assert np.count_nonzero(ref) > 0.05 * ref.size
+  assert np.abs(ref - paste(masks, boxes, (h, w))).max() > 0.1  # not torchvision's paste
+  # An empty box pastes nothing (grid_sample would divide by zero).
+  empty = paste(masks[:2], np.array([[5, 5, 5, 20], [3, 9, 30, 9]], np.float32), (h, w),
+                aligned=True)
+  np.testing.assert_array_equal(empty, 0.0)
+
+
+def _shape_mask(kind, cx, cy, r, angle, h, w):
+  t = angle + {"circle": np.linspace(0, 2 * np.pi, 32, endpoint=False),
+               "square": np.array([0.25, 0.75, 1.25, 1.75]) * np.pi,
+               "triangle": np.array([0.0, 2 / 3, 4 / 3]) * np.pi}[kind]
+  poly = np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], 1).reshape(-1).tolist()
+  return mask_utils.decode(mask_utils.frPyObjects([poly], h, w)).astype(np.float32)[..., 0]
+
+
+def test_aligned_pair_returns_a_perfect_mask_at_its_box():
+  # A GT mask made into its own 28x28 target at its exact box and pasted back: the aligned
+  # pair returns it; torchvision's pair shifts and grows it by up to a pixel, which caps the
+  # mask IoU of small objects (why the shapes demo trains with mask.aligned).
+  rng = np.random.default_rng(0)
+  s = 96
+  ious = {False: [], True: []}
+  for k in range(30):
+    r = rng.uniform(12, 30)
+    full = _shape_mask(("circle", "square", "triangle")[k % 3], *rng.uniform(r, s - r, 2), r,
+                       rng.uniform(0, np.pi), s, s)
+    ys, xs = np.nonzero(full)
+    box = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], np.float32)
+    for aligned in (False, True):
+      t = _targets_jit(full[None], np.array([[0, 0, s, s]], np.float32), box,
+                       np.zeros(1, np.int32), sampling_ratio=4, aligned=aligned)
+      back = np.asarray(paste_masks(t, box, (s, s), aligned=aligned))[0] >= 0.5
+      ious[aligned].append((back & (full > 0)).sum() / (back | (full > 0)).sum())
+  assert np.min(ious[True]) > 0.98, np.min(ious[True])
+  assert np.mean(ious[False]) < 0.95, np.mean(ious[False])
 
 
 def test_paste_masks_outside_image_and_vmap():
