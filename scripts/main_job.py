@@ -2,7 +2,8 @@
 
   python scripts/main_job.py --workdir workdirs/shapes        # what `make demo` runs
 
-1. writes the synthetic shapes data set (COCO format; skipped when already there);
+1. writes the synthetic shapes data set (COCO format, 1000 train / 50 val images of 128 px;
+   skipped when already there);
 2. trains ``experiments/shapes.py`` in ``--workdir`` (a rerun resumes / reuses the checkpoint);
 3. evaluates on the validation split (COCO bbox and segm AP, JSON in ``<workdir>/eval/``);
 4. draws the predictions on validation images into ``<workdir>/predictions/``;
@@ -15,6 +16,7 @@ except the data paths, which ``--data_dir`` sets (a ``--config.data.*_annotation
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -31,6 +33,21 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/shapes", "output folder")
 _DATA_DIR = flags.DEFINE_string("data_dir", "data_cache/shapes", "where the shapes data set goes")
 _NUM_DRAW = flags.DEFINE_integer("num_draw", 8, "validation images to draw predictions on")
 
+# The data set experiments/shapes.py's figures are for (docs/benchmarks.md, "Main job").
+DEMO_DATA = dict(num_train=1000, num_val=50, size=128, seed=0)
+
+
+def _holds_demo_data(paths) -> bool:
+  """Whether the folder holds the demo's data set (an older, smaller one is made again)."""
+  counts = []
+  for key in ("train_annotations", "eval_annotations"):
+    try:
+      with open(paths[key]) as f:
+        counts.append(len(json.load(f)["images"]))
+    except (OSError, ValueError, KeyError):
+      return False
+  return counts == [DEMO_DATA["num_train"], DEMO_DATA["num_val"]]
+
 
 def _run(config) -> None:
   from mrcnn_jax import data as data_lib  # pylint: disable=g-import-not-at-top
@@ -46,9 +63,10 @@ def _run(config) -> None:
     raise ValueError(f"main_job.py trains on the shapes data set in --data_dir; it does not take "
                      f"config.data.{', config.data.'.join(overridden)} (use scripts/train.py "
                      "for your own data)")
-  if not os.path.exists(paths["eval_annotations"]):
-    print(f"[1/4] generating the shapes data set in {data_dir}", flush=True)
-    data_lib.generate_shapes(data_dir, num_train=200, num_val=50, size=128, seed=0)
+  if not _holds_demo_data(paths):
+    print(f"[1/4] generating the shapes data set ({DEMO_DATA['num_train']} train / "
+          f"{DEMO_DATA['num_val']} val images) in {data_dir}", flush=True)
+    data_lib.generate_shapes(data_dir, **DEMO_DATA)
   with config.unlocked():
     config.data.update(paths)
     config.eval.at_end = True
