@@ -25,3 +25,24 @@ import pytest  # noqa: E402
 def rng():
   """A fresh numpy Generator with a fixed seed per test."""
   return np.random.default_rng(0)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Under pytest-xdist (``make test``: ``--dist loadgroup``), each test module runs on one
+  worker, and the modules with ``slow`` tests are handed out first.
+
+  One worker per module: a module fixture (a compiled model, a reference run) is then built
+  once, not once on each worker that draws one of the module's tests. An explicit
+  ``xdist_group`` mark (modules that share a reference run) is kept. Slow modules first: the
+  last module a worker draws is a short one, so the workers finish together.
+  """
+  del config
+  for item in items:
+    if item.get_closest_marker("xdist_group") is None:
+      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+  def group(item):
+    return item.get_closest_marker("xdist_group").args[0]
+
+  slow_groups = {group(item) for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: group(item) not in slow_groups)  # stable: keeps the order within

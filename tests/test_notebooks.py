@@ -49,6 +49,7 @@ def test_committed_without_outputs(name):
   assert "widgets" not in nb.metadata, f"{name}: widget state in the metadata"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _NAMES)
 def test_notebook_runs(name, tmp_path, record_property):
   nb = nbformat.read(_NOTEBOOKS / name, as_version=4)

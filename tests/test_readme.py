@@ -11,6 +11,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 _README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 # What the snippets must have produced, checked after they ran (names as the README uses them).
@@ -35,6 +37,7 @@ def _python_blocks(text: str):
   return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
+@pytest.mark.slow
 def test_readme_snippets_run(tmp_path):
   blocks = _python_blocks(_README.read_text())
   assert any("roi_align" in b for b in blocks) and any("make_train_step" in b for b in blocks), (

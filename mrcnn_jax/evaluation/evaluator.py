@@ -298,8 +298,10 @@ class Evaluator:
       masks = None
       if "masks" in det:
         aligned = self.config.model.mask.aligned
-        masks = np.stack([paste_mask(det["masks"][b, d], det["boxes"][b, d], (vh, vw),
-                                     aligned=aligned) for d in keep]) if keep.size else np.zeros((0, vh, vw), np.float32)
+        masks = np.zeros((0, vh, vw), np.float32)
+        if keep.size:
+          masks = np.stack([paste_mask(det["masks"][b, d], det["boxes"][b, d], (vh, vw),
+                                       aligned=aligned) for d in keep])
         masks = masks > 0.5
       keypoints = {}
       if "keypoints" in det:

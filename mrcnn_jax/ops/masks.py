@@ -38,8 +38,8 @@ and up to a pixel too large. ``aligned=True`` is the half-pixel-exact pair, Dete
   each image pixel centre ``x + 0.5`` of the float box, bilinear with zeros beyond the mask
   (Detectron2's ``paste_masks_in_image``: ``grid_sample(align_corners=False)``).
 
-On the shapes validation set a GT mask sent through the torchvision pair at its own box comes
-back at mean IoU 0.93 (a third of the instances at IoU >= 0.95); through the aligned pair, 0.999.
+For objects a few dozen pixels wide that caps the mask IoU well below 1 (figures:
+docs/benchmarks.md, "Main job").
 """
 
 from __future__ import annotations
