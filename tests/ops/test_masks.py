@@ -61,8 +61,9 @@ def _tv_targets(full, rois, idx, size, sampling_ratio, aligned=False):
 _targets_jit = jax.jit(mask_targets, static_argnames=("size", "sampling_ratio", "aligned"))
 
 
+@pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_mask_targets_exact_crop_matches_roi_align(seed):
+def test_mask_targets_exact_crop_matches_roi_align(seed, aligned):
   rng = np.random.default_rng(seed)
   g, s, r = 4, 20, 48
   full, crops, gt_boxes = _exact_scene(rng, g, s)
@@ -72,26 +73,13 @@ def test_mask_targets_exact_crop_matches_roi_align(seed):
   idx = rng.integers(-1, g, r).astype(np.int32)
   idx[:g] = np.arange(g)
   for size, sr in ((28, 2), (14, 3), (7, 1)):
-    out = _targets_jit(crops, gt_boxes, rois, idx, size=size, sampling_ratio=sr)
+    out = _targets_jit(crops, gt_boxes, rois, idx, size=size, sampling_ratio=sr, aligned=aligned)
     assert out.shape == (r, size, size) and out.dtype == jnp.float32
-    np.testing.assert_allclose(out, _tv_targets(full, rois, idx, size, sr), atol=1e-5)
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_mask_targets_aligned_matches_roi_align_aligned(seed):
-  rng = np.random.default_rng(10 + seed)
-  g, s, r = 4, 20, 48
-  full, crops, gt_boxes = _exact_scene(rng, g, s)
-  rois = _random_rois(rng, r)
-  rois[:g] = gt_boxes + rng.uniform(-3, 3, (g, 4)).astype(np.float32)
-  idx = rng.integers(-1, g, r).astype(np.int32)
-  idx[:g] = np.arange(g)
-  for size, sr in ((28, 2), (14, 3)):
-    out = _targets_jit(crops, gt_boxes, rois, idx, size=size, sampling_ratio=sr, aligned=True)
-    ref = _tv_targets(full, rois, idx, size, sr, aligned=True)
+    ref = _tv_targets(full, rois, idx, size, sr, aligned=aligned)
     np.testing.assert_allclose(out, ref, atol=1e-5)
-    # The conventions differ by half a pixel: the comparison can tell them apart.
-    assert np.abs(ref - _tv_targets(full, rois, idx, size, sr)).max() > 0.1
+    # The two conventions differ by half a pixel: the comparison tells them apart.
+    other = _tv_targets(full, rois, idx, size, sr, aligned=not aligned)
+    assert np.abs(ref - other).max() > 0.1
 
 
 @pytest.mark.parametrize("lo,hi", [(0.5, 4.0), (4.0, 28.0), (28.5, 55.5), (0.5, 55.5)])
