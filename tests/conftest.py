@@ -17,8 +17,30 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the torch oracle stays on t
 import torch  # noqa: E402,F401
 import torchvision  # noqa: E402,F401
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def pytest_configure(config):
+  """One persistent JAX compilation cache for the session: the xdist workers and every process
+  a test starts (scripts, notebooks, the README) inherit it, so a program compiled once (the
+  shapes model's train step or predict program at a size) is loaded, not compiled, the next
+  time, in any of them. Made by the first process (the xdist controller), removed by it."""
+  del config
+  if _CACHE_ENV not in os.environ and "PYTEST_XDIST_WORKER" not in os.environ:
+    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="mrcnn_jax_tests_jax_cache_")
+    os.environ["MRCNN_TESTS_OWN_JAX_CACHE"] = "1"
+
+
+def pytest_unconfigure(config):
+  del config
+  if os.environ.get("MRCNN_TESTS_OWN_JAX_CACHE") and "PYTEST_XDIST_WORKER" not in os.environ:
+    shutil.rmtree(os.environ.pop(_CACHE_ENV), ignore_errors=True)
 
 
 @pytest.fixture
