@@ -4,9 +4,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # --durations: CI's log names the slowest tests (the suite must stay well under 30 min).
-# --dist loadgroup: a module marked xdist_group runs on one worker, so its module fixtures
-# (compiles, multi-process jobs) run once instead of once per worker.
-PYTEST_ARGS ?= -n 2 --dist loadgroup --durations=25
+# --dist loadfile: each test module runs on one worker, so its module fixtures (compiles,
+# multi-process jobs) run once instead of once per worker.
+PYTEST_ARGS ?= -n 2 --dist loadfile --durations=25
 
 .PHONY: demo test
 

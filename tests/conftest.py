@@ -50,21 +50,13 @@ def rng():
 
 
 def pytest_collection_modifyitems(config, items):
-  """Under pytest-xdist (``make test``: ``--dist loadgroup``), each test module runs on one
-  worker, and the modules with ``slow`` tests are handed out first.
+  """Modules with ``slow`` tests first: under pytest-xdist (``make test``: ``--dist loadfile``,
+  each module on one worker, so a module fixture is built once) the workers then draw the short
+  modules last and finish together.
 
-  One worker per module: a module fixture (a compiled model, a reference run) is then built
-  once, not once on each worker that draws one of the module's tests. An explicit
-  ``xdist_group`` mark (modules that share a reference run) is kept. Slow modules first: the
-  last module a worker draws is a short one, so the workers finish together.
+  (``--dist loadgroup`` would group by ``xdist_group`` marks, but with pytest 9 xdist 3.8 cannot
+  rename the test ids it groups by, so every test is dispatched on its own.)
   """
   del config
-  for item in items:
-    if item.get_closest_marker("xdist_group") is None:
-      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-
-  def group(item):
-    return item.get_closest_marker("xdist_group").args[0]
-
-  slow_groups = {group(item) for item in items if item.get_closest_marker("slow")}
-  items.sort(key=lambda item: group(item) not in slow_groups)  # stable: keeps the order within
+  slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.module.__name__ not in slow_modules)  # stable

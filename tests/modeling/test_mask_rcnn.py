@@ -20,8 +20,6 @@ from mrcnn_jax.modeling import MaskRCNN
 from mrcnn_jax.modeling.mask_rcnn import mask_chunk_bounds
 from mrcnn_jax.ops import anchors as anchor_ops
 
-# One worker runs the whole module (make test: --dist loadgroup): its module fixtures compile once.
-pytestmark = pytest.mark.xdist_group("mask_rcnn")
 
 LOSS_KEYS = {"rpn_objectness", "rpn_box", "roi_class", "roi_box", "roi_mask"}
 H, W, G, S = 64, 96, 4, 16

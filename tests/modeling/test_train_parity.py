@@ -35,7 +35,7 @@ from mrcnn_jax import modeling
 from mrcnn_jax.run import sharding as sharding_lib
 from tests.modeling import train_parity_case as case
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train_parity")]
+pytestmark = pytest.mark.slow
 
 _LOSS_RTOL = 1e-4
 # Eight images for v1 (the 8-device step splits them), cycling through full and padded sizes.

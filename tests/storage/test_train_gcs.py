@@ -25,8 +25,8 @@ from mrcnn_jax.run import checkpoint as ckpt_lib
 from tests.training import test_faults as faults
 from tests.training.test_faults import reference, setup  # noqa: F401  (fixtures)
 
-# With test_faults.py on one worker (make test: --dist loadgroup): they share its reference run.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults")]
+# Shares test_faults.py's reference run (tests.run_once).
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -32,9 +32,8 @@ import pytest
 from mrcnn_jax.run import distributed
 from tests import run_once
 
-# One worker runs the whole module (make test: --dist loadgroup); the jobs run once per session
+# One worker runs the whole module (make test: --dist loadfile); the jobs run once per session
 # in any case (tests.run_once).
-pytestmark = pytest.mark.xdist_group("multiprocess")
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "training" / "multiprocess_worker.py"
