@@ -50,9 +50,10 @@ def rng():
 
 
 def pytest_collection_modifyitems(config, items):
-  """Modules with ``slow`` tests first: under pytest-xdist (``make test``: ``--dist loadfile``,
-  each module on one worker, so a module fixture is built once) the workers then draw the short
-  modules last and finish together.
+  """Modules with ``slow`` tests first, so that workers draw the short modules last and finish
+  together. Under pytest-xdist (``make test``: ``--dist loadfile``, each module on one worker,
+  so a module fixture is built once) this order holds only with ``--no-loadscope-reorder``;
+  by default xdist orders the modules by their number of tests.
 
   (``--dist loadgroup`` would group by ``xdist_group`` marks, but with pytest 9 xdist 3.8 cannot
   rename the test ids it groups by, so every test is dispatched on its own.)
