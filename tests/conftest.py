@@ -6,6 +6,8 @@ Eight fake CPU devices are requested *before* JAX is imported anywhere, so multi
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -17,13 +19,11 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the torch oracle stays on t
 import torch  # noqa: E402,F401
 import torchvision  # noqa: E402,F401
 
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_own_cache_dir = None  # set in the process that made the session's cache (and removes it)
 
 
 def pytest_configure(config):
@@ -32,15 +32,16 @@ def pytest_configure(config):
   shapes model's train step or predict program at a size) is loaded, not compiled, the next
   time, in any of them. Made by the first process (the xdist controller), removed by it."""
   del config
-  if _CACHE_ENV not in os.environ and "PYTEST_XDIST_WORKER" not in os.environ:
-    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="mrcnn_jax_tests_jax_cache_")
-    os.environ["MRCNN_TESTS_OWN_JAX_CACHE"] = "1"
+  global _own_cache_dir
+  if _CACHE_ENV not in os.environ:  # an xdist worker inherits the controller's
+    _own_cache_dir = tempfile.mkdtemp(prefix="mrcnn_jax_tests_jax_cache_")
+    os.environ[_CACHE_ENV] = _own_cache_dir
 
 
 def pytest_unconfigure(config):
   del config
-  if os.environ.get("MRCNN_TESTS_OWN_JAX_CACHE") and "PYTEST_XDIST_WORKER" not in os.environ:
-    shutil.rmtree(os.environ.pop(_CACHE_ENV), ignore_errors=True)
+  if _own_cache_dir:
+    shutil.rmtree(_own_cache_dir, ignore_errors=True)
 
 
 @pytest.fixture
